@@ -1,0 +1,125 @@
+"""The in-memory executor: every weight in RAM (or on one device), layers run in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shunter.model.layers import Rotary, attention, attention_mask, expert_mlp, moe_block, rms_norm
+from shunter.model.layers import rope_inverse_frequencies as _inv_freq
+from shunter.model.spec import ModelSpec
+from shunter.model.weights import LayerWeights, ModelWeights
+from shunter.trace.routing_trace import RoutingRecorder
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [B, kv_heads, max_slots, d] each.
+
+    All sequences of a batch share one write position (prompts are left-padded to a common
+    length), so `update` writes one slice and `advance` moves the position once per forward.
+    """
+
+    def __init__(self, spec: ModelSpec, batch: int, max_slots: int, dtype: torch.dtype, device="cpu") -> None:
+        # MLA caches expanded per-head keys and values: more memory, no re-expansion per step.
+        kv_heads = spec.num_heads if spec.attention == "mla" else spec.num_kv_heads
+        k_dim, v_dim = spec.kv_dims
+        self.keys = [torch.zeros(batch, kv_heads, max_slots, k_dim, dtype=dtype, device=device)
+                     for _ in range(spec.num_layers)]
+        self.values = [torch.zeros(batch, kv_heads, max_slots, v_dim, dtype=dtype, device=device)
+                       for _ in range(spec.num_layers)]
+        self.length = 0
+        self.max_slots = max_slots
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + keys.shape[2]
+        if end > self.max_slots:
+            raise ValueError(f"KV cache holds {self.max_slots} slots, a forward needs {end}")
+        self.keys[layer][:, :, self.length : end] = keys
+        self.values[layer][:, :, self.length : end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, num_new: int) -> None:
+        self.length += num_new
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass
+class Batch:
+    """One forward's inputs. tokens/positions [B, T]; key_valid [B, S] marks real (non-pad) slots
+    up to the end of this forward; start is the first cache slot this forward writes."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    key_valid: torch.Tensor
+    start: int
+
+    @property
+    def new_valid(self) -> torch.Tensor:
+        """[B*T] bool: which of this forward's tokens are real."""
+        return self.key_valid[:, self.start : self.start + self.tokens.shape[1]].reshape(-1)
+
+
+def decoder_layer(
+    h: torch.Tensor,
+    weights: LayerWeights,
+    spec: ModelSpec,
+    layer: int,
+    rotary: Rotary,
+    mask: torch.Tensor,
+    cache: KVCache | None,
+    recorder: RoutingRecorder | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One pre-norm decoder layer on h [B, T, H]: attention then the (sparse or dense) feed-forward."""
+    h = h + attention(rms_norm(h, weights.attn_norm, spec.rms_norm_eps), weights.attention, spec, rotary,
+                      mask, cache, layer)
+    x = rms_norm(h, weights.mlp_norm, spec.rms_norm_eps)
+    B, T, H = x.shape
+    if weights.moe is not None:
+        y, expert_ids, gate_weights = moe_block(x.reshape(B * T, H), weights.moe, spec)
+        if recorder is not None:
+            recorder.record(layer, expert_ids, gate_weights, keep)
+        y = y.view(B, T, H)
+    else:
+        y = expert_mlp(x, weights.mlp)
+    return h + y
+
+
+class InMemoryModel:
+    """A model whose weights all live in memory. `forward` is the whole network on one batch."""
+
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, dtype: torch.dtype) -> None:
+        self.spec, self.weights, self.dtype = spec, weights, dtype
+        self.inv_freq = _inv_freq(spec)
+
+    def new_cache(self, batch: int, max_slots: int) -> KVCache:
+        return KVCache(self.spec, batch, max_slots, self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        batch: Batch,
+        cache: KVCache | None = None,
+        recorder: RoutingRecorder | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with last_only) in fp32."""
+        spec, w = self.spec, self.weights
+        T = batch.tokens.shape[1]
+        h = F.embedding(batch.tokens, w.embed)
+        rotary = Rotary.at(batch.positions, self.inv_freq, spec.rope_interleaved, self.dtype)
+        mask = attention_mask(batch.key_valid, batch.start, T, spec.sliding_window)
+        keep = batch.new_valid if recorder is not None else None
+        if recorder is not None:
+            recorder.record_tokens(batch.tokens.reshape(-1), keep)
+        for i, layer_weights in enumerate(w.layers):
+            h = decoder_layer(h, layer_weights, spec, i, rotary, mask, cache, recorder, keep)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(rms_norm(h, w.final_norm, spec.rms_norm_eps), w.lm_head).float()

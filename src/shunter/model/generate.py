@@ -1,0 +1,130 @@
+"""Batched generation: left-padded prompts of different lengths, KV cache, greedy or sampled."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from shunter.model.executor import Batch, InMemoryModel
+from shunter.trace.routing_trace import RoutingRecorder
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; otherwise softmax(logits / temperature) cut to the top_p mass."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt, prompt excluded, stop token included
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    batch: int
+    per_step_s: list[float] = field(default_factory=list)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens produced per second by decode forwards (the batch counts once per sequence)."""
+        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row of logits [B, V] -> [B] int64."""
+    if params.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(1, choice).squeeze(1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (tokens [B, P] left-padded, pad_lengths [B])."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    pads = torch.tensor([longest - len(p) for p in prompts])
+    for b, prompt in enumerate(prompts):
+        tokens[b, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+    return tokens, pads
+
+
+def generate(
+    model: InMemoryModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    stop_ids: Sequence[int] = (),
+    on_step: Callable[[list[int | None]], None] | None = None,
+    recorder: RoutingRecorder | None = None,
+) -> GenerationResult:
+    """Generate up to max_new_tokens per prompt. `on_step` gets each step's new token per sequence
+    (None for sequences that already stopped), for streaming."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    tokens, pads = left_pad(prompts)
+    B, P = tokens.shape
+    slots = P + max_new_tokens
+    key_valid = torch.arange(slots)[None, :] >= pads[:, None]  # [B, slots]
+    positions = (torch.arange(P)[None, :] - pads[:, None]).clamp(min=0)
+    cache = model.new_cache(B, slots)
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    stop = set(stop_ids)
+
+    started = time.perf_counter()
+    logits = model.forward(Batch(tokens, positions, key_valid[:, :P], 0), cache, recorder, last_only=True)
+    prefill_s = time.perf_counter() - started
+
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
+    last_positions = positions[:, -1]
+    per_step: list[float] = []
+    for step in range(max_new_tokens):
+        next_ids = sample_next(logits[:, -1], sampling, generator)
+        emitted: list[int | None] = []
+        for b, token in enumerate(next_ids.tolist()):
+            if finished[b]:
+                emitted.append(None)
+                continue
+            outputs[b].append(token)
+            emitted.append(token)
+            finished[b] = token in stop
+        if on_step is not None:
+            on_step(emitted)
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        last_positions = last_positions + 1
+        step_start = time.perf_counter()
+        batch = Batch(next_ids[:, None], last_positions[:, None], key_valid[:, : P + step + 1], P + step)
+        logits = model.forward(batch, cache, recorder)
+        per_step.append(time.perf_counter() - step_start)
+    return GenerationResult(
+        tokens=outputs,
+        prompt_tokens=sum(len(p) for p in prompts),
+        prefill_s=prefill_s,
+        decode_s=sum(per_step),
+        decode_steps=len(per_step),
+        batch=B,
+        per_step_s=per_step,
+    )

@@ -1,0 +1,238 @@
+"""The math of an MoE decoder, once, as functions over explicit weights.
+
+Shapes: B batch, T new tokens, S cached slots, H hidden, N = B*T flattened tokens,
+E experts, k experts per token, I expert intermediate size.
+Every schedule (in memory, offloaded, expert-parallel) calls these same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from shunter.model.spec import ModelSpec
+from shunter.model.weights import AttentionWeights, MLPWeights, MoEWeights
+
+# DeepSeek's latent norms (q_a_layernorm, kv_a_layernorm) use the RMSNorm default, not rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in fp32 and cast back before the scale (as Llama does)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+# -- rotary position embedding ------------------------------------------------------------------
+def rope_inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
+    """[rot_dim/2] fp32 inverse frequencies; rot_dim is the head dim (MLA: its rope part)."""
+    rot_dim = spec.qk_rope_head_dim if spec.attention == "mla" else spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    return inv_freq / spec.rope_factor
+
+
+@dataclass
+class Rotary:
+    """cos/sin for the positions of one forward: each [B, 1, T, rot_dim/2]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    interleaved: bool
+
+    @staticmethod
+    def at(positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool, dtype: torch.dtype) -> Rotary:
+        angles = positions[..., None].float() * inv_freq  # [B, T, rot/2]
+        return Rotary(angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None], interleaved)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, heads, T, rot_dim]. Interleaved rotates pairs (2i, 2i+1) and returns them
+        de-interleaved; queries and keys get the same permutation, so their dot products are unchanged."""
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin], dim=-1)
+
+
+# -- attention ----------------------------------------------------------------------------------
+class KVStore(Protocol):
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append keys/values [B, kv_heads, T, d] at the current slot; return all cached [B, kv_heads, S, d]."""
+        ...
+
+
+def attention(
+    x: torch.Tensor,
+    w: AttentionWeights,
+    spec: ModelSpec,
+    rotary: Rotary,
+    mask: torch.Tensor,
+    kv: KVStore | None = None,
+    layer: int = 0,
+) -> torch.Tensor:
+    """Self-attention of x [B, T, H] over the cache plus itself; mask [B, 1, T, S] (True = may attend)."""
+    if spec.attention == "mla":
+        q, k, v = _mla_qkv(x, w, spec, rotary)
+    else:
+        q, k, v = _gqa_qkv(x, w, spec, rotary)
+    if kv is not None:
+        k, v = kv.update(layer, k, v)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=spec.attention_scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    B, _, T, _ = out.shape
+    return F.linear(out.transpose(1, 2).reshape(B, T, -1), w.o, w.o_bias)
+
+
+def _gqa_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rotary):
+    B, T, _ = x.shape
+    q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
+    if spec.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
+        q, k = rms_norm(q, w.q_norm, spec.rms_norm_eps), rms_norm(k, w.k_norm, spec.rms_norm_eps)
+    if spec.clip_qkv is not None:
+        q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+    q = q.view(B, T, spec.num_heads, spec.head_dim)
+    k = k.view(B, T, spec.num_kv_heads, spec.head_dim)
+    v = v.view(B, T, spec.num_kv_heads, spec.head_dim)
+    if spec.qk_norm == "per_head":  # Qwen3 normalises each head
+        q, k = rms_norm(q, w.q_norm, spec.rms_norm_eps), rms_norm(k, w.k_norm, spec.rms_norm_eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+    return rotary.apply(q), rotary.apply(k), v
+
+
+def _mla_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rotary):
+    """Multi-head latent attention (DeepSeek-V2/V3), expanded to per-head keys and values."""
+    B, T, _ = x.shape
+    heads, nope, rope_dim = spec.num_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim
+    if w.q_a is not None:
+        q = F.linear(rms_norm(F.linear(x, w.q_a), w.q_a_norm, LATENT_NORM_EPS), w.q_b)
+    else:
+        q = F.linear(x, w.q)
+    q = q.view(B, T, heads, nope + rope_dim).transpose(1, 2)
+    q_nope, q_rot = q.split([nope, rope_dim], dim=-1)
+    latent, k_rot = F.linear(x, w.kv_a).split([spec.kv_lora_rank, rope_dim], dim=-1)
+    kv = F.linear(rms_norm(latent, w.kv_a_norm, LATENT_NORM_EPS), w.kv_b)
+    k_nope, v = kv.view(B, T, heads, nope + spec.v_head_dim).transpose(1, 2).split([nope, spec.v_head_dim], -1)
+    k_rot = rotary.apply(k_rot.view(B, 1, T, rope_dim)).expand(B, heads, T, rope_dim)
+    q = torch.cat([q_nope, rotary.apply(q_rot)], dim=-1)
+    k = torch.cat([k_nope, k_rot], dim=-1)
+    return q, k, v.contiguous()
+
+
+def attention_mask(
+    key_valid: torch.Tensor, start: int, num_new: int, sliding_window: int | None = None
+) -> torch.Tensor:
+    """[B, 1, T, S] bool: query slot start+t may see key slot s if s <= start+t, the key is a real
+    token (key_valid [B, S]) and, with a sliding window, start+t - s < window.
+
+    Each query may always see itself, so a padding query never has an empty row (which would
+    make softmax produce NaN); real queries never see padding.
+    """
+    S = key_valid.shape[1]
+    q_slot = torch.arange(start, start + num_new)[:, None]
+    k_slot = torch.arange(S)[None, :]
+    allowed = (k_slot <= q_slot)[None] & key_valid[:, None, :]
+    if sliding_window is not None:
+        allowed = allowed & (q_slot - k_slot < sliding_window)[None]
+    allowed = allowed | (k_slot == q_slot)[None]
+    return allowed[:, None]
+
+
+# -- routing and experts ------------------------------------------------------------------------
+def route(x: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts for x [N, H]. Returns (expert_ids [N, k] int64, gate_weights [N, k] fp32),
+    each row sorted by the selection score, highest first."""
+    if spec.router_in_fp32:
+        logits = F.linear(x.float(), w.router.float())
+    else:
+        logits = F.linear(x, w.router).float()
+    scores = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
+    choice = scores if w.correction_bias is None else scores + w.correction_bias
+    if spec.topk_method != "greedy":
+        N, G = choice.shape[0], spec.n_group
+        grouped = choice.view(N, G, -1)
+        if spec.topk_method == "group_limited":
+            group_scores = grouped.max(dim=-1).values
+        else:  # noaux_tc: a group is worth the sum of its two best experts
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        top_groups = group_scores.topk(spec.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
+    expert_ids = choice.topk(spec.top_k, dim=-1).indices
+    gate_weights = scores.gather(1, expert_ids)
+    if spec.norm_topk_prob:
+        gate_weights = gate_weights / (gate_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if spec.routed_scaling_factor != 1.0:
+        gate_weights = gate_weights * spec.routed_scaling_factor
+    return expert_ids, gate_weights
+
+
+def expert_mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
+    """SwiGLU MLP: down(silu(gate x) * up x) for x [n, H]."""
+    gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w.down)
+
+
+@dataclass
+class ExpertGroup:
+    """The tokens routed to one expert: rows of x and which of their k slots chose it."""
+
+    expert: int
+    token_index: torch.Tensor  # [n] int64 rows of x
+    slot_index: torch.Tensor  # [n] int64 in [0, k)
+
+
+def group_tokens_by_expert(expert_ids: torch.Tensor) -> list[ExpertGroup]:
+    """Group token rows by chosen expert with one sort (instead of one scan per expert)."""
+    N, k = expert_ids.shape
+    flat = expert_ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    groups = []
+    for expert, rows in zip(experts.tolist(), order.split(counts.tolist()), strict=True):
+        groups.append(ExpertGroup(expert, rows // k, rows % k))
+    return groups
+
+
+def routed_experts(
+    x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor, weights: MoEWeights
+) -> torch.Tensor:
+    """Sum over each token's experts of gate weight * expert(x); x [N, H] -> [N, H]."""
+    out = torch.zeros_like(x)
+    for g in group_tokens_by_expert(expert_ids):
+        y = expert_mlp(x[g.token_index], weights.expert(g.expert))
+        out.index_add_(0, g.token_index, (y * gate_weights[g.token_index, g.slot_index, None]).to(x.dtype))
+    return out
+
+
+def routed_experts_reference(
+    x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor, weights: MoEWeights
+) -> torch.Tensor:
+    """Readable reference for `routed_experts`: one token at a time, one expert at a time."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for slot in range(expert_ids.shape[1]):
+            e = int(expert_ids[n, slot])
+            y = expert_mlp(x[n : n + 1], weights.expert(e)) * gate_weights[n, slot]
+            out[n] += y[0].to(x.dtype)
+    return out
+
+
+def moe_block(
+    x: torch.Tensor, w: MoEWeights, spec: ModelSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse feed-forward for x [N, H]: routed experts plus shared experts.
+    Returns (output [N, H], expert_ids [N, k], gate_weights [N, k])."""
+    expert_ids, gate_weights = route(x, w, spec)
+    applied = gate_weights.to(x.dtype) if spec.gate_weights_in_model_dtype else gate_weights
+    out = routed_experts(x, expert_ids, applied, w)
+    if w.shared is not None:
+        shared = expert_mlp(x, w.shared)
+        if w.shared_gate is not None:
+            shared = torch.sigmoid(F.linear(x, w.shared_gate)) * shared
+        out = out + shared
+    return out, expert_ids, gate_weights

@@ -1,0 +1,55 @@
+"""Resolve a MODEL argument (a directory or a built-in name) and load it into memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shunter.errors import ShunterError
+from shunter.model.checkpoint import Checkpoint
+from shunter.model.executor import InMemoryModel
+from shunter.model.spec import ModelSpec, load_spec
+from shunter.model.tokenizer import Tokenizer
+from shunter.model.weights import load_weights
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    spec: ModelSpec
+    model: InMemoryModel
+    tokenizer: Tokenizer | None
+
+
+def builtin_models() -> dict[str, Path]:
+    """Built-in model names and where they live inside the package."""
+    root = Path(__file__).resolve().parent.parent / "builtin"
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    path = Path(model)
+    if path.exists():
+        return path
+    builtins = builtin_models()
+    if str(model) in builtins:
+        return builtins[str(model)]
+    known = ", ".join(builtins) or "none yet"
+    raise ShunterError(f"{model}: no such model directory or built-in model (built-in: {known})")
+
+
+def load_model(model: str | Path, dtype: str | None = None) -> LoadedModel:
+    """Load config, weights and tokenizer. dtype None keeps the checkpoint's dtype."""
+    path = resolve_model_dir(model)
+    spec = load_spec(path)
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ShunterError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    torch_dtype = DTYPE_NAMES[dtype] if dtype else spec.torch_dtype
+    weights = load_weights(spec, Checkpoint(path), torch_dtype)
+    return LoadedModel(path, spec, InMemoryModel(spec, weights, torch_dtype), Tokenizer.from_model_dir(path))

@@ -1,0 +1,343 @@
+"""ModelSpec: one normalised description of an MoE model, read from a Hugging Face `config.json`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from shunter.errors import ShunterError
+
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+SUPPORTED_ROPE_TYPES = ("default", "linear")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the layer functions need to know about a model; no weights.
+
+    Sizes are element counts. Per-layer facts (`moe_layers`) are tuples indexed by layer.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float
+    dtype: str  # checkpoint dtype name: "float32", "bfloat16", "float16"
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    # attention
+    attention: Literal["gqa", "mla"]
+    head_dim: int  # query/key head dim (MLA: nope + rope)
+    v_head_dim: int
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: Literal["none", "per_head", "full"]
+    clip_qkv: float | None
+    sliding_window: int | None
+    rope_theta: float
+    rope_type: str
+    rope_factor: float
+    rope_interleaved: bool  # rotate pairs (2i, 2i+1) instead of halves (i, i + d/2)
+    attention_scale: float  # softmax scale applied to q.k
+    # multi-head latent attention (DeepSeek); zero when unused
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    # feed-forward
+    moe_layers: tuple[bool, ...]
+    dense_intermediate_size: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    shared_intermediate_size: int  # 0: no shared expert
+    shared_expert_gate: bool  # Qwen2-MoE scales the shared expert by sigmoid(x @ w)
+    # routing
+    scoring: Literal["softmax", "sigmoid"]
+    topk_method: Literal["greedy", "group_limited", "noaux_tc"]
+    norm_topk_prob: bool
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    router_correction_bias: bool  # DeepSeek-V3 `e_score_correction_bias`
+    router_in_fp32: bool  # DeepSeek computes router logits in fp32 from fp32 weights
+    gate_weights_in_model_dtype: bool  # Qwen/OLMoE cast gate weights to the model dtype
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layers)
+
+    @property
+    def kv_dims(self) -> tuple[int, int]:
+        """(key dim, value dim) per head held in the KV cache."""
+        return self.head_dim, self.v_head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert's weights in the checkpoint dtype."""
+        element = torch.tensor([], dtype=self.torch_dtype).element_size()
+        return 3 * self.hidden_size * self.expert_intermediate_size * element
+
+
+def load_spec(model_dir: str | Path) -> ModelSpec:
+    """Read `config.json` in `model_dir` into a ModelSpec; ShunterError on anything missing or unknown."""
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise ShunterError(f"{model_dir}: not a directory (expected a model directory with config.json)")
+    if not path.is_file():
+        raise ShunterError(f"{path}: missing (a model directory needs config.json beside its safetensors)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShunterError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ShunterError(f"{path}: expected a JSON object at the top level")
+    spec = spec_from_config(config, source=str(path))
+    return spec
+
+
+def spec_from_config(config: dict[str, Any], source: str = "config.json") -> ModelSpec:
+    """Normalise one family's config dictionary; `source` names the file in error messages."""
+    family = config.get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise ShunterError(
+            f"{source}: model_type {family!r} is not supported; supported families: "
+            + ", ".join(SUPPORTED_FAMILIES)
+        )
+    c = _Fields(config, source)
+    if c.opt("hidden_act", "silu") != "silu":
+        raise ShunterError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
+
+    hidden = c.int("hidden_size")
+    layers = c.int("num_hidden_layers")
+    heads = c.int("num_attention_heads")
+    kv_heads = c.int("num_key_value_heads", default=heads)
+    num_experts = c.int_any(("num_local_experts", "num_experts", "n_routed_experts"))
+    top_k = c.int("num_experts_per_tok")
+    if not 0 < top_k <= num_experts:
+        raise ShunterError(f"{source}: num_experts_per_tok={top_k} must be between 1 and {num_experts}")
+    if heads % kv_heads:
+        raise ShunterError(f"{source}: num_attention_heads={heads} is not a multiple of {kv_heads=}")
+
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ShunterError(
+            f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    rope_factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
+
+    eos = config.get("eos_token_id")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    vocab = c.int("vocab_size")
+    eos_ids = tuple(e for e in eos_ids if 0 <= e < vocab)
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    if dtype not in _DTYPES:
+        raise ShunterError(f"{source}: dtype {dtype!r} is not supported (float32, bfloat16, float16)")
+
+    common: dict[str, Any] = dict(
+        family=family,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        rms_norm_eps=float(c.opt("rms_norm_eps", 1e-6)),
+        dtype=dtype,
+        tie_word_embeddings=bool(c.opt("tie_word_embeddings", False)),
+        max_position_embeddings=c.int("max_position_embeddings", default=4096),
+        rope_theta=rope_theta,
+        rope_type=rope_type,
+        rope_factor=rope_factor,
+        num_experts=num_experts,
+        top_k=top_k,
+        bos_token_id=config.get("bos_token_id") if isinstance(config.get("bos_token_id"), int) else None,
+        eos_token_ids=eos_ids,
+        name=str(config.get("_name_or_path") or config.get("name") or family),
+        clip_qkv=None,
+        q_lora_rank=0,
+        kv_lora_rank=0,
+        qk_nope_head_dim=0,
+        qk_rope_head_dim=0,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        router_correction_bias=False,
+        scoring="softmax",
+        topk_method="greedy",
+        shared_intermediate_size=0,
+        shared_expert_gate=False,
+        router_in_fp32=False,
+        sliding_window=None,
+        rope_interleaved=False,
+    )
+
+    if family in ("deepseek_v2", "deepseek_v3"):
+        return _deepseek_spec(c, common, family)
+
+    head_dim = c.opt("head_dim") or hidden // heads
+    sparse_step = c.int("decoder_sparse_step", default=1)
+    mlp_only = set(c.opt("mlp_only_layers") or [])
+    moe_layers = tuple(
+        (i not in mlp_only) and num_experts > 0 and (i + 1) % sparse_step == 0 for i in range(layers)
+    )
+    window = c.opt("sliding_window")
+    use_window = family == "mixtral" or bool(c.opt("use_sliding_window", False))
+    if family == "qwen2_moe" and use_window:
+        # Qwen2-MoE slides only on the layers listed as "sliding_attention"; rare enough to refuse.
+        raise ShunterError(f"{source}: use_sliding_window=true is not supported for qwen2_moe")
+    common.update(
+        attention="gqa",
+        head_dim=int(head_dim),
+        v_head_dim=int(head_dim),
+        attention_scale=float(head_dim) ** -0.5,
+        sliding_window=int(window) if (use_window and window) else None,
+        moe_layers=moe_layers,
+        dense_intermediate_size=c.int("intermediate_size", default=0),
+        norm_topk_prob=bool(c.opt("norm_topk_prob", family == "mixtral")),
+        gate_weights_in_model_dtype=family != "mixtral",
+    )
+    if family == "mixtral":
+        common.update(
+            expert_intermediate_size=c.int("intermediate_size"),
+            qkv_bias=False,
+            o_bias=False,
+            qk_norm="none",
+            norm_topk_prob=True,
+        )
+    elif family == "qwen2_moe":
+        common.update(
+            expert_intermediate_size=c.int("moe_intermediate_size"),
+            qkv_bias=bool(c.opt("qkv_bias", True)),
+            o_bias=False,
+            qk_norm="none",
+            shared_intermediate_size=c.int("shared_expert_intermediate_size", default=0),
+            shared_expert_gate=c.int("shared_expert_intermediate_size", default=0) > 0,
+        )
+    elif family == "qwen3_moe":
+        bias = bool(c.opt("attention_bias", False))
+        common.update(
+            expert_intermediate_size=c.int("moe_intermediate_size"),
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm="per_head",
+        )
+    else:  # olmoe
+        bias = bool(c.opt("attention_bias", False))
+        clip = c.opt("clip_qkv")
+        common.update(
+            expert_intermediate_size=c.int("intermediate_size"),
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm="full",
+            clip_qkv=float(clip) if clip is not None else None,
+        )
+    return ModelSpec(**common)
+
+
+def _deepseek_spec(c: _Fields, common: dict[str, Any], family: str) -> ModelSpec:
+    layers = common["num_layers"]
+    first_dense = c.int("first_k_dense_replace", default=0)
+    freq = c.int("moe_layer_freq", default=1)
+    nope, rope_dim, v_dim = c.int("qk_nope_head_dim"), c.int("qk_rope_head_dim"), c.int("v_head_dim")
+    q_lora = c.opt("q_lora_rank")
+    num_experts = common["num_experts"]
+    n_group = c.int("n_group", default=1)
+    topk_group = c.int("topk_group", default=1)
+    if num_experts % max(n_group, 1):
+        raise ShunterError(f"{c.source}: n_routed_experts={num_experts} is not a multiple of n_group={n_group}")
+    if family == "deepseek_v2":
+        method = c.opt("topk_method", "greedy")
+        topk_method = {"greedy": "greedy", "group_limited_greedy": "group_limited"}.get(method)
+        if topk_method is None:
+            raise ShunterError(
+                f"{c.source}: topk_method {method!r} is not supported (greedy, group_limited_greedy)"
+            )
+        scoring = "softmax"
+        # transformers' DeepSeek-V2 scales but never renormalises the top-k weights.
+        norm_topk = False
+        interleaved = True
+    else:
+        topk_method, scoring = "noaux_tc", "sigmoid"
+        norm_topk = bool(c.opt("norm_topk_prob", True))
+        interleaved = bool(c.opt("rope_interleave", True))
+    common.update(
+        attention="mla",
+        head_dim=nope + rope_dim,
+        v_head_dim=v_dim,
+        qkv_bias=False,
+        o_bias=bool(c.opt("attention_bias", False)),
+        qk_norm="none",
+        rope_interleaved=interleaved,
+        attention_scale=float(nope + rope_dim) ** -0.5,
+        q_lora_rank=int(q_lora or 0),
+        kv_lora_rank=c.int("kv_lora_rank"),
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope_dim,
+        moe_layers=tuple(i >= first_dense and i % freq == 0 for i in range(layers)),
+        dense_intermediate_size=c.int("intermediate_size"),
+        expert_intermediate_size=c.int("moe_intermediate_size"),
+        shared_intermediate_size=c.int("moe_intermediate_size") * c.int("n_shared_experts", default=0),
+        scoring=scoring,
+        topk_method=topk_method,
+        norm_topk_prob=norm_topk,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=float(c.opt("routed_scaling_factor", 1.0)),
+        router_correction_bias=family == "deepseek_v3",
+        router_in_fp32=True,
+        gate_weights_in_model_dtype=False,
+    )
+    return ModelSpec(**common)
+
+
+class _Fields:
+    """Typed access to config fields with errors that name the file and the field."""
+
+    def __init__(self, config: dict[str, Any], source: str) -> None:
+        self.config, self.source = config, source
+
+    def opt(self, key: str, default: Any = None) -> Any:
+        value = self.config.get(key)
+        return default if value is None else value
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self.config.get(key)
+        if value is None:
+            if default is None:
+                raise ShunterError(f"{self.source}: field {key!r} is missing")
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ShunterError(f"{self.source}: field {key!r} must be a non-negative integer, got {value!r}")
+        return value
+
+    def int_any(self, keys: tuple[str, ...]) -> int:
+        for key in keys:
+            if self.config.get(key) is not None:
+                return self.int(key)
+        raise ShunterError(f"{self.source}: none of the fields {', '.join(keys)} is present")

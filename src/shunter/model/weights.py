@@ -1,0 +1,239 @@
+"""Explicit weight containers and the map from a family's checkpoint names to them.
+
+The layer functions take these dataclasses; where the tensors come from (RAM, disk, another
+device) is the caller's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from shunter.errors import ShunterError
+from shunter.model.checkpoint import Checkpoint
+from shunter.model.spec import ModelSpec
+
+
+@dataclass
+class AttentionWeights:
+    """Projection weights as stored by nn.Linear: [out_features, in_features]."""
+
+    q: torch.Tensor | None = None  # [heads*head_dim, H] (MLA without q LoRA too)
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    o: torch.Tensor | None = None  # [H, heads*v_head_dim]
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    # multi-head latent attention
+    q_a: torch.Tensor | None = None  # [q_lora_rank, H]
+    q_a_norm: torch.Tensor | None = None
+    q_b: torch.Tensor | None = None  # [heads*head_dim, q_lora_rank]
+    kv_a: torch.Tensor | None = None  # [kv_lora_rank + rope_dim, H]
+    kv_a_norm: torch.Tensor | None = None
+    kv_b: torch.Tensor | None = None  # [heads*(nope + v_head_dim), kv_lora_rank]
+
+
+@dataclass
+class MLPWeights:
+    """A SwiGLU MLP: gate and up fused into one matrix so one matmul computes both."""
+
+    gate_up: torch.Tensor  # [2I, H]: rows [0, I) gate, [I, 2I) up
+    down: torch.Tensor  # [H, I]
+
+
+@dataclass
+class MoEWeights:
+    router: torch.Tensor  # [E, H]
+    experts_gate_up: torch.Tensor  # [E, 2I, H]
+    experts_down: torch.Tensor  # [E, H, I]
+    correction_bias: torch.Tensor | None = None  # [E] fp32, DeepSeek-V3
+    shared: MLPWeights | None = None
+    shared_gate: torch.Tensor | None = None  # [1, H], Qwen2-MoE
+
+    def expert(self, e: int) -> MLPWeights:
+        return MLPWeights(self.experts_gate_up[e], self.experts_down[e])
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    attention: AttentionWeights
+    mlp_norm: torch.Tensor
+    moe: MoEWeights | None = None
+    mlp: MLPWeights | None = None  # dense layers
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor  # [V, H]; the embedding itself when tied
+
+
+class CheckpointLayout:
+    """Tensor names of one model in its checkpoint, with the shapes config.json implies."""
+
+    def __init__(self, spec: ModelSpec, checkpoint: Checkpoint) -> None:
+        self.spec, self.ckpt = spec, checkpoint
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}."
+
+    def moe_prefix(self, layer: int) -> str:
+        # Mixtral's original layout names the block `block_sparse_moe`; the fused one names it `mlp`.
+        legacy = f"model.layers.{layer}.block_sparse_moe."
+        if self.spec.family == "mixtral" and legacy + "gate.weight" in self.ckpt:
+            return legacy
+        return f"model.layers.{layer}.mlp."
+
+    def fused_experts(self, layer: int) -> bool:
+        return self.moe_prefix(layer) + "experts.gate_up_proj" in self.ckpt
+
+    def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """Per-expert layout: names of (gate, up, down) weights."""
+        p = f"{self.moe_prefix(layer)}experts.{expert}."
+        if self.spec.family == "mixtral":
+            return p + "w1.weight", p + "w3.weight", p + "w2.weight"
+        return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
+
+    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.ckpt.read(name, shape).to(dtype)
+
+    # -- whole pieces -------------------------------------------------------------------------
+    def embed(self, dtype: torch.dtype) -> torch.Tensor:
+        s = self.spec
+        return self.read("model.embed_tokens.weight", (s.vocab_size, s.hidden_size), dtype)
+
+    def final_norm(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.read("model.norm.weight", (self.spec.hidden_size,), dtype)
+
+    def lm_head(self, dtype: torch.dtype, embed: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.spec
+        if s.tie_word_embeddings:
+            return embed if embed is not None else self.embed(dtype)
+        return self.read("lm_head.weight", (s.vocab_size, s.hidden_size), dtype)
+
+    def attention(self, layer: int, dtype: torch.dtype) -> AttentionWeights:
+        s, p = self.spec, self.layer_prefix(layer) + "self_attn."
+        H = s.hidden_size
+        w = AttentionWeights()
+        if s.attention == "gqa":
+            q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+            w.q = self.read(p + "q_proj.weight", (q_out, H), dtype)
+            w.k = self.read(p + "k_proj.weight", (kv_out, H), dtype)
+            w.v = self.read(p + "v_proj.weight", (kv_out, H), dtype)
+            if s.qkv_bias:
+                w.q_bias = self.read(p + "q_proj.bias", (q_out,), dtype)
+                w.k_bias = self.read(p + "k_proj.bias", (kv_out,), dtype)
+                w.v_bias = self.read(p + "v_proj.bias", (kv_out,), dtype)
+            if s.qk_norm == "per_head":
+                w.q_norm = self.read(p + "q_norm.weight", (s.head_dim,), dtype)
+                w.k_norm = self.read(p + "k_norm.weight", (s.head_dim,), dtype)
+            elif s.qk_norm == "full":
+                w.q_norm = self.read(p + "q_norm.weight", (q_out,), dtype)
+                w.k_norm = self.read(p + "k_norm.weight", (kv_out,), dtype)
+        else:
+            q_out = s.num_heads * s.head_dim
+            if s.q_lora_rank:
+                w.q_a = self.read(p + "q_a_proj.weight", (s.q_lora_rank, H), dtype)
+                w.q_a_norm = self.read(p + "q_a_layernorm.weight", (s.q_lora_rank,), dtype)
+                w.q_b = self.read(p + "q_b_proj.weight", (q_out, s.q_lora_rank), dtype)
+            else:
+                w.q = self.read(p + "q_proj.weight", (q_out, H), dtype)
+            w.kv_a = self.read(p + "kv_a_proj_with_mqa.weight", (s.kv_lora_rank + s.qk_rope_head_dim, H), dtype)
+            w.kv_a_norm = self.read(p + "kv_a_layernorm.weight", (s.kv_lora_rank,), dtype)
+            kv_b_out = s.num_heads * (s.qk_nope_head_dim + s.v_head_dim)
+            w.kv_b = self.read(p + "kv_b_proj.weight", (kv_b_out, s.kv_lora_rank), dtype)
+        o_in = s.num_heads * s.v_head_dim
+        w.o = self.read(p + "o_proj.weight", (H, o_in), dtype)
+        if s.o_bias:
+            w.o_bias = self.read(p + "o_proj.bias", (H,), dtype)
+        return w
+
+    def mlp(self, prefix: str, intermediate: int, dtype: torch.dtype) -> MLPWeights:
+        H = self.spec.hidden_size
+        gate = self.read(prefix + "gate_proj.weight", (intermediate, H), dtype)
+        up = self.read(prefix + "up_proj.weight", (intermediate, H), dtype)
+        down = self.read(prefix + "down_proj.weight", (H, intermediate), dtype)
+        return MLPWeights(torch.cat([gate, up]), down)
+
+    def expert(self, layer: int, expert: int, dtype: torch.dtype) -> MLPWeights:
+        """One routed expert's weights, from either layout."""
+        s = self.spec
+        H, eI = s.hidden_size, s.expert_intermediate_size
+        if self.fused_experts(layer):
+            p = self.moe_prefix(layer) + "experts."
+            gate_up = self.read(p + "gate_up_proj", (s.num_experts, 2 * eI, H), dtype)[expert]
+            down = self.read(p + "down_proj", (s.num_experts, H, eI), dtype)[expert]
+            return MLPWeights(gate_up.clone(), down.clone())
+        gate_name, up_name, down_name = self.expert_names(layer, expert)
+        gate = self.read(gate_name, (eI, H), dtype)
+        up = self.read(up_name, (eI, H), dtype)
+        down = self.read(down_name, (H, eI), dtype)
+        return MLPWeights(torch.cat([gate, up]), down)
+
+    def moe(self, layer: int, dtype: torch.dtype) -> MoEWeights:
+        s, p = self.spec, self.moe_prefix(layer)
+        H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
+        router_dtype = torch.float32 if s.router_in_fp32 else dtype
+        router = self.read(p + "gate.weight", (E, H), router_dtype)
+        if self.fused_experts(layer):
+            gate_up = self.read(p + "experts.gate_up_proj", (E, 2 * eI, H), dtype)
+            down = self.read(p + "experts.down_proj", (E, H, eI), dtype)
+        else:
+            per_expert = [self.expert(layer, e, dtype) for e in range(E)]
+            gate_up = torch.stack([w.gate_up for w in per_expert])
+            down = torch.stack([w.down for w in per_expert])
+        moe = MoEWeights(router=router, experts_gate_up=gate_up, experts_down=down)
+        if s.router_correction_bias:
+            moe.correction_bias = self.read(p + "gate.e_score_correction_bias", (E,), torch.float32)
+        if s.shared_intermediate_size:
+            shared_prefix = p + ("shared_expert." if s.family == "qwen2_moe" else "shared_experts.")
+            moe.shared = self.mlp(shared_prefix, s.shared_intermediate_size, dtype)
+        if s.shared_expert_gate:
+            moe.shared_gate = self.read(p + "shared_expert_gate.weight", (1, H), dtype)
+        return moe
+
+    def layer(self, layer: int, dtype: torch.dtype) -> LayerWeights:
+        s, p = self.spec, self.layer_prefix(layer)
+        weights = LayerWeights(
+            attn_norm=self.read(p + "input_layernorm.weight", (s.hidden_size,), dtype),
+            attention=self.attention(layer, dtype),
+            mlp_norm=self.read(p + "post_attention_layernorm.weight", (s.hidden_size,), dtype),
+        )
+        if s.moe_layers[layer]:
+            weights.moe = self.moe(layer, dtype)
+        else:
+            if not s.dense_intermediate_size:
+                raise ShunterError(f"config.json: layer {layer} is dense but intermediate_size is missing")
+            weights.mlp = self.mlp(p + "mlp.", s.dense_intermediate_size, dtype)
+        return weights
+
+
+def load_weights(spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype) -> ModelWeights:
+    """Read every weight of the model into memory as `dtype` (router/bias stay fp32 where needed)."""
+    layout = CheckpointLayout(spec, checkpoint)
+    embed = layout.embed(dtype)
+    return ModelWeights(
+        embed=embed,
+        layers=[layout.layer(i, dtype) for i in range(spec.num_layers)],
+        final_norm=layout.final_norm(dtype),
+        lm_head=layout.lm_head(dtype, embed),
+    )
+
+
+def weight_bytes(weights: object) -> int:
+    """Total bytes of all tensors reachable from a weights dataclass."""
+    if isinstance(weights, torch.Tensor):
+        return weights.numel() * weights.element_size()
+    if isinstance(weights, list):
+        return sum(weight_bytes(w) for w in weights)
+    if weights is None or not hasattr(weights, "__dataclass_fields__"):
+        return 0
+    return sum(weight_bytes(getattr(weights, f.name)) for f in fields(weights))  # type: ignore[arg-type]

@@ -1,0 +1,14 @@
+"""Routing traces: which experts each token chose, recorded from real forwards, and their statistics."""
+
+from shunter.trace.routing_trace import RoutingRecorder, RoutingTrace, load_trace
+from shunter.trace.stats import expert_load, load_skew, popularity, transition_counts
+
+__all__ = [
+    "RoutingRecorder",
+    "RoutingTrace",
+    "expert_load",
+    "load_skew",
+    "load_trace",
+    "popularity",
+    "transition_counts",
+]

@@ -1,0 +1,155 @@
+"""RoutingTrace: expert choices [layers, tokens, k] with gate weights, and its one file format (.npz)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shunter.errors import ShunterError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RoutingTrace:
+    """Which experts each token chose at each MoE layer.
+
+    expert_ids [L, N, k] int: L MoE layers, N tokens (the same tokens, in the same order, at every
+    layer), k choices per token, highest gate first. gate_weights [L, N, k] float32.
+    layer_indices [L]: the model layer each row of the trace belongs to.
+    """
+
+    expert_ids: np.ndarray
+    gate_weights: np.ndarray
+    num_experts: int
+    layer_indices: np.ndarray
+    model: str = ""
+    source: str = ""
+    token_ids: np.ndarray | None = None  # [N] the token at each position, when known
+
+    def __post_init__(self) -> None:
+        self.expert_ids = np.asarray(self.expert_ids)
+        self.gate_weights = np.asarray(self.gate_weights, dtype=np.float32)
+        self.layer_indices = np.asarray(self.layer_indices, dtype=np.int64)
+        self.validate()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.expert_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.expert_ids.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.expert_ids.shape[2])
+
+    def validate(self, source: str = "trace") -> None:
+        ids = self.expert_ids
+        if ids.ndim != 3:
+            raise ShunterError(f"{source}: expert_ids must be [layers, tokens, k], got shape {list(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ShunterError(f"{source}: expert_ids must be integers, got {ids.dtype}")
+        if self.gate_weights.shape != ids.shape:
+            raise ShunterError(
+                f"{source}: gate_weights shape {list(self.gate_weights.shape)} differs from "
+                f"expert_ids shape {list(ids.shape)}"
+            )
+        if self.num_experts <= 0:
+            raise ShunterError(f"{source}: num_experts must be positive, got {self.num_experts}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
+            raise ShunterError(
+                f"{source}: expert_ids must lie in [0, {self.num_experts}), found {int(ids.min())}..{int(ids.max())}"
+            )
+        if self.layer_indices.shape != (ids.shape[0],):
+            raise ShunterError(f"{source}: layer_indices must have one entry per layer ({ids.shape[0]})")
+        if self.token_ids is not None and len(self.token_ids) != ids.shape[1]:
+            raise ShunterError(f"{source}: token_ids has {len(self.token_ids)} entries for {ids.shape[1]} tokens")
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a reader never sees a half-written file."""
+        path = Path(path)
+        arrays = {
+            "format_version": np.int64(FORMAT_VERSION),
+            "expert_ids": self.expert_ids.astype(np.int32),
+            "gate_weights": self.gate_weights.astype(np.float32),
+            "num_experts": np.int64(self.num_experts),
+            "layer_indices": self.layer_indices,
+            "model": np.str_(self.model),
+            "source": np.str_(self.source),
+        }
+        if self.token_ids is not None:
+            arrays["token_ids"] = np.asarray(self.token_ids, dtype=np.int64)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def load_trace(path: str | Path) -> RoutingTrace:
+    """Read a trace file; errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShunterError(f"{path}: trace file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            fields = dict(data.items())
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ShunterError(f"{path}: not a routing trace (.npz): {exc}") from None
+    for key in ("expert_ids", "gate_weights", "num_experts"):
+        if key not in fields:
+            raise ShunterError(f"{path}: field {key!r} is missing")
+    ids = fields["expert_ids"]
+    trace = RoutingTrace.__new__(RoutingTrace)
+    trace.expert_ids = ids
+    trace.gate_weights = np.asarray(fields["gate_weights"], dtype=np.float32)
+    trace.num_experts = int(fields["num_experts"])
+    trace.layer_indices = np.asarray(fields.get("layer_indices", np.arange(ids.shape[0] if ids.ndim else 0)))
+    trace.model = str(fields.get("model", ""))
+    trace.source = str(fields.get("source", ""))
+    trace.token_ids = fields.get("token_ids")
+    trace.validate(source=str(path))
+    return trace
+
+
+@dataclass
+class RoutingRecorder:
+    """Collects expert choices during forwards. Pass it to the executor; call `trace()` after."""
+
+    layer_indices: list[int]
+    num_experts: int
+    _ids: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    _weights: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    _tokens: list[torch.Tensor] = field(default_factory=list)
+
+    def record(
+        self, layer: int, expert_ids: torch.Tensor, gate_weights: torch.Tensor, keep: torch.Tensor | None
+    ) -> None:
+        """expert_ids/gate_weights [N, k] for the N tokens of one forward; keep [N] drops padding."""
+        if keep is not None:
+            expert_ids, gate_weights = expert_ids[keep], gate_weights[keep]
+        self._ids.setdefault(layer, []).append(expert_ids.to(torch.int32).cpu())
+        self._weights.setdefault(layer, []).append(gate_weights.float().cpu())
+
+    def record_tokens(self, token_ids: torch.Tensor, keep: torch.Tensor | None) -> None:
+        self._tokens.append((token_ids[keep] if keep is not None else token_ids).cpu())
+
+    def trace(self, model: str = "", source: str = "") -> RoutingTrace:
+        if not self._ids:
+            raise ShunterError("no tokens were routed, so there is no trace to write")
+        ids = np.stack([torch.cat(self._ids[i]).numpy() for i in self.layer_indices])
+        weights = np.stack([torch.cat(self._weights[i]).numpy() for i in self.layer_indices])
+        tokens = torch.cat(self._tokens).numpy() if self._tokens else None
+        return RoutingTrace(ids, weights, self.num_experts, np.array(self.layer_indices), model, source, tokens)

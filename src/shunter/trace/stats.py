@@ -1,0 +1,42 @@
+"""Statistics of a RoutingTrace: expert load, skew, and layer-to-layer transitions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shunter.trace.routing_trace import RoutingTrace
+
+
+def expert_load(trace: RoutingTrace) -> np.ndarray:
+    """[L, E] int64: how many (token, choice) pairs went to each expert at each MoE layer."""
+    L, E = trace.num_layers, trace.num_experts
+    load = np.zeros((L, E), dtype=np.int64)
+    for layer in range(L):
+        load[layer] = np.bincount(trace.expert_ids[layer].ravel(), minlength=E)
+    return load
+
+
+def popularity(trace: RoutingTrace) -> np.ndarray:
+    """[L, E] float64: each expert's share of the layer's routed (token, choice) pairs; rows sum to 1."""
+    load = expert_load(trace).astype(np.float64)
+    return load / np.maximum(load.sum(axis=1, keepdims=True), 1.0)
+
+
+def load_skew(trace: RoutingTrace) -> np.ndarray:
+    """[L] max/min expert load per layer (inf when some expert received nothing)."""
+    load = expert_load(trace).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(load.min(axis=1) > 0, load.max(axis=1) / np.maximum(load.min(axis=1), 1), np.inf)
+
+
+def transition_counts(trace: RoutingTrace) -> np.ndarray:
+    """[L-1, E, E] int64: counts[l, a, b] = number of (token, choice at l, choice at l+1) with
+    expert a at layer l and expert b at layer l+1 (all k x k pairs of each token)."""
+    L, N, k = trace.expert_ids.shape
+    E = trace.num_experts
+    counts = np.zeros((max(L - 1, 0), E, E), dtype=np.int64)
+    for layer in range(L - 1):
+        src = np.repeat(trace.expert_ids[layer], k, axis=1).ravel()
+        dst = np.tile(trace.expert_ids[layer + 1], (1, k)).ravel()
+        counts[layer] = np.bincount(src * E + dst, minlength=E * E).reshape(E, E)
+    return counts

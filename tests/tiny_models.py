@@ -1,0 +1,83 @@
+"""Tiny random MoE checkpoints built with transformers, the oracle for the runtime tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+
+_COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.08,  # larger than default so routing and argmax are far from ties
+    tie_word_embeddings=False,
+)
+# Each family with its own top-k, shared experts where it has them, >= 8 experts.
+FAMILY_CONFIGS = {
+    "mixtral": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        intermediate_size=96,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=80,
+        num_experts=8,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+    ),
+    "qwen3_moe": dict(
+        intermediate_size=96, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        head_dim=32, norm_topk_prob=True,
+    ),
+    "olmoe": dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2, num_key_value_heads=4, clip_qkv=8.0),
+    "deepseek_v2": dict(
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        num_key_value_heads=4, routed_scaling_factor=1.5,
+    ),
+    "deepseek_v3": dict(
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, first_k_dense_replace=1, n_group=4, topk_group=2, num_key_value_heads=4,
+        routed_scaling_factor=2.5,
+    ),
+}
+
+
+def hf_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, **{**_COMMON, **FAMILY_CONFIGS[family], **overrides})
+
+
+def build_hf_model(family: str, seed: int = 0, **overrides):
+    """A transformers model with random weights; routers sharpened so top-k choices are not near-ties."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **overrides)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and "shared_expert_gate" not in name:
+                param.mul_(10.0)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.1)
+    return model
+
+
+def save_tiny(family: str, directory: Path, fused: bool = False, dtype: torch.dtype = torch.float32,
+              max_shard_size: str | None = None, seed: int = 0) -> Path:
+    """Save a tiny model of `family` in the per-expert (default) or fused expert layout."""
+    model = build_hf_model(family, seed=seed).to(dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    if fused:
+        kwargs["save_original_format"] = False
+    model.save_pretrained(directory, **kwargs)
+    return Path(directory)
