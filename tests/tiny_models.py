@@ -31,20 +31,49 @@ FAMILY_CONFIGS = {
         mlp_only_layers=[1],
     ),
     "qwen3_moe": dict(
-        intermediate_size=96, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
-        head_dim=32, norm_topk_prob=True,
+        intermediate_size=96,
+        moe_intermediate_size=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=32,
+        norm_topk_prob=True,
     ),
-    "olmoe": dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2, num_key_value_heads=4, clip_qkv=8.0),
+    "olmoe": dict(
+        intermediate_size=48, num_experts=8, num_experts_per_tok=2, num_key_value_heads=4, clip_qkv=8.0
+    ),
     "deepseek_v2": dict(
-        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-        n_shared_experts=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-        num_key_value_heads=4, routed_scaling_factor=1.5,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        first_k_dense_replace=1,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        num_key_value_heads=4,
+        routed_scaling_factor=1.5,
     ),
     "deepseek_v3": dict(
-        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-        n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, first_k_dense_replace=1, n_group=4, topk_group=2, num_key_value_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        num_key_value_heads=4,
         routed_scaling_factor=2.5,
     ),
 }
@@ -72,8 +101,14 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
     return model
 
 
-def save_tiny(family: str, directory: Path, fused: bool = False, dtype: torch.dtype = torch.float32,
-              max_shard_size: str | None = None, seed: int = 0) -> Path:
+def save_tiny(
+    family: str,
+    directory: Path,
+    fused: bool = False,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+) -> Path:
     """Save a tiny model of `family` in the per-expert (default) or fused expert layout."""
     model = build_hf_model(family, seed=seed).to(dtype)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}

@@ -65,7 +65,9 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ShunterError(f"{index}: not a safetensors index (needs a 'weight_map'): {exc}") from None
+                raise ShunterError(
+                    f"{index}: not a safetensors index (needs a 'weight_map'): {exc}"
+                ) from None
             files = sorted({self.model_dir / name for name in weight_map.values()})
             for file in files:
                 if not file.is_file():

@@ -25,14 +25,20 @@ class KVCache:
         # MLA caches expanded per-head keys and values: more memory, no re-expansion per step.
         kv_heads = spec.num_heads if spec.attention == "mla" else spec.num_kv_heads
         k_dim, v_dim = spec.kv_dims
-        self.keys = [torch.zeros(batch, kv_heads, max_slots, k_dim, dtype=dtype, device=device)
-                     for _ in range(spec.num_layers)]
-        self.values = [torch.zeros(batch, kv_heads, max_slots, v_dim, dtype=dtype, device=device)
-                       for _ in range(spec.num_layers)]
+        self.keys = [
+            torch.zeros(batch, kv_heads, max_slots, k_dim, dtype=dtype, device=device)
+            for _ in range(spec.num_layers)
+        ]
+        self.values = [
+            torch.zeros(batch, kv_heads, max_slots, v_dim, dtype=dtype, device=device)
+            for _ in range(spec.num_layers)
+        ]
         self.length = 0
         self.max_slots = max_slots
 
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + keys.shape[2]
         if end > self.max_slots:
             raise ValueError(f"KV cache holds {self.max_slots} slots, a forward needs {end}")
@@ -75,8 +81,9 @@ def decoder_layer(
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One pre-norm decoder layer on h [B, T, H]: attention then the (sparse or dense) feed-forward."""
-    h = h + attention(rms_norm(h, weights.attn_norm, spec.rms_norm_eps), weights.attention, spec, rotary,
-                      mask, cache, layer)
+    h = h + attention(
+        rms_norm(h, weights.attn_norm, spec.rms_norm_eps), weights.attention, spec, rotary, mask, cache, layer
+    )
     x = rms_norm(h, weights.mlp_norm, spec.rms_norm_eps)
     B, T, H = x.shape
     if weights.moe is not None:

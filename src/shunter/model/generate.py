@@ -45,7 +45,9 @@ class GenerationResult:
         return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
     """Next token per row of logits [B, V] -> [B] int64."""
     if params.temperature <= 0:
         return logits.argmax(dim=-1)

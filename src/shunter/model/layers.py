@@ -60,8 +60,10 @@ class Rotary:
 
 # -- attention ----------------------------------------------------------------------------------
 class KVStore(Protocol):
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append keys/values [B, kv_heads, T, d] at the current slot; return all cached [B, kv_heads, S, d]."""
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append keys/values [B, kv_heads, T, d] at the current slot; return all [B, kv_heads, S, d]."""
         ...
 
 
@@ -116,7 +118,9 @@ def _mla_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rota
     q_nope, q_rot = q.split([nope, rope_dim], dim=-1)
     latent, k_rot = F.linear(x, w.kv_a).split([spec.kv_lora_rank, rope_dim], dim=-1)
     kv = F.linear(rms_norm(latent, w.kv_a_norm, LATENT_NORM_EPS), w.kv_b)
-    k_nope, v = kv.view(B, T, heads, nope + spec.v_head_dim).transpose(1, 2).split([nope, spec.v_head_dim], -1)
+    k_nope, v = (
+        kv.view(B, T, heads, nope + spec.v_head_dim).transpose(1, 2).split([nope, spec.v_head_dim], -1)
+    )
     k_rot = rotary.apply(k_rot.view(B, 1, T, rope_dim)).expand(B, heads, T, rope_dim)
     q = torch.cat([q_nope, rotary.apply(q_rot)], dim=-1)
     k = torch.cat([k_nope, k_rot], dim=-1)
@@ -188,7 +192,7 @@ class ExpertGroup:
 
 def group_tokens_by_expert(expert_ids: torch.Tensor) -> list[ExpertGroup]:
     """Group token rows by chosen expert with one sort (instead of one scan per expert)."""
-    N, k = expert_ids.shape
+    k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)
     order = flat.argsort(stable=True)
     experts, counts = torch.unique_consecutive(flat[order], return_counts=True)

@@ -148,7 +148,8 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ShunterError(
-            f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"{source}: rope type {rope_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     rope_factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
 
@@ -270,7 +271,9 @@ def _deepseek_spec(c: _Fields, common: dict[str, Any], family: str) -> ModelSpec
     n_group = c.int("n_group", default=1)
     topk_group = c.int("topk_group", default=1)
     if num_experts % max(n_group, 1):
-        raise ShunterError(f"{c.source}: n_routed_experts={num_experts} is not a multiple of n_group={n_group}")
+        raise ShunterError(
+            f"{c.source}: n_routed_experts={num_experts} is not a multiple of n_group={n_group}"
+        )
     if family == "deepseek_v2":
         method = c.opt("topk_method", "greedy")
         topk_method = {"greedy": "greedy", "group_limited_greedy": "group_limited"}.get(method)

@@ -146,7 +146,9 @@ class CheckpointLayout:
                 w.q_b = self.read(p + "q_b_proj.weight", (q_out, s.q_lora_rank), dtype)
             else:
                 w.q = self.read(p + "q_proj.weight", (q_out, H), dtype)
-            w.kv_a = self.read(p + "kv_a_proj_with_mqa.weight", (s.kv_lora_rank + s.qk_rope_head_dim, H), dtype)
+            w.kv_a = self.read(
+                p + "kv_a_proj_with_mqa.weight", (s.kv_lora_rank + s.qk_rope_head_dim, H), dtype
+            )
             w.kv_a_norm = self.read(p + "kv_a_layernorm.weight", (s.kv_lora_rank,), dtype)
             kv_b_out = s.num_heads * (s.qk_nope_head_dim + s.v_head_dim)
             w.kv_b = self.read(p + "kv_b_proj.weight", (kv_b_out, s.kv_lora_rank), dtype)

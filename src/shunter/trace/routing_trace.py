@@ -54,7 +54,9 @@ class RoutingTrace:
     def validate(self, source: str = "trace") -> None:
         ids = self.expert_ids
         if ids.ndim != 3:
-            raise ShunterError(f"{source}: expert_ids must be [layers, tokens, k], got shape {list(ids.shape)}")
+            raise ShunterError(
+                f"{source}: expert_ids must be [layers, tokens, k], got shape {list(ids.shape)}"
+            )
         if not np.issubdtype(ids.dtype, np.integer):
             raise ShunterError(f"{source}: expert_ids must be integers, got {ids.dtype}")
         if self.gate_weights.shape != ids.shape:
@@ -66,12 +68,15 @@ class RoutingTrace:
             raise ShunterError(f"{source}: num_experts must be positive, got {self.num_experts}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise ShunterError(
-                f"{source}: expert_ids must lie in [0, {self.num_experts}), found {int(ids.min())}..{int(ids.max())}"
+                f"{source}: expert_ids must lie in [0, {self.num_experts}), "
+                f"found {int(ids.min())}..{int(ids.max())}"
             )
         if self.layer_indices.shape != (ids.shape[0],):
             raise ShunterError(f"{source}: layer_indices must have one entry per layer ({ids.shape[0]})")
         if self.token_ids is not None and len(self.token_ids) != ids.shape[1]:
-            raise ShunterError(f"{source}: token_ids has {len(self.token_ids)} entries for {ids.shape[1]} tokens")
+            raise ShunterError(
+                f"{source}: token_ids has {len(self.token_ids)} entries for {ids.shape[1]} tokens"
+            )
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a reader never sees a half-written file."""
@@ -152,4 +157,6 @@ class RoutingRecorder:
         ids = np.stack([torch.cat(self._ids[i]).numpy() for i in self.layer_indices])
         weights = np.stack([torch.cat(self._weights[i]).numpy() for i in self.layer_indices])
         tokens = torch.cat(self._tokens).numpy() if self._tokens else None
-        return RoutingTrace(ids, weights, self.num_experts, np.array(self.layer_indices), model, source, tokens)
+        return RoutingTrace(
+            ids, weights, self.num_experts, np.array(self.layer_indices), model, source, tokens
+        )

@@ -32,7 +32,7 @@ def load_skew(trace: RoutingTrace) -> np.ndarray:
 def transition_counts(trace: RoutingTrace) -> np.ndarray:
     """[L-1, E, E] int64: counts[l, a, b] = number of (token, choice at l, choice at l+1) with
     expert a at layer l and expert b at layer l+1 (all k x k pairs of each token)."""
-    L, N, k = trace.expert_ids.shape
+    L, _, k = trace.expert_ids.shape
     E = trace.num_experts
     counts = np.zeros((max(L - 1, 0), E, E), dtype=np.int64)
     for layer in range(L - 1):

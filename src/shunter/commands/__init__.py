@@ -1,0 +1,1 @@
+"""Subcommands of the `shunter` command line: each parses its arguments and delegates."""

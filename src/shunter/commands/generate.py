@@ -1,0 +1,112 @@
+"""`shunter generate MODEL --prompt TEXT`: stream a completion and report its speed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shunter.commands.common import (
+    DEFAULT_MODEL_HELP,
+    encode_prompt,
+    parse_prompt_ids,
+    peak_rss_bytes,
+    print_json,
+)
+from shunter.errors import ShunterError
+from shunter.model.generate import SamplingParams, generate
+from shunter.model.loader import load_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate text with an MoE model", description=__doc__)
+    p.add_argument("model", metavar="MODEL", help=DEFAULT_MODEL_HELP)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--batch", type=int, default=1, help="run the prompt as a batch of this many sequences")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ShunterError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    if args.batch < 1:
+        raise ShunterError(f"--batch: must be at least 1, got {args.batch}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ShunterError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    loaded = load_model(args.model, args.dtype)
+    spec, tokenizer = loaded.spec, loaded.tokenizer
+    if args.prompt_ids is not None:
+        prompt = parse_prompt_ids(args.prompt_ids, spec)
+    else:
+        prompt = encode_prompt(args.prompt, tokenizer, loaded.path)
+    if len(prompt) + args.max_new_tokens > spec.max_position_embeddings:
+        raise ShunterError(
+            f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings ({spec.max_position_embeddings})"
+        )
+
+    streamed: list[int] = []
+    printed = ""
+
+    def stream(step_tokens: list[int | None]) -> None:
+        nonlocal printed
+        token = step_tokens[0]
+        if token is None or args.json:
+            return
+        streamed.append(token)
+        if tokenizer is None:
+            sys.stdout.write(f"{token} ")
+        else:
+            text = tokenizer.decode(streamed)
+            sys.stdout.write(text[len(printed) :])
+            printed = text
+        sys.stdout.flush()
+
+    if not args.json:
+        sys.stdout.write(tokenizer.decode(prompt) if tokenizer else " ".join(map(str, prompt)) + " ")
+        sys.stdout.flush()
+    sampling = SamplingParams(args.temperature, args.top_p, args.seed)
+    result = generate(
+        loaded.model,
+        [prompt] * args.batch,
+        args.max_new_tokens,
+        sampling,
+        stop_ids=spec.eos_token_ids,
+        on_step=stream,
+    )
+    stats = {
+        "model": str(loaded.path),
+        "family": spec.family,
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "batch": args.batch,
+        "prompt_tokens": len(prompt),
+        "generated_ids": result.tokens[0],
+        "generated_tokens": result.generated_tokens,
+        "prefill_s": result.prefill_s,
+        "decode_s": result.decode_s,
+        "prefill_tok_s": result.prefill_tok_s,
+        "decode_tok_s": result.decode_tok_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    if tokenizer is not None:
+        stats["text"] = tokenizer.decode(result.tokens[0])
+    if args.json:
+        print_json(stats)
+    else:
+        sys.stdout.write("\n")
+        print(
+            f"[{spec.family} {stats['dtype']} batch {args.batch}] prefill {len(prompt) * args.batch} tok "
+            f"at {result.prefill_tok_s:.1f} tok/s, decode {result.generated_tokens} tok at "
+            f"{result.decode_tok_s:.1f} tok/s, peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB",
+            file=sys.stderr,
+        )
+    return 0

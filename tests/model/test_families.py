@@ -1,0 +1,91 @@
+"""Shunter's runtime against transformers' own implementation, for every supported family.
+
+Oracle: transformers (the reference implementation of each family) on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shunter.model import Batch, generate, load_model
+from shunter.model.generate import left_pad
+from shunter.trace import RoutingRecorder
+from tests.tiny_models import FAMILIES
+
+LAYOUTS = ["per_expert", "fused"]
+PROMPTS = [[3, 5, 7, 9, 11, 13, 15], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24]]
+
+
+def _padded_inputs():
+    tokens, pads = left_pad(PROMPTS)
+    P = tokens.shape[1]
+    valid = torch.arange(P)[None, :] >= pads[:, None]
+    positions = (torch.arange(P)[None, :] - pads[:, None]).clamp(min=0)
+    return tokens, valid, positions
+
+
+def _reference(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, as we do below
+    return model
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_of_two_prompts_of_different_lengths_match_transformers(tiny_checkpoint, family, layout):
+    path = tiny_checkpoint(family, fused=layout == "fused")
+    tokens, valid, positions = _padded_inputs()
+    with torch.no_grad():
+        expected = _reference(path)(
+            input_ids=tokens, attention_mask=valid.long(), position_ids=positions
+        ).logits
+    actual = load_model(path).model.forward(Batch(tokens, positions, valid, 0))
+    assert (actual - expected)[valid].abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_twenty_greedy_tokens_match_transformers_generate(tiny_checkpoint, family, layout):
+    path = tiny_checkpoint(family, fused=layout == "fused")
+    tokens, valid, _ = _padded_inputs()
+    with torch.no_grad():
+        out = _reference(path).generate(
+            input_ids=tokens, attention_mask=valid.long(), max_new_tokens=20, do_sample=False, pad_token_id=0
+        )
+    expected = out[:, tokens.shape[1] :].tolist()
+    actual = generate(load_model(path).model, PROMPTS, max_new_tokens=20).tokens
+    assert actual == expected
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_expert_choices_equal_reference_router_top_k(tiny_checkpoint, family, layout):
+    path = tiny_checkpoint(family, fused=layout == "fused")
+    reference = _reference(path)
+    chosen: list[torch.Tensor] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out: chosen.append(out[2].detach().clone()))
+        for module in reference.modules()
+        if type(module).__name__.lower().endswith("topkrouter")
+    ]
+    tokens, valid, positions = _padded_inputs()
+    with torch.no_grad():
+        reference(input_ids=tokens, attention_mask=valid.long(), position_ids=positions)
+    for hook in hooks:
+        hook.remove()
+
+    loaded = load_model(path)
+    moe_layers = [i for i, moe in enumerate(loaded.spec.moe_layers) if moe]
+    recorder = RoutingRecorder(moe_layers, loaded.spec.num_experts)
+    loaded.model.forward(Batch(tokens, positions, valid, 0), recorder=recorder)
+    trace = recorder.trace()
+
+    assert len(chosen) == len(moe_layers) == trace.num_layers
+    keep = valid.reshape(-1)
+    for layer, reference_ids in enumerate(chosen):
+        expected = reference_ids[keep].sort(dim=-1).values
+        actual = torch.from_numpy(trace.expert_ids[layer]).long().sort(dim=-1).values
+        assert torch.equal(actual, expected), f"MoE layer {moe_layers[layer]}"
