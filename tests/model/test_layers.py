@@ -74,3 +74,18 @@ def test_cached_decode_equals_a_full_recompute(tiny_checkpoint):
     model.forward(Batch(seq[:, :5], torch.arange(5)[None], valid[:, :5], 0), cache)
     last = model.forward(Batch(seq[:, 5:], torch.tensor([[5]]), valid, 5), cache)
     torch.testing.assert_close(last[:, 0], full[:, 5], atol=1e-5, rtol=1e-5)
+
+
+def test_single_query_attention_equals_sdpa():
+    """Oracle: torch's scaled_dot_product_attention with the same mask and GQA grouping."""
+    import torch.nn.functional as F
+
+    from shunter.model.layers import single_query_attention
+
+    torch.manual_seed(0)
+    B, heads, kv_heads, S, d, dv = 3, 8, 2, 11, 16, 12
+    q, k, v = torch.randn(B, heads, 1, d), torch.randn(B, kv_heads, S, d), torch.randn(B, kv_heads, S, dv)
+    mask = torch.rand(B, 1, 1, S) > 0.3
+    mask[..., -1] = True
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(single_query_attention(q, k, v, mask, 0.3), expected, atol=1e-5, rtol=1e-5)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from shunter.errors import ShunterError
+
+END_OF_TEXT = "<|endoftext|>"
 
 
 class Tokenizer:
@@ -31,3 +34,26 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, out_file: str | Path) -> Path:
+    """Train a byte-level BPE tokenizer (lossless on any text) and save it as tokenizer.json.
+
+    Special tokens: <|endoftext|> (id 0) separates documents.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = _HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_file))
+    return out_file
