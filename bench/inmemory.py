@@ -143,7 +143,8 @@ def main() -> int:
                 }
             )
             print(
-                f"batch {batch:2d} {phase:7s}  shunter {s['median']:8.1f} tok/s [{s['min']:.1f}-{s['max']:.1f}]"
+                f"batch {batch:2d} {phase:7s}  "
+                f"shunter {s['median']:8.1f} tok/s [{s['min']:.1f}-{s['max']:.1f}]"
                 f"  transformers {t['median']:8.1f} tok/s [{t['min']:.1f}-{t['max']:.1f}]"
                 f"  ratio {s['median'] / t['median']:.2f}x",
                 flush=True,
