@@ -89,3 +89,68 @@ def test_recorded_expert_choices_equal_reference_router_top_k(tiny_checkpoint, f
         expected = reference_ids[keep].sort(dim=-1).values
         actual = torch.from_numpy(trace.expert_ids[layer]).long().sort(dim=-1).values
         assert torch.equal(actual, expected), f"MoE layer {moe_layers[layer]}"
+
+
+SCALED_ROPE = [
+    ("mixtral", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    (
+        "qwen3_moe",
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    ),
+    (
+        "deepseek_v3",
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 10000.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    ),
+    (
+        "deepseek_v2",
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "rope_theta": 10000.0,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("family, rope", SCALED_ROPE, ids=[f"{f}-{r['rope_type']}" for f, r in SCALED_ROPE])
+def test_scaled_rope_logits_match_transformers(tmp_path, family, rope):
+    from tests.tiny_models import build_hf_model
+
+    build_hf_model(family, rope_parameters=rope).save_pretrained(tmp_path)
+    tokens, valid, positions = _padded_inputs()
+    with torch.no_grad():
+        expected = _reference(tmp_path)(
+            input_ids=tokens, attention_mask=valid.long(), position_ids=positions
+        ).logits
+    loaded = load_model(tmp_path)
+    assert loaded.spec.rope_type == rope["rope_type"]
+    actual = loaded.model.forward(Batch(tokens, positions, valid, 0))
+    assert (actual - expected)[valid].abs().max().item() <= 1e-4
+
+
+def test_unsupported_rope_type_is_a_clear_error(tmp_path):
+    import json
+
+    from shunter.errors import ShunterError
+    from tests.tiny_models import build_hf_model
+
+    build_hf_model("mixtral").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ShunterError, match="rope type 'longrope' is not supported; supported: default, linear, yarn"
+    ):
+        load_model(tmp_path)

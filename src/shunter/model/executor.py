@@ -101,7 +101,7 @@ class InMemoryModel:
 
     def __init__(self, spec: ModelSpec, weights: ModelWeights, dtype: torch.dtype) -> None:
         self.spec, self.weights, self.dtype = spec, weights, dtype
-        self.inv_freq = _inv_freq(spec)
+        self.inv_freq, self.rope_factor = _inv_freq(spec)
 
     def new_cache(self, batch: int, max_slots: int) -> KVCache:
         return KVCache(self.spec, batch, max_slots, self.dtype)
@@ -118,7 +118,9 @@ class InMemoryModel:
         spec, w = self.spec, self.weights
         T = batch.tokens.shape[1]
         h = F.embedding(batch.tokens, w.embed)
-        rotary = Rotary.at(batch.positions, self.inv_freq, spec.rope_interleaved, self.dtype)
+        rotary = Rotary.at(
+            batch.positions, self.inv_freq, spec.rope_interleaved, self.dtype, self.rope_factor
+        )
         mask = attention_mask(batch.key_valid, batch.start, T, spec.sliding_window)
         keep = batch.new_valid if recorder is not None else None
         if recorder is not None:

@@ -7,13 +7,14 @@ Every schedule (in memory, offloaded, expert-parallel) calls these same function
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from shunter.model.spec import ModelSpec
+from shunter.model.spec import ModelSpec, yarn_mscale
 from shunter.model.weights import AttentionWeights, MLPWeights, MoEWeights
 
 # DeepSeek's latent norms (q_a_layernorm, kv_a_layernorm) use the RMSNorm default, not rms_norm_eps.
@@ -28,11 +29,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # -- rotary position embedding ------------------------------------------------------------------
-def rope_inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
-    """[rot_dim/2] fp32 inverse frequencies; rot_dim is the head dim (MLA: its rope part)."""
+def rope_inverse_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
+    """([rot_dim/2] fp32 inverse frequencies, factor on cos/sin); rot_dim is the head dim (MLA:
+    its rope part). Default, linear (positions divided by `factor`) and YaRN scaling."""
     rot_dim = spec.qk_rope_head_dim if spec.attention == "mla" else spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
-    return inv_freq / spec.rope_factor
+    if spec.rope_type == "linear":
+        return inv_freq / spec.rope_factor, 1.0
+    if spec.rope_type == "yarn":
+        return _yarn_frequencies(inv_freq, rot_dim, spec)
+    return inv_freq, 1.0
+
+
+def _yarn_frequencies(inv_freq: torch.Tensor, rot_dim: int, spec: ModelSpec) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): high-frequency dims keep their frequency, low-frequency dims are
+    interpolated by `factor`, with a linear ramp between; cos/sin get a temperature correction."""
+    p, factor, theta = spec.rope_scaling, spec.rope_factor, spec.rope_theta
+    original = p["original_max_position_embeddings"]
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def dim_completing(rotations: float) -> float:
+        # the dim index whose wavelength fits `rotations` times into the original context
+        return rot_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_completing(beta_fast), dim_completing(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot_dim - 1)
+    if low == high:
+        high += 0.001
+    interpolate = ((torch.arange(rot_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    scaled = inv_freq * (1 - interpolate) + (inv_freq / factor) * interpolate
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    return scaled, float(attention_factor)
 
 
 @dataclass
@@ -44,9 +79,18 @@ class Rotary:
     interleaved: bool
 
     @staticmethod
-    def at(positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool, dtype: torch.dtype) -> Rotary:
+    def at(
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        interleaved: bool,
+        dtype: torch.dtype,
+        factor: float = 1.0,
+    ) -> Rotary:
         angles = positions[..., None].float() * inv_freq  # [B, T, rot/2]
-        return Rotary(angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None], interleaved)
+        cos, sin = angles.cos(), angles.sin()
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return Rotary(cos.to(dtype)[:, None], sin.to(dtype)[:, None], interleaved)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, heads, T, rot_dim]. Interleaved rotates pairs (2i, 2i+1) and returns them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +13,7 @@ import torch
 from shunter.errors import ShunterError
 
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -52,6 +53,7 @@ class ModelSpec:
     rope_theta: float
     rope_type: str
     rope_factor: float
+    rope_scaling: dict[str, Any]  # the config's rope parameters (YaRN reads several)
     rope_interleaved: bool  # rotate pairs (2i, 2i+1) instead of halves (i, i + d/2)
     attention_scale: float  # softmax scale applied to q.k
     # multi-head latent attention (DeepSeek); zero when unused
@@ -151,7 +153,17 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
             f"{source}: rope type {rope_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    rope_factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    rope_factor = 1.0
+    if rope_type != "default":
+        original = rope.get("original_max_position_embeddings")
+        factor = rope.get("factor")
+        if factor is None and rope_type == "yarn" and original:
+            factor = c.int("max_position_embeddings") / original
+        if factor is None or float(factor) <= 0:
+            raise ShunterError(f"{source}: rope type {rope_type!r} needs a positive 'factor'")
+        rope_factor = float(factor)
+        if rope_type == "yarn" and not original:
+            raise ShunterError(f"{source}: rope type 'yarn' needs 'original_max_position_embeddings'")
 
     eos = config.get("eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
@@ -175,6 +187,7 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
         rope_theta=rope_theta,
         rope_type=rope_type,
         rope_factor=rope_factor,
+        rope_scaling=rope,
         num_experts=num_experts,
         top_k=top_k,
         bos_token_id=config.get("bos_token_id") if isinstance(config.get("bos_token_id"), int) else None,
@@ -297,7 +310,7 @@ def _deepseek_spec(c: _Fields, common: dict[str, Any], family: str) -> ModelSpec
         o_bias=bool(c.opt("attention_bias", False)),
         qk_norm="none",
         rope_interleaved=interleaved,
-        attention_scale=float(nope + rope_dim) ** -0.5,
+        attention_scale=float(nope + rope_dim) ** -0.5 * _yarn_softmax_scale(common),
         q_lora_rank=int(q_lora or 0),
         kv_lora_rank=c.int("kv_lora_rank"),
         qk_nope_head_dim=nope,
@@ -317,6 +330,19 @@ def _deepseek_spec(c: _Fields, common: dict[str, Any], family: str) -> ModelSpec
         gate_weights_in_model_dtype=False,
     )
     return ModelSpec(**common)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction for a context stretched by `factor`."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_softmax_scale(common: dict[str, Any]) -> float:
+    # DeepSeek folds YaRN's mscale_all_dim into the softmax scale (squared: it scales q and k).
+    mscale_all_dim = common["rope_scaling"].get("mscale_all_dim")
+    if common["rope_type"] == "default" or not mscale_all_dim:
+        return 1.0
+    return yarn_mscale(common["rope_factor"], mscale_all_dim) ** 2
 
 
 class _Fields:
