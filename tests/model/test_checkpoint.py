@@ -128,3 +128,39 @@ def test_a_missing_model_directory_is_a_clear_error(tmp_path, capsys):
     status = main(["generate", str(tmp_path / "nope"), "--prompt-ids", "1"])
     assert status == 2
     assert "no such model directory or built-in model" in capsys.readouterr().err
+
+
+def _break(kind, model_dir):
+    if kind == "no_config":
+        (model_dir / "config.json").unlink()
+    elif kind == "unknown_family":
+        config = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    elif kind == "missing_tensor":
+        _rewrite_tensors(model_dir, lambda t: t.pop("model.norm.weight"))
+    elif kind == "wrong_shape":
+        _rewrite_tensors(model_dir, lambda t: t.update({"model.norm.weight": torch.ones(3)}))
+    elif kind == "truncated":
+        path = model_dir / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    "kind, names",
+    [
+        ("no_config", "config.json: missing"),
+        ("unknown_family", "model_type 'gpt2' is not supported"),
+        ("missing_tensor", "tensor 'model.norm.weight' is missing"),
+        ("wrong_shape", "tensor 'model.norm.weight' has shape [3], expected [64]"),
+        ("truncated", "model.safetensors: truncated safetensors file"),
+    ],
+)
+def test_bad_checkpoints_exit_nonzero_with_one_line_on_stderr(tiny_checkpoint, tmp_path, capsys, kind, names):
+    model_dir = _copy(tiny_checkpoint("mixtral"), tmp_path)
+    _break(kind, model_dir)
+    status = main(["generate", str(model_dir), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json"])
+    captured = capsys.readouterr()
+    assert status == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shunter: error: ") and names in lines[0]
+    assert captured.out == ""  # nothing half-printed
