@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from shunter.model.layers import Rotary, attention, attention_mask, expert_mlp, moe_block, rms_norm
+from shunter.model.layers import MoEResult, Rotary, attention, attention_mask, expert_mlp, moe_block, rms_norm
 from shunter.model.layers import rope_inverse_frequencies as _inv_freq
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import LayerWeights, ModelWeights
@@ -69,28 +70,30 @@ class Batch:
         return self.key_valid[:, self.start : self.start + self.tokens.shape[1]].reshape(-1)
 
 
+MoEObserver = Callable[[int, MoEResult], None]
+
+
 def decoder_layer(
     h: torch.Tensor,
     weights: LayerWeights,
     spec: ModelSpec,
     layer: int,
     rotary: Rotary,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     cache: KVCache | None,
-    recorder: RoutingRecorder | None = None,
-    keep: torch.Tensor | None = None,
+    observe_moe: MoEObserver | None = None,
 ) -> torch.Tensor:
-    """One pre-norm decoder layer on h [B, T, H]: attention then the (sparse or dense) feed-forward."""
-    h = h + attention(
-        rms_norm(h, weights.attn_norm, spec.rms_norm_eps), weights.attention, spec, rotary, mask, cache, layer
-    )
+    """One pre-norm decoder layer on h [B, T, H]: attention then the (sparse or dense) feed-forward.
+    `observe_moe(layer, result)` sees each sparse layer's routing (tracing, load-balancing losses)."""
+    attn_in = rms_norm(h, weights.attn_norm, spec.rms_norm_eps)
+    h = h + attention(attn_in, weights.attention, spec, rotary, mask, cache, layer)
     x = rms_norm(h, weights.mlp_norm, spec.rms_norm_eps)
     B, T, H = x.shape
     if weights.moe is not None:
-        y, expert_ids, gate_weights = moe_block(x.reshape(B * T, H), weights.moe, spec)
-        if recorder is not None:
-            recorder.record(layer, expert_ids, gate_weights, keep)
-        y = y.view(B, T, H)
+        moe = moe_block(x.reshape(B * T, H), weights.moe, spec)
+        if observe_moe is not None:
+            observe_moe(layer, moe)
+        y = moe.output.view(B, T, H)
     else:
         y = expert_mlp(x, weights.mlp)
     return h + y
@@ -122,11 +125,13 @@ class InMemoryModel:
             batch.positions, self.inv_freq, spec.rope_interleaved, self.dtype, self.rope_factor
         )
         mask = attention_mask(batch.key_valid, batch.start, T, spec.sliding_window)
-        keep = batch.new_valid if recorder is not None else None
+        observe = None
         if recorder is not None:
+            keep = batch.new_valid
             recorder.record_tokens(batch.tokens.reshape(-1), keep)
+            observe = lambda layer, moe: recorder.record(layer, moe.expert_ids, moe.gate_weights, keep)
         for i, layer_weights in enumerate(w.layers):
-            h = decoder_layer(h, layer_weights, spec, i, rotary, mask, cache, recorder, keep)
+            h = decoder_layer(h, layer_weights, spec, i, rotary, mask, cache, observe)
         if cache is not None:
             cache.advance(T)
         if last_only:

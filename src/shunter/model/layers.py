@@ -224,14 +224,23 @@ def attention_mask(
 
 
 # -- routing and experts ------------------------------------------------------------------------
-def route(x: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose experts for x [N, H]. Returns (expert_ids [N, k] int64, gate_weights [N, k] fp32),
-    each row sorted by the selection score, highest first."""
+def router_scores(x: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> torch.Tensor:
+    """Per-expert router scores for x [N, H] -> [N, E] fp32 (softmax probabilities or sigmoids)."""
     if spec.router_in_fp32:
         logits = F.linear(x.float(), w.router.float())
     else:
         logits = F.linear(x, w.router).float()
-    scores = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
+    return logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
+
+
+def route(x: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts for x [N, H]. Returns (expert_ids [N, k] int64, gate_weights [N, k] fp32),
+    each row sorted by the selection score, highest first."""
+    return select_experts(router_scores(x, w, spec), w, spec)
+
+
+def select_experts(scores: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k selection from router scores [N, E] (group-limited and bias-corrected where the family is)."""
     choice = scores if w.correction_bias is None else scores + w.correction_bias
     if spec.topk_method != "greedy":
         N, G = choice.shape[0], spec.n_group
@@ -303,12 +312,18 @@ def routed_experts_reference(
     return out
 
 
-def moe_block(
-    x: torch.Tensor, w: MoEWeights, spec: ModelSpec
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sparse feed-forward for x [N, H]: routed experts plus shared experts.
-    Returns (output [N, H], expert_ids [N, k], gate_weights [N, k])."""
-    expert_ids, gate_weights = route(x, w, spec)
+@dataclass
+class MoEResult:
+    output: torch.Tensor  # [N, H]
+    expert_ids: torch.Tensor  # [N, k]
+    gate_weights: torch.Tensor  # [N, k] fp32
+    scores: torch.Tensor  # [N, E] fp32 router scores, for load-balancing losses
+
+
+def moe_block(x: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> MoEResult:
+    """The sparse feed-forward for x [N, H]: routed experts plus shared experts."""
+    scores = router_scores(x, w, spec)
+    expert_ids, gate_weights = select_experts(scores, w, spec)
     applied = gate_weights.to(x.dtype) if spec.gate_weights_in_model_dtype else gate_weights
     out = routed_experts(x, expert_ids, applied, w)
     if w.shared is not None:
@@ -316,4 +331,4 @@ def moe_block(
         if w.shared_gate is not None:
             shared = torch.sigmoid(F.linear(x, w.shared_gate)) * shared
         out = out + shared
-    return out, expert_ids, gate_weights
+    return MoEResult(out, expert_ids, gate_weights, scores)
