@@ -16,6 +16,9 @@ from shunter.errors import ShunterError
 COMMAND_MODULES = [
     "shunter.commands.generate",
     "shunter.commands.trace",
+    "shunter.commands.train",
+    "shunter.commands.plan",
+    "shunter.commands.schedule",
 ]
 
 

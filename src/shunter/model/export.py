@@ -128,9 +128,10 @@ def save_checkpoint(
     weights: ModelWeights,
     out_dir: str | Path,
     tokenizer_json: str | Path | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write config.json, model.safetensors (and tokenizer.json) into out_dir, atomically:
-    everything is written to a sibling temporary directory that replaces out_dir at the end."""
+    """Write config.json, model.safetensors (and tokenizer.json, and extra text files) into out_dir,
+    atomically: everything goes to a sibling temporary directory that replaces out_dir at the end."""
     out_dir = Path(out_dir)
     spec = spec_from_config(config, source=str(out_dir / "config.json"))
     tensors = mixtral_tensors(spec, weights)
@@ -143,6 +144,8 @@ def save_checkpoint(
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
