@@ -17,8 +17,6 @@ COMMAND_MODULES = [
     "shunter.commands.generate",
     "shunter.commands.trace",
     "shunter.commands.train",
-    "shunter.commands.plan",
-    "shunter.commands.schedule",
 ]
 
 
