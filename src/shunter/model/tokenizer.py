@@ -32,8 +32,17 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise ShunterError(f"{self.path}: the tokenizer has no token {token!r}")
+        return token_id
 
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, out_file: str | Path) -> Path:
