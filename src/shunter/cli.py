@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "shunter.commands.generate",
     "shunter.commands.trace",
     "shunter.commands.train",
+    "shunter.commands.plan",
+    "shunter.commands.schedule",
 ]
 
 

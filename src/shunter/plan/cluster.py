@@ -1,0 +1,197 @@
+"""ClusterSpec: the devices a plan runs on (port bandwidth, compute speed, memory), read from TOML.
+
+    # cluster.toml
+    name = "four A100 and four L40S"          # optional
+
+    [[devices]]
+    name = "a100"                             # with count > 1: a100-0, a100-1, ...
+    count = 4                                 # optional, default 1
+    bandwidth = "100Gbit/s"                   # full-duplex port: each direction at this rate
+    compute = "312TFLOP/s"                    # optional, default 100TFLOP/s
+    memory = "80GiB"                          # optional, default 80GiB
+
+Every field error names the file, the device entry and the field.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shunter.errors import ShunterError
+from shunter.units import parse_bandwidth, parse_bytes
+
+DEFAULT_COMPUTE = "100TFLOP/s"
+DEFAULT_MEMORY = "80GiB"
+_DEVICE_KEYS = {"name", "count", "bandwidth", "compute", "memory"}
+_FLOP_PREFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15, "e": 1e18}
+
+
+@dataclass(frozen=True)
+class Device:
+    """One accelerator: its network port (bytes/s, each direction), compute (FLOP/s) and memory (bytes)."""
+
+    name: str
+    bandwidth_bytes_s: float
+    compute_flop_s: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The devices of a cluster behind one non-blocking switch."""
+
+    devices: tuple[Device, ...]
+    name: str = ""
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def bandwidth_bytes_s(self) -> np.ndarray:
+        """[n] port bandwidth of each device."""
+        return np.array([d.bandwidth_bytes_s for d in self.devices], dtype=np.float64)
+
+    @property
+    def compute_flop_s(self) -> np.ndarray:
+        """[n] compute speed of each device."""
+        return np.array([d.compute_flop_s for d in self.devices], dtype=np.float64)
+
+    @property
+    def memory_bytes(self) -> np.ndarray:
+        """[n] memory of each device."""
+        return np.array([d.memory_bytes for d in self.devices], dtype=np.int64)
+
+    @property
+    def is_homogeneous(self) -> bool:
+        """Every device has the same bandwidth and compute."""
+        first = self.devices[0]
+        return all(
+            d.bandwidth_bytes_s == first.bandwidth_bytes_s and d.compute_flop_s == first.compute_flop_s
+            for d in self.devices
+        )
+
+    @classmethod
+    def uniform(
+        cls,
+        num_devices: int,
+        bandwidth_bytes_s: float,
+        compute_flop_s: float = 1e14,
+        memory_bytes: int = 80 * 2**30,
+    ) -> ClusterSpec:
+        """num_devices identical devices (for experiments and tests)."""
+        return cls(
+            tuple(
+                Device(f"dev{i}", float(bandwidth_bytes_s), float(compute_flop_s), int(memory_bytes))
+                for i in range(num_devices)
+            )
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "devices": [
+                {
+                    "name": d.name,
+                    "bandwidth_bytes_s": d.bandwidth_bytes_s,
+                    "compute_flop_s": d.compute_flop_s,
+                    "memory_bytes": d.memory_bytes,
+                }
+                for d in self.devices
+            ],
+        }
+
+
+def parse_compute(text: str | int | float, field: str = "compute") -> float:
+    """FLOP/s from "312TFLOP/s", "312 TFLOPS", "1.5e14" or a plain number; must be positive."""
+    if isinstance(text, bool):
+        raise ShunterError(f"{field}: expected a compute speed like '312TFLOP/s', got {text!r}")
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = re.fullmatch(
+            r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtTpPeE]?)(?:flop/s|flops)?\s*",
+            str(text),
+            flags=re.IGNORECASE,
+        )
+        if match is None:
+            raise ShunterError(
+                f"{field}: cannot read {text!r} as a compute speed (examples: 312TFLOP/s, 1e14)"
+            )
+        value = float(match.group(1)) * _FLOP_PREFIXES[match.group(2).lower()]
+    if not value > 0 or not np.isfinite(value):
+        raise ShunterError(f"{field}: compute speed must be positive, got {text!r}")
+    return value
+
+
+def parse_cluster(document: dict[str, object], source: str = "cluster") -> ClusterSpec:
+    """A ClusterSpec from a parsed TOML document; `source` (the file) starts every error message."""
+    entries = document.get("devices")
+    if not isinstance(entries, list) or not entries:
+        raise ShunterError(f"{source}: expected one or more [[devices]] tables")
+    unknown_top = set(document) - {"devices", "name"}
+    if unknown_top:
+        raise ShunterError(
+            f"{source}: unknown top-level field {sorted(unknown_top)[0]!r} (expected devices, name)"
+        )
+    devices: list[Device] = []
+    for index, entry in enumerate(entries):
+        where = f"{source}: devices[{index}]"
+        if not isinstance(entry, dict):
+            raise ShunterError(f"{where}: expected a table with bandwidth, compute and memory")
+        unknown = set(entry) - _DEVICE_KEYS
+        if unknown:
+            raise ShunterError(
+                f"{where}: unknown field {sorted(unknown)[0]!r} (expected {', '.join(sorted(_DEVICE_KEYS))})"
+            )
+        if "bandwidth" not in entry:
+            raise ShunterError(f"{where}.bandwidth: missing (the port bandwidth, e.g. '100Gbit/s')")
+        count = entry.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ShunterError(f"{where}.count: expected a positive integer, got {count!r}")
+        name = entry.get("name", f"dev{index}")
+        if not isinstance(name, str) or not name:
+            raise ShunterError(f"{where}.name: expected a non-empty string, got {name!r}")
+        bandwidth = parse_bandwidth(_scalar(entry["bandwidth"], f"{where}.bandwidth"), f"{where}.bandwidth")
+        compute = parse_compute(
+            _scalar(entry.get("compute", DEFAULT_COMPUTE), f"{where}.compute"), f"{where}.compute"
+        )
+        memory = parse_bytes(
+            _scalar(entry.get("memory", DEFAULT_MEMORY), f"{where}.memory"), f"{where}.memory"
+        )
+        if memory <= 0:
+            raise ShunterError(f"{where}.memory: must be positive, got {entry.get('memory')!r}")
+        names = [name] if count == 1 else [f"{name}-{k}" for k in range(count)]
+        devices.extend(Device(device_name, bandwidth, compute, memory) for device_name in names)
+    seen: set[str] = set()
+    for device in devices:
+        if device.name in seen:
+            raise ShunterError(f"{source}: device name {device.name!r} appears twice")
+        seen.add(device.name)
+    cluster_name = document.get("name", "")
+    if not isinstance(cluster_name, str):
+        raise ShunterError(f"{source}: name must be a string")
+    return ClusterSpec(tuple(devices), cluster_name)
+
+
+def load_cluster(path: str | Path) -> ClusterSpec:
+    """Read a cluster TOML file (see the module docstring for the format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShunterError(f"{path}: cluster file not found")
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ShunterError(f"{path}: not valid TOML: {exc}") from None
+    return parse_cluster(document, str(path))
+
+
+def _scalar(value: object, field: str) -> str | int | float:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ShunterError(f"{field}: expected a string like '100Gbit/s' or a number, got {value!r}")
+    return value

@@ -1,0 +1,743 @@
+"""All-to-all schedules: ordered rounds of (src, dst, bytes) transfers, their bounds, and one validator.
+
+The model (Aurora's "big switch"): device i has a full-duplex port of bandwidth_bytes_s[i]; the
+network core never blocks, so contention happens only at ports. Local traffic (the diagonal) is
+free and never scheduled.
+
+A schedule is a sequence of rounds run back to back. Each transfer in a round has a rate; a round
+lasts max over its transfers of bytes / rate_bytes_s, and the makespan is the sum of the rounds.
+A schedule is valid when every off-diagonal byte is delivered and, in every round, the rates at
+each port add up to at most that port's bandwidth.
+
+- Matching schedules (the optimal one on equal ports, and the baselines' building block): in a
+  round every device sends to at most one destination and receives from at most one source, at
+  rate min(B_src, B_dst). With equal ports this reaches the lower bound max_i max(row_i, col_i) / B
+  exactly: pad the matrix until every row and column sums to that bound, decompose it into
+  weighted perfect matchings (Birkhoff–von Neumann / König), run them back to back, drop the
+  padding. A transfer may be split over several rounds.
+- Unequal ports (virtual lanes): device i is split into lanes_i lanes of rate B_i / lanes_i; a
+  round is a matching of lanes, so a fast device talks to several slow ones at once. When the
+  bandwidths are integer multiples of one lane rate this reaches max_i max(row_i, col_i) / B_i
+  exactly; otherwise a transfer runs at the slower of its two lane rates and the makespan is
+  max_i max(sum_j D_ij / r_ij, sum_j D_ji / r_ji) / lanes_i with r_ij = min(lane rates), which
+  `choose_lanes` minimises over lane counts up to a cap.
+- Baselines (what transports do without a plan), simulated as a fluid: all flows at once with
+  max-min fair sharing of every port ("fair share", a plain all-to-all), or each sender working
+  through its flows one at a time in a random order (RCS) or shortest first (SJF), receivers
+  shared max-min fairly. Rates are recomputed whenever a flow finishes; each interval between two
+  such events is one round.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from shunter.plan.matching import UNMATCHED, hopcroft_karp
+
+BaselinePolicy = Literal["fair_share", "random_order", "shortest_first"]
+
+_RELATIVE_TOLERANCE = 1e-12
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An all-to-all as ordered rounds of transfers, stored column-wise and sorted by round.
+
+    round_of [T] int64: the round of each transfer (0 .. num_rounds-1, non-decreasing).
+    src [T], dst [T] int64: sending and receiving device.
+    bytes [T] float64: bytes moved by the transfer in its round.
+    rate_bytes_s [T] float64: the rate it runs at; the round lasts max(bytes / rate) over its transfers.
+    num_devices: n. strategy: which algorithm built it.
+    """
+
+    round_of: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    bytes: np.ndarray
+    rate_bytes_s: np.ndarray
+    num_rounds: int
+    num_devices: int
+    strategy: str
+
+    @property
+    def num_transfers(self) -> int:
+        return int(self.src.shape[0])
+
+    def round_durations_s(self) -> np.ndarray:
+        """[num_rounds] seconds: each round's longest transfer."""
+        durations = np.zeros(self.num_rounds)
+        if self.num_transfers:
+            np.maximum.at(durations, self.round_of, self.bytes / self.rate_bytes_s)
+        return durations
+
+    @property
+    def makespan_s(self) -> float:
+        return float(self.round_durations_s().sum())
+
+    def delivered_bytes(self) -> np.ndarray:
+        """[n, n] bytes moved from each src to each dst over all rounds."""
+        n = self.num_devices
+        flat = np.bincount(self.src * n + self.dst, weights=self.bytes, minlength=n * n)
+        return flat.reshape(n, n)
+
+    def rounds(self) -> list[list[tuple[int, int, float]]]:
+        """The rounds as lists of (src, dst, bytes): for printing and small plans, not for n = 1024."""
+        out: list[list[tuple[int, int, float]]] = [[] for _ in range(self.num_rounds)]
+        for r, s, d, b in zip(
+            self.round_of.tolist(), self.src.tolist(), self.dst.tolist(), self.bytes.tolist(), strict=True
+        ):
+            out[r].append((s, d, b))
+        return out
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """A simulated baseline: its makespan, and the schedule when it was recorded."""
+
+    policy: BaselinePolicy
+    makespan_s: float
+    num_events: int
+    schedule: Schedule | None
+
+
+# ---------------------------------------------------------------------------------------------
+# bounds
+
+
+def off_diagonal(traffic_bytes: np.ndarray) -> np.ndarray:
+    """[n, n] copy of the traffic with the (free, local) diagonal zeroed."""
+    matrix = np.array(traffic_bytes, dtype=np.float64)
+    np.fill_diagonal(matrix, 0.0)
+    return matrix
+
+
+def port_lower_bound_s(traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray) -> float:
+    """max_i max(row_i, col_i) / B_i: no schedule on any network of these ports can be faster."""
+    matrix = off_diagonal(traffic_bytes)
+    bandwidth = _bandwidth_vector(bandwidth_bytes_s, matrix.shape[0])
+    if matrix.size == 0:
+        return 0.0
+    return float(np.max(np.maximum(matrix.sum(axis=1), matrix.sum(axis=0)) / bandwidth))
+
+
+def matching_lower_bound_s(traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray) -> float:
+    """The bound for one transfer per port at a time at rate min(B_src, B_dst):
+    max_i max(sum_j D_ij / min(B_i, B_j), sum_j D_ji / min(B_i, B_j)). Equals the port bound when
+    all bandwidths are equal."""
+    matrix = off_diagonal(traffic_bytes)
+    bandwidth = _bandwidth_vector(bandwidth_bytes_s, matrix.shape[0])
+    if matrix.size == 0:
+        return 0.0
+    seconds = matrix / np.minimum.outer(bandwidth, bandwidth)
+    return float(max(seconds.sum(axis=1).max(), seconds.sum(axis=0).max()))
+
+
+def _bandwidth_vector(bandwidth_bytes_s: np.ndarray | float, n: int) -> np.ndarray:
+    bandwidth = np.broadcast_to(np.asarray(bandwidth_bytes_s, dtype=np.float64), (n,)).copy()
+    if np.any(~(bandwidth > 0)) or np.any(~np.isfinite(bandwidth)):
+        raise ValueError("every bandwidth must be positive and finite")
+    return bandwidth
+
+
+# ---------------------------------------------------------------------------------------------
+# the validator
+
+
+def schedule_violations(
+    schedule: Schedule,
+    traffic_bytes: np.ndarray,
+    bandwidth_bytes_s: np.ndarray | float,
+    *,
+    require_matching: bool = False,
+    relative_tolerance: float = 1e-9,
+) -> list[str]:
+    """Everything wrong with a schedule for this traffic on these ports; [] when it is valid.
+
+    Checks: every off-diagonal byte delivered and nothing more; no transfer to itself; positive
+    rates; in every round the rates at each port add up to at most its bandwidth; with
+    require_matching, at most one send and one receive per device in each round.
+    """
+    matrix = off_diagonal(traffic_bytes)
+    n = matrix.shape[0]
+    bandwidth = _bandwidth_vector(bandwidth_bytes_s, n)
+    problems: list[str] = []
+    if schedule.num_devices != n:
+        return [f"schedule is for {schedule.num_devices} devices, traffic has {n}"]
+    if schedule.num_transfers:
+        if np.any(schedule.src == schedule.dst):
+            problems.append("a transfer sends a device's bytes to itself")
+        if np.any(~(schedule.rate_bytes_s > 0)):
+            problems.append("a transfer has a rate that is not positive")
+        if np.any(schedule.bytes < 0):
+            problems.append("a transfer moves negative bytes")
+        if np.any(np.diff(schedule.round_of) < 0) or schedule.round_of.max() >= schedule.num_rounds:
+            problems.append("transfers are not sorted by round or name a round past the last")
+    scale = max(float(matrix.max(initial=0.0)), 1.0)
+    missing = np.abs(schedule.delivered_bytes() - matrix)
+    if missing.max(initial=0.0) > relative_tolerance * scale:
+        i, j = np.unravel_index(int(np.argmax(missing)), missing.shape)
+        delivered = schedule.delivered_bytes()[i, j]
+        problems.append(f"bytes from {i} to {j}: delivered {delivered:.6g}, needed {matrix[i, j]:.6g}")
+    if schedule.num_transfers:
+        rounds = schedule.num_rounds
+        send_rate = np.bincount(
+            schedule.round_of * n + schedule.src, weights=schedule.rate_bytes_s, minlength=rounds * n
+        ).reshape(rounds, n)
+        recv_rate = np.bincount(
+            schedule.round_of * n + schedule.dst, weights=schedule.rate_bytes_s, minlength=rounds * n
+        ).reshape(rounds, n)
+        limit = bandwidth * (1 + relative_tolerance)
+        for side, rate in (("send", send_rate), ("receive", recv_rate)):
+            over = rate > limit
+            if over.any():
+                r, i = np.argwhere(over)[0]
+                problems.append(
+                    f"round {r}: device {i} {side}s at {rate[r, i]:.6g} B/s over its {bandwidth[i]:.6g} B/s"
+                )
+        if require_matching:
+            sends = np.bincount(schedule.round_of * n + schedule.src, minlength=rounds * n)
+            receives = np.bincount(schedule.round_of * n + schedule.dst, minlength=rounds * n)
+            if sends.max() > 1 or receives.max() > 1:
+                problems.append("a round is not a matching: some device sends or receives twice")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# decomposition into matchings
+
+
+@dataclass(frozen=True)
+class _Rounds:
+    """Pieces of a decomposition, in the decomposed matrix's units, sorted by round."""
+
+    round_of: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    amounts: np.ndarray
+    num_rounds: int
+
+
+def decompose_into_matchings(matrix: np.ndarray) -> _Rounds:
+    """Split a non-negative square matrix into rounds, each a partial matching of rows to columns,
+    such that sum over rounds of (largest amount in the round) equals the largest row or column sum.
+
+    Birkhoff–von Neumann on the padded matrix: pad every row and column up to the largest line sum
+    T (north-west corner rule), then repeatedly take a perfect matching of the positive entries,
+    move the smallest matched entry theta along all of it, and drop the padding from the pieces.
+    Entries only ever shrink and each round empties at least one, so there are at most nnz rounds
+    (and at most T rounds for integer matrices). The matching is repaired between rounds by one
+    augmenting path per emptied entry instead of being recomputed.
+
+    Args:
+        matrix [m, m] float64, non-negative, zero diagonal expected (the diagonal is not special here).
+    """
+    real = np.array(matrix, dtype=np.float64)
+    m = real.shape[0]
+    pieces_rows: list[np.ndarray] = []
+    pieces_cols: list[np.ndarray] = []
+    pieces_amounts: list[np.ndarray] = []
+    while real.any():
+        done = _decompose_padded(real, pieces_rows, pieces_cols, pieces_amounts)
+        # A restart only happens when rounding left the padded matrix without a perfect matching;
+        # the residual is then decomposed afresh with its own padding.
+        if done:
+            break
+    counts = np.array([len(r) for r in pieces_rows], dtype=np.int64)
+    if m == 0 or not pieces_rows:
+        empty = np.zeros(0, dtype=np.int64)
+        return _Rounds(empty, empty, empty, np.zeros(0), 0)
+    return _Rounds(
+        round_of=np.repeat(np.arange(len(pieces_rows), dtype=np.int64), counts),
+        rows=np.concatenate(pieces_rows),
+        cols=np.concatenate(pieces_cols),
+        amounts=np.concatenate(pieces_amounts),
+        num_rounds=len(pieces_rows),
+    )
+
+
+def _decompose_padded(
+    real: np.ndarray,
+    pieces_rows: list[np.ndarray],
+    pieces_cols: list[np.ndarray],
+    pieces_amounts: list[np.ndarray],
+) -> bool:
+    """One BvN pass over `real` (modified in place). True when everything was delivered."""
+    m = real.shape[0]
+    row_sums, col_sums = real.sum(axis=1), real.sum(axis=0)
+    target = max(row_sums.max(), col_sums.max())
+    integral = bool(np.all(real == np.round(real))) and target < 2.0**52
+    tolerance = 0.0 if integral else _RELATIVE_TOLERANCE * target
+    padding = _northwest_corner(target - row_sums, target - col_sums, tolerance)
+    total = real + padding
+    support = total > 0
+
+    col_of_row = hopcroft_karp(support)
+    if np.any(col_of_row == UNMATCHED):
+        return _give_up_padding(real, pieces_rows, pieces_cols, pieces_amounts)
+    row_of_col = np.empty(m, dtype=np.int64)
+    row_of_col[col_of_row] = np.arange(m)
+    rows = np.arange(m)
+    positive_entries = int(np.count_nonzero(real))  # a counter, not a scan of [m, m] every round
+    while True:
+        cols = col_of_row
+        matched = total[rows, cols]
+        theta = matched.min()
+        real_here = real[rows, cols]
+        take = np.where(real_here <= theta + tolerance, real_here, theta)
+        padding_take = np.maximum(theta - take, 0.0)
+        real[rows, cols] = real_here - take
+        positive_entries -= int(np.count_nonzero((real_here > 0) & (real_here - take <= 0)))
+        left = padding[rows, cols] - padding_take
+        left[left <= tolerance] = 0.0
+        padding[rows, cols] = left
+        total[rows, cols] = real[rows, cols] + left
+        moved = take > 0
+        if moved.any():
+            pieces_rows.append(rows[moved])
+            pieces_cols.append(cols[moved].copy())
+            pieces_amounts.append(take[moved])
+        emptied = total[rows, cols] <= 0
+        if positive_entries == 0:
+            return True
+        free_rows = rows[emptied]
+        support[free_rows, cols[emptied]] = False
+        row_of_col[cols[emptied]] = UNMATCHED
+        col_of_row[free_rows] = UNMATCHED
+        for u in free_rows.tolist():
+            if not _augment(u, support, col_of_row, row_of_col):
+                return False
+
+
+def _give_up_padding(
+    real: np.ndarray,
+    pieces_rows: list[np.ndarray],
+    pieces_cols: list[np.ndarray],
+    pieces_amounts: list[np.ndarray],
+) -> bool:
+    """Rounding broke regularity at the very start: fall back to one entry per round."""
+    for i, j in zip(*np.nonzero(real), strict=True):
+        pieces_rows.append(np.array([i]))
+        pieces_cols.append(np.array([j]))
+        pieces_amounts.append(np.array([real[i, j]]))
+    real[:] = 0.0
+    return True
+
+
+def _northwest_corner(row_deficit: np.ndarray, col_deficit: np.ndarray, tolerance: float) -> np.ndarray:
+    """[m, m] non-negative padding with the given row and column sums (equal totals)."""
+    m = row_deficit.shape[0]
+    padding = np.zeros((m, m))
+    rows, cols = row_deficit.copy(), col_deficit.copy()
+    i = j = 0
+    while i < m and j < m:
+        if rows[i] <= tolerance:
+            i += 1
+            continue
+        if cols[j] <= tolerance:
+            j += 1
+            continue
+        amount = min(rows[i], cols[j])
+        padding[i, j] += amount
+        rows[i] -= amount
+        cols[j] -= amount
+    return padding
+
+
+def _augment(u: int, support: np.ndarray, col_of_row: np.ndarray, row_of_col: np.ndarray) -> bool:
+    """Match free row u by one augmenting path (BFS, one vectorised step per level)."""
+    m = support.shape[0]
+    parent_of_col = np.full(m, UNMATCHED, dtype=np.int64)
+    visited = np.zeros(m, dtype=bool)
+    frontier = np.array([u], dtype=np.int64)
+    while frontier.size:
+        reach = support[frontier] & ~visited  # [f, m]
+        new_cols = np.flatnonzero(reach.any(axis=0))
+        if new_cols.size == 0:
+            return False
+        parent_of_col[new_cols] = frontier[reach[:, new_cols].argmax(axis=0)]
+        visited[new_cols] = True
+        free = new_cols[row_of_col[new_cols] == UNMATCHED]
+        if free.size:
+            v = int(free[0])
+            while v != UNMATCHED:
+                r = int(parent_of_col[v])
+                previous = int(col_of_row[r])
+                col_of_row[r] = v
+                row_of_col[v] = r
+                v = previous
+            return True
+        frontier = row_of_col[new_cols]
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# optimal schedules
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """Virtual lanes per device: lanes_per_device [n] int; lane_rate_bytes_s [n] = B_i / lanes_i."""
+
+    lanes_per_device: np.ndarray
+    lane_rate_bytes_s: np.ndarray
+
+    def pair_rate_bytes_s(self) -> np.ndarray:
+        """[n, n] rate of one lane-to-lane transfer: the slower of the two lane rates."""
+        return np.minimum.outer(self.lane_rate_bytes_s, self.lane_rate_bytes_s)
+
+    def predicted_makespan_s(self, traffic_bytes: np.ndarray) -> float:
+        """What the lane decomposition reaches: max_i max(sum_j D_ij/r_ij, sum_j D_ji/r_ji) / lanes_i."""
+        seconds = off_diagonal(traffic_bytes) / self.pair_rate_bytes_s()
+        per_lane = np.maximum(seconds.sum(axis=1), seconds.sum(axis=0)) / self.lanes_per_device
+        return float(per_lane.max(initial=0.0))
+
+
+def choose_lanes(
+    traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray, max_lanes_per_device: int = 16
+) -> Lanes:
+    """Lane counts that minimise the lane decomposition's makespan.
+
+    Candidates: one lane everywhere (the plain matching model), and for each distinct bandwidth b
+    and c in 1..max_lanes_per_device the lane rate b / c with lanes_i = round(B_i * c / b). With
+    bandwidths that are integer multiples of a common rate within the cap (100/80/50/40 Gbit/s:
+    10 Gbit/s lanes) the chosen lanes reach the port bound exactly.
+    """
+    bandwidth = _bandwidth_vector(bandwidth_bytes_s, np.asarray(traffic_bytes).shape[0])
+    best = Lanes(np.ones_like(bandwidth, dtype=np.int64), bandwidth.copy())
+    if np.all(bandwidth == bandwidth[0]):
+        return best
+    best_time = best.predicted_makespan_s(traffic_bytes)
+    distinct = np.unique(bandwidth)
+    if distinct.size > 64:
+        distinct = np.quantile(distinct, np.linspace(0, 1, 64))
+    for base in distinct:
+        for count in range(1, max_lanes_per_device + 1):
+            lane_rate = base / count
+            lanes = np.maximum(1, np.round(bandwidth / lane_rate)).astype(np.int64)
+            if lanes.max() > max_lanes_per_device:
+                continue
+            candidate = Lanes(lanes, bandwidth / lanes)
+            time = candidate.predicted_makespan_s(traffic_bytes)
+            better = time < best_time * (1 - 1e-12)
+            tie_fewer = time <= best_time * (1 + 1e-12) and lanes.sum() < best.lanes_per_device.sum()
+            if better or tie_fewer:
+                best, best_time = candidate, time
+    return best
+
+
+def schedule_all_to_all(
+    traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray | float, max_lanes_per_device: int = 16
+) -> Schedule:
+    """The optimal (equal ports) or lane-based (unequal ports) schedule of an all-to-all.
+
+    Args:
+        traffic_bytes [n, n]: bytes from device i to device j; the diagonal is local and ignored.
+        bandwidth_bytes_s: one port bandwidth, or [n] one per device.
+
+    Equal ports: makespan == port_lower_bound_s (to rounding); every round is a matching.
+    Unequal ports: makespan == choose_lanes(...).predicted_makespan_s(...), >= the port bound.
+    """
+    matrix = off_diagonal(traffic_bytes)
+    n = matrix.shape[0]
+    bandwidth = _bandwidth_vector(bandwidth_bytes_s, n)
+    lanes = choose_lanes(matrix, bandwidth, max_lanes_per_device)
+    if np.all(lanes.lanes_per_device == 1):
+        return _schedule_single_lane(matrix, bandwidth)
+    return _schedule_with_lanes(matrix, lanes)
+
+
+def _schedule_single_lane(matrix: np.ndarray, bandwidth: np.ndarray) -> Schedule:
+    """Each device one lane: decompose D_ij * (B_ref / min(B_i, B_j)) so every unit is one
+    second at B_ref; with equal ports this is D itself (integers stay integers, so ties are exact)."""
+    n = matrix.shape[0]
+    pair_rate = np.minimum.outer(bandwidth, bandwidth)
+    reference = bandwidth.min()
+    scale = reference / pair_rate  # all ones with equal ports
+    decomposition = decompose_into_matchings(matrix * scale)
+    src, dst = decomposition.rows, decomposition.cols
+    rate = pair_rate[src, dst]
+    moved = decomposition.amounts / scale[src, dst]
+    return Schedule(decomposition.round_of, src, dst, moved, rate, decomposition.num_rounds, n, "matchings")
+
+
+def _schedule_with_lanes(matrix: np.ndarray, lanes: Lanes) -> Schedule:
+    n = matrix.shape[0]
+    pair_rate = lanes.pair_rate_bytes_s()
+    reference = lanes.lane_rate_bytes_s.min()
+    units = matrix * (reference / pair_rate)  # lane-seconds at the reference rate
+    virtual, device_of_lane = _split_into_lanes(units, lanes.lanes_per_device)
+    decomposition = decompose_into_matchings(virtual)
+    src = device_of_lane[decomposition.rows]
+    dst = device_of_lane[decomposition.cols]
+    rate = pair_rate[src, dst]
+    moved = decomposition.amounts * rate / reference
+    # Lanes of one device pair in the same round are one transfer at the summed rate.
+    key = (decomposition.round_of * n + src) * n + dst
+    unique_keys, inverse = np.unique(key, return_inverse=True)
+    merged_bytes = np.bincount(inverse, weights=moved)
+    merged_rate = np.bincount(inverse, weights=rate)
+    round_of, rest = np.divmod(unique_keys, n * n)
+    merged_src, merged_dst = np.divmod(rest, n)
+    return Schedule(
+        round_of, merged_src, merged_dst, merged_bytes, merged_rate, decomposition.num_rounds, n, "lanes"
+    )
+
+
+def _split_into_lanes(units: np.ndarray, lanes_per_device: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[M, M] lane matrix (M = sum of lanes) whose lane row and column sums are equal within a device.
+
+    McNaughton's wrap-around rule on each side: device i's outgoing flows, in order, fill its send
+    lanes one after another, each lane up to row_i / lanes_i (a flow may straddle lanes); likewise
+    incoming flows fill receive lanes. A flow's send pieces and receive pieces are then cut at the
+    union of their boundaries, so the lane matrix has few more entries than the device matrix.
+    Returns the lane matrix and device_of_lane [M].
+    """
+    n = units.shape[0]
+    lane_start = np.concatenate([[0], np.cumsum(lanes_per_device)])
+    device_of_lane = np.repeat(np.arange(n), lanes_per_device)
+    virtual = np.zeros((int(lane_start[-1]), int(lane_start[-1])))
+    send_pieces = [_wrap_pieces(units[i], int(lanes_per_device[i])) for i in range(n)]
+    recv_pieces = [_wrap_pieces(units[:, j], int(lanes_per_device[j])) for j in range(n)]
+    for i, j in zip(*np.nonzero(units), strict=True):
+        sends, receives = send_pieces[i][j], recv_pieces[j][i]
+        if len(sends) == 1 and len(receives) == 1:
+            virtual[lane_start[i] + sends[0][0], lane_start[j] + receives[0][0]] += units[i, j]
+            continue
+        send_end = np.cumsum([amount for _, amount in sends])
+        recv_end = np.cumsum([amount for _, amount in receives])
+        send_end[-1] = recv_end[-1] = units[i, j]
+        cuts = np.unique(np.concatenate([[0.0], send_end, recv_end]))
+        for low, high in itertools.pairwise(cuts):
+            middle = (low + high) / 2
+            a = min(int(np.searchsorted(send_end, middle, side="right")), len(sends) - 1)
+            b = min(int(np.searchsorted(recv_end, middle, side="right")), len(receives) - 1)
+            virtual[lane_start[i] + sends[a][0], lane_start[j] + receives[b][0]] += high - low
+    return virtual, device_of_lane
+
+
+def _wrap_pieces(flows: np.ndarray, lanes: int) -> dict[int, list[tuple[int, float]]]:
+    """One side of one device: flow index -> [(lane, amount), ...] under the wrap-around rule
+    (flows laid end to end, lane a covering [a, a+1) * total / lanes; the last lane takes any rounding)."""
+    nonzero = np.flatnonzero(flows)
+    if lanes == 1:
+        return {int(k): [(0, float(flows[k]))] for k in nonzero}
+    per_lane = flows.sum() / lanes
+    end = np.cumsum(flows[nonzero])
+    start = end - flows[nonzero]
+    out: dict[int, list[tuple[int, float]]] = {}
+    for k, low, high in zip(nonzero.tolist(), start.tolist(), end.tolist(), strict=True):
+        first = min(int(low // per_lane), lanes - 1)
+        last = min(max(int(np.ceil(high / per_lane)) - 1, first), lanes - 1)
+        pieces = []
+        for lane in range(first, last + 1):
+            lane_low = lane * per_lane
+            lane_high = np.inf if lane == lanes - 1 else (lane + 1) * per_lane
+            amount = min(high, lane_high) - max(low, lane_low)
+            if amount > 0:
+                pieces.append((lane, amount))
+        if not pieces:  # a flow too small to register against rounding: give it to its first lane
+            pieces = [(first, high - low)]
+        out[k] = pieces
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines: fluid simulation of transports without a plan
+
+
+def simulate_baseline(
+    traffic_bytes: np.ndarray,
+    bandwidth_bytes_s: np.ndarray | float,
+    policy: BaselinePolicy,
+    *,
+    seed: int = 0,
+    record: bool = True,
+) -> BaselineResult:
+    """Makespan (and, with record, the Schedule) of an all-to-all run without a plan.
+
+    fair_share: every flow starts at once; port bandwidth is shared max-min fairly (progressive
+        filling), recomputed whenever a flow finishes.
+    random_order (RCS): each sender sends its flows one at a time in a random order (seeded);
+        flows meeting at a receiver share it max-min fairly.
+    shortest_first (SJF): as random_order, each sender's flows smallest first.
+    """
+    matrix = off_diagonal(traffic_bytes)
+    n = matrix.shape[0]
+    bandwidth = _bandwidth_vector(bandwidth_bytes_s, n)
+    if policy == "fair_share":
+        return _simulate_fair_share(matrix, bandwidth, record)
+    if policy not in ("random_order", "shortest_first"):
+        raise ValueError(f"unknown baseline policy {policy!r}")
+    rng = np.random.default_rng(seed)
+    queues: list[list[int]] = []
+    for i in range(n):
+        targets = np.flatnonzero(matrix[i])
+        if policy == "random_order":
+            targets = rng.permutation(targets)
+        else:
+            targets = targets[np.argsort(matrix[i, targets], kind="stable")]
+        queues.append(targets.tolist())
+    return _simulate_sender_queues(matrix, bandwidth, queues, policy, record)
+
+
+def max_min_fair_rates(src: np.ndarray, dst: np.ndarray, bandwidth_bytes_s: np.ndarray) -> np.ndarray:
+    """[F] max-min fair rates of flows src[f] -> dst[f] on full-duplex ports (progressive filling):
+    raise every unfrozen flow's rate together until some port is full, freeze the flows through it,
+    repeat. Ports 0..n-1 are send sides, n..2n-1 receive sides; flows are indexed by port so each
+    round of freezing costs only the flows it freezes."""
+    n = bandwidth_bytes_s.shape[0]
+    flows = src.shape[0]
+    rate = np.zeros(flows)
+    if flows == 0:
+        return rate
+    port_of_flow = np.concatenate([src, dst + n])  # [2F]: flow f uses ports src[f] and n + dst[f]
+    flow_of_entry = np.argsort(port_of_flow, kind="stable")
+    port_start = np.searchsorted(port_of_flow[flow_of_entry], np.arange(2 * n + 1))
+    flow_of_entry %= flows
+    count = np.diff(port_start).astype(np.float64)  # [2n] unfrozen flows through each port
+    left = np.concatenate([bandwidth_bytes_s, bandwidth_bytes_s]).astype(np.float64)
+    frozen = np.zeros(flows, dtype=bool)
+    position = np.zeros(flows, dtype=np.int64)  # scratch for de-duplication
+    share = np.empty(2 * n)
+    level = 0.0  # the rate every unfrozen flow has reached
+    unfrozen = flows
+    while unfrozen:
+        share.fill(np.inf)
+        np.divide(left, count, out=share, where=count > 0)
+        step = max(float(share.min()), 0.0)
+        level += step
+        left -= step * count
+        full = np.flatnonzero(share <= step * (1 + 1e-12))
+        candidates = np.concatenate([flow_of_entry[port_start[p] : port_start[p + 1]] for p in full.tolist()])
+        newly = candidates[~frozen[candidates]]
+        if newly.size > 1:  # a flow whose two ports fill together appears twice: keep one copy
+            position[newly] = np.arange(newly.size)
+            newly = newly[position[newly] == np.arange(newly.size)]
+        frozen[newly] = True
+        rate[newly] = level
+        unfrozen -= newly.size
+        count -= np.bincount(np.concatenate([src[newly], dst[newly] + n]), minlength=2 * n)
+        count[full] = 0
+    return rate
+
+
+def _simulate_fair_share(matrix: np.ndarray, bandwidth: np.ndarray, record: bool) -> BaselineResult:
+    n = matrix.shape[0]
+    src, dst = np.nonzero(matrix)
+    remaining = matrix[src, dst].copy()
+    recorder = _Recorder(n, "fair_share", record)
+    elapsed = 0.0
+    events = 0
+    while src.size:
+        rate = max_min_fair_rates(src, dst, bandwidth)
+        finish = remaining / rate
+        step = finish.min()
+        done = finish <= step * (1 + 1e-12)
+        moved = np.where(done, remaining, rate * step)
+        recorder.add_round(src, dst, moved, np.where(done, remaining / step, rate))
+        elapsed += step
+        events += 1
+        remaining = remaining - moved
+        keep = ~done
+        src, dst, remaining = src[keep], dst[keep], remaining[keep]
+    return BaselineResult("fair_share", elapsed, events, recorder.schedule())
+
+
+def _simulate_sender_queues(
+    matrix: np.ndarray,
+    bandwidth: np.ndarray,
+    queues: list[list[int]],
+    policy: BaselinePolicy,
+    record: bool,
+) -> BaselineResult:
+    """Each sender has one flow in flight. With one flow per sender, max-min fairness splits into
+    one water-filling per receiver (a sender's port only caps its single flow), so a finishing flow
+    changes rates only at its own receiver and at its sender's next receiver."""
+    n = matrix.shape[0]
+    position = np.zeros(n, dtype=np.int64)
+    target = np.array([q[0] if q else -1 for q in queues], dtype=np.int64)  # -1: sender is done
+    remaining = np.array([matrix[i, target[i]] if target[i] >= 0 else 0.0 for i in range(n)])
+    rate = np.zeros(n)
+    senders_at: list[set[int]] = [set() for _ in range(n)]
+    for i in np.flatnonzero(target >= 0).tolist():
+        senders_at[int(target[i])].add(i)
+    recorder = _Recorder(n, policy, record)
+
+    def refill(receiver: int) -> None:
+        # Water-filling at one receiver: slowest-capped senders first, the rest share what is left.
+        senders = sorted(senders_at[receiver], key=lambda s: bandwidth[s])
+        capacity = float(bandwidth[receiver])
+        for index, s in enumerate(senders):
+            rate[s] = min(float(bandwidth[s]), capacity / (len(senders) - index))
+            capacity -= rate[s]
+
+    for j in range(n):
+        if senders_at[j]:
+            refill(j)
+    elapsed = 0.0
+    events = 0
+    while True:
+        active = np.flatnonzero(target >= 0)
+        if active.size == 0:
+            break
+        finish = remaining[active] / rate[active]
+        step = finish.min()
+        done = finish <= step * (1 + 1e-12)
+        moved = np.where(done, remaining[active], rate[active] * step)
+        if step > 0:
+            recorder.add_round(active, target[active], moved, np.where(done, moved / step, rate[active]))
+        remaining[active] -= moved
+        elapsed += step
+        events += 1
+        touched: set[int] = set()
+        for f in active[done].tolist():
+            touched.add(int(target[f]))
+            senders_at[int(target[f])].discard(f)
+            rate[f] = 0.0
+            position[f] += 1
+            if position[f] < len(queues[f]):
+                target[f] = queues[f][position[f]]
+                remaining[f] = matrix[f, target[f]]
+                senders_at[int(target[f])].add(f)
+                touched.add(int(target[f]))
+            else:
+                target[f] = -1
+                remaining[f] = 0.0
+        for receiver in touched:
+            refill(receiver)
+    return BaselineResult(policy, elapsed, events, recorder.schedule())
+
+
+class _Recorder:
+    """Collects rounds of a simulated baseline (or nothing, when not recording)."""
+
+    def __init__(self, n: int, strategy: str, record: bool) -> None:
+        self.n, self.strategy, self.record = n, strategy, record
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add_round(self, src: np.ndarray, dst: np.ndarray, moved: np.ndarray, rate: np.ndarray) -> None:
+        if self.record:
+            keep = moved > 0
+            self.parts.append((src[keep], dst[keep], moved[keep], rate[keep]))
+
+    def schedule(self) -> Schedule | None:
+        if not self.record:
+            return None
+        counts = np.array([p[0].size for p in self.parts], dtype=np.int64)
+        if not self.parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return Schedule(empty, empty, empty, np.zeros(0), np.zeros(0), 0, self.n, self.strategy)
+        return Schedule(
+            np.repeat(np.arange(len(self.parts), dtype=np.int64), counts),
+            np.concatenate([p[0] for p in self.parts]).astype(np.int64),
+            np.concatenate([p[1] for p in self.parts]).astype(np.int64),
+            np.concatenate([p[2] for p in self.parts]),
+            np.concatenate([p[3] for p in self.parts]),
+            len(self.parts),
+            self.n,
+            self.strategy,
+        )

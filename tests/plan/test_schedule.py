@@ -1,0 +1,188 @@
+"""All-to-all schedules: optimality against the bound, the validator, and the baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shunter.plan.schedule import (
+    Schedule,
+    choose_lanes,
+    decompose_into_matchings,
+    matching_lower_bound_s,
+    max_min_fair_rates,
+    port_lower_bound_s,
+    schedule_all_to_all,
+    schedule_violations,
+    simulate_baseline,
+)
+
+GBIT_S = 1e9 / 8
+
+
+@st.composite
+def traffic_matrices(draw: st.DrawFn, min_n: int = 2, max_n: int = 32) -> np.ndarray:
+    """Integer or float bytes; dense, sparse, with zero rows and columns, or structured patterns."""
+    n = draw(st.integers(min_n, max_n))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if draw(st.booleans()):
+        matrix = rng.integers(0, draw(st.sampled_from([2, 10, 10**9])), (n, n)).astype(np.float64)
+    else:
+        matrix = rng.random((n, n)) * draw(st.sampled_from([1.0, 1e6, 1e12]))
+    pattern = draw(
+        st.sampled_from(["dense", "sparse", "zero_lines", "permutation", "hot_receiver", "one_row"])
+    )
+    if pattern == "sparse":
+        matrix *= rng.random((n, n)) < 0.15
+    elif pattern == "zero_lines":
+        matrix[rng.random(n) < 0.3] = 0
+        matrix[:, rng.random(n) < 0.3] = 0
+    elif pattern == "permutation":
+        matrix = np.zeros((n, n))
+        matrix[np.arange(n), rng.permutation(n)] = rng.integers(1, 1000, n)
+    elif pattern == "hot_receiver":
+        matrix[:, rng.integers(n)] *= 50
+    elif pattern == "one_row":
+        matrix[np.arange(n) != rng.integers(n)] = 0
+    return matrix
+
+
+@settings(max_examples=120, deadline=None)
+@given(traffic_matrices())
+def test_homogeneous_optimal_makespan_equals_the_bound_and_is_valid(traffic: np.ndarray) -> None:
+    """Oracle: Aurora Thm 4.2, makespan == max_i max(row_i, col_i) / B (relative 1e-9); the
+    validator accepts the schedule and every round is a matching."""
+    bandwidth = 100 * GBIT_S
+    schedule = schedule_all_to_all(traffic, bandwidth)
+    bound = port_lower_bound_s(traffic, bandwidth)
+    assert schedule.makespan_s == pytest.approx(bound, rel=1e-9, abs=1e-300)
+    assert schedule_violations(schedule, traffic, bandwidth, require_matching=True) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(traffic_matrices(max_n=16), st.integers(0, 2**32 - 1))
+def test_heterogeneous_schedule_is_valid_and_between_the_bounds(traffic: np.ndarray, seed: int) -> None:
+    """Oracle: port bound <= makespan == the lanes' predicted makespan <= the one-flow-per-port
+    bound (lanes never do worse than plain matchings); the validator accepts it."""
+    n = traffic.shape[0]
+    bandwidth = np.random.default_rng(seed).uniform(10, 100, n) * GBIT_S
+    schedule = schedule_all_to_all(traffic, bandwidth)
+    assert schedule_violations(schedule, traffic, bandwidth) == []
+    makespan = schedule.makespan_s
+    assert makespan >= port_lower_bound_s(traffic, bandwidth) * (1 - 1e-9)
+    assert makespan == pytest.approx(choose_lanes(traffic, bandwidth).predicted_makespan_s(traffic), rel=1e-9)
+    assert makespan <= matching_lower_bound_s(traffic, bandwidth) * (1 + 1e-9)
+
+
+def test_lanes_reach_the_port_bound_on_aurora_port_types() -> None:
+    """Oracle: with 100/80/50/40 Gbit/s ports (10 Gbit/s lanes) the lane schedule reaches
+    max_i max(row_i, col_i) / B_i exactly, although fast ports carry the most traffic."""
+    rng = np.random.default_rng(3)
+    bandwidth = np.repeat([100.0, 80.0, 50.0, 40.0], 3) * GBIT_S
+    traffic = rng.integers(1, 10**6, (12, 12)) * np.outer(bandwidth, bandwidth) / bandwidth.max() ** 2
+    schedule = schedule_all_to_all(traffic, bandwidth)
+    assert schedule.makespan_s == pytest.approx(port_lower_bound_s(traffic, bandwidth), rel=1e-9)
+    assert schedule_violations(schedule, traffic, bandwidth) == []
+    assert matching_lower_bound_s(traffic, bandwidth) > 1.2 * port_lower_bound_s(traffic, bandwidth)
+
+
+def test_aurora_worked_example_takes_two_units() -> None:
+    """Oracle: Aurora's example, GPU1 -> {2, 3} and GPU2 -> {1, 3} in unit flows, takes 2 units
+    (= b_max), where the naive orders take 3."""
+    traffic = np.array([[0, 1, 1], [1, 0, 1], [0, 0, 0]], dtype=np.float64)
+    schedule = schedule_all_to_all(traffic, 1.0)
+    assert schedule.makespan_s == pytest.approx(2.0)
+    assert schedule.num_rounds == 2
+
+
+def test_decomposition_of_an_integer_matrix_needs_at_most_its_largest_line_sum_rounds() -> None:
+    """Oracle: every BvN round moves at least one unit from every line of the padded matrix."""
+    rng = np.random.default_rng(0)
+    matrix = rng.integers(0, 3, (40, 40)).astype(np.float64)
+    np.fill_diagonal(matrix, 0)
+    rounds = decompose_into_matchings(matrix)
+    assert rounds.num_rounds <= max(matrix.sum(axis=0).max(), matrix.sum(axis=1).max())
+
+
+def test_empty_traffic_gives_an_empty_schedule() -> None:
+    """Oracle: nothing to send (diagonal only), nothing to do."""
+    schedule = schedule_all_to_all(np.diag([5.0, 7.0, 9.0]), 1.0)
+    assert schedule.num_rounds == 0 and schedule.makespan_s == 0.0
+    assert schedule_violations(schedule, np.diag([5.0, 7.0, 9.0]), 1.0) == []
+
+
+@pytest.mark.parametrize("policy", ["fair_share", "random_order", "shortest_first"])
+@settings(max_examples=25, deadline=None)
+@given(traffic=traffic_matrices(max_n=12), seed=st.integers(0, 1000), mixed=st.booleans())
+def test_baselines_are_valid_schedules_no_faster_than_the_bound(
+    policy: str, traffic: np.ndarray, seed: int, mixed: bool
+) -> None:
+    """Oracle: the validator, and the port lower bound (no schedule beats it)."""
+    n = traffic.shape[0]
+    bandwidth = np.random.default_rng(seed).choice([100.0, 40.0], n) * GBIT_S if mixed else 100 * GBIT_S
+    result = simulate_baseline(traffic, bandwidth, policy, seed=seed)  # type: ignore[arg-type]
+    assert result.schedule is not None
+    assert schedule_violations(result.schedule, traffic, bandwidth) == []
+    assert result.schedule.makespan_s == pytest.approx(result.makespan_s, rel=1e-9, abs=1e-300)
+    assert result.makespan_s >= port_lower_bound_s(traffic, bandwidth) * (1 - 1e-9)
+
+
+def test_senders_work_through_their_flows_one_at_a_time() -> None:
+    """Oracle: hand computation; a lone sender with flows of 1 and 3 bytes at 1 B/s takes 4 s in
+    either order, and its transfers never overlap."""
+    traffic = np.array([[0, 1, 3], [0, 0, 0], [0, 0, 0]], dtype=np.float64)
+    for policy in ("random_order", "shortest_first"):
+        result = simulate_baseline(traffic, 1.0, policy)  # type: ignore[arg-type]
+        assert result.makespan_s == pytest.approx(4.0)
+        assert schedule_violations(result.schedule, traffic, 1.0, require_matching=True) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 10), st.integers(0, 2**32 - 1))
+def test_fair_rates_are_max_min_fair(n: int, seed: int) -> None:
+    """Oracle: the bottleneck characterisation of max-min fairness: rates fit the ports, and every
+    flow crosses a full port where no other flow gets more than it."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n, n)) < 0.5
+    np.fill_diagonal(mask, False)
+    src, dst = np.nonzero(mask)
+    bandwidth = rng.choice([1.0, 2.0, 5.0], n)
+    rate = max_min_fair_rates(src, dst, bandwidth)
+    sent = np.bincount(src, weights=rate, minlength=n)
+    received = np.bincount(dst, weights=rate, minlength=n)
+    assert np.all(sent <= bandwidth * (1 + 1e-9)) and np.all(received <= bandwidth * (1 + 1e-9))
+    for f in range(src.size):
+        at_src = (src == src[f]) & (sent[src[f]] >= bandwidth[src[f]] * (1 - 1e-9))
+        at_dst = (dst == dst[f]) & (received[dst[f]] >= bandwidth[dst[f]] * (1 - 1e-9))
+        bottleneck_at_src = at_src.any() and rate[f] >= rate[src == src[f]].max() * (1 - 1e-9)
+        bottleneck_at_dst = at_dst.any() and rate[f] >= rate[dst == dst[f]].max() * (1 - 1e-9)
+        assert bottleneck_at_src or bottleneck_at_dst
+
+
+def test_validator_reports_missing_bytes_an_overloaded_port_and_a_non_matching_round() -> None:
+    """Oracle: each broken schedule names its fault."""
+    traffic = np.array([[0, 4, 4], [0, 0, 0], [0, 0, 0]], dtype=np.float64)
+
+    def make(
+        round_of: list[int], src: list[int], dst: list[int], moved: list[float], rate: list[float]
+    ) -> Schedule:
+        return Schedule(
+            np.array(round_of),
+            np.array(src),
+            np.array(dst),
+            np.array(moved, dtype=float),
+            np.array(rate, dtype=float),
+            max(round_of) + 1,
+            3,
+            "hand-made",
+        )
+
+    short = make([0, 1], [0, 0], [1, 2], [4, 3], [1, 1])
+    assert any("delivered" in p for p in schedule_violations(short, traffic, 1.0))
+    too_fast = make([0, 0], [0, 0], [1, 2], [4, 4], [1, 1])  # both at full rate in one round
+    assert any("over its" in p for p in schedule_violations(too_fast, traffic, 1.0))
+    halves = make([0, 0], [0, 0], [1, 2], [4, 4], [0.5, 0.5])
+    assert schedule_violations(halves, traffic, 1.0) == []
+    assert any("matching" in p for p in schedule_violations(halves, traffic, 1.0, require_matching=True))
