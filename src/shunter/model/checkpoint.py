@@ -43,6 +43,12 @@ class TensorLocation:
     def num_bytes(self) -> int:
         return self.end - self.start
 
+    def row(self, index: int) -> TensorLocation:
+        """The byte range of tensor[index] (rows of a C-contiguous tensor are contiguous)."""
+        row_bytes = self.num_bytes // self.shape[0]
+        start = self.start + index * row_bytes
+        return TensorLocation(self.file, start, start + row_bytes, self.dtype, self.shape[1:])
+
 
 class Checkpoint:
     """Names, shapes and byte offsets of every tensor, read from the headers only.
@@ -96,14 +102,18 @@ class Checkpoint:
         except KeyError:
             raise ShunterError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint") from None
 
-    def read(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Load one tensor (a copy in memory). Checks its shape when `expected_shape` is given."""
+    def checked_location(self, name: str, expected_shape: tuple[int, ...]) -> TensorLocation:
         loc = self.location(name)
-        if expected_shape is not None and tuple(loc.shape) != tuple(expected_shape):
+        if tuple(loc.shape) != tuple(expected_shape):
             raise ShunterError(
                 f"{loc.file}: tensor {name!r} has shape {list(loc.shape)}, expected {list(expected_shape)} "
                 "from config.json"
             )
+        return loc
+
+    def read(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Load one tensor (a copy in memory). Checks its shape when `expected_shape` is given."""
+        loc = self.location(name) if expected_shape is None else self.checked_location(name, expected_shape)
         handle = self._handles.get(loc.file)
         if handle is None:
             handle = self._handles[loc.file] = safe_open(str(loc.file), framework="pt")

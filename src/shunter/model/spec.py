@@ -99,10 +99,37 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def expert_bytes(self) -> int:
-        """Bytes of one routed expert's weights in the checkpoint dtype."""
-        element = torch.tensor([], dtype=self.torch_dtype).element_size()
-        return 3 * self.hidden_size * self.expert_intermediate_size * element
+    def expert_parameters(self) -> int:
+        """Elements of one routed expert (gate, up, down)."""
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
+    def block_parameters(self, layer: int) -> int:
+        """Elements of everything in `layer` except its routed experts: norms, attention, router,
+        shared experts, or the dense MLP of a dense layer."""
+        H, heads = self.hidden_size, self.num_heads
+        if self.attention == "mla":
+            q_out = heads * self.head_dim
+            q = self.q_lora_rank * (H + q_out + 1) if self.q_lora_rank else H * q_out
+            attention = q + H * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+            attention += self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
+        else:
+            q_out, kv_out = heads * self.head_dim, self.num_kv_heads * self.head_dim
+            attention = H * (q_out + 2 * kv_out) + (q_out + 2 * kv_out) * self.qkv_bias
+            attention += (
+                2 * self.head_dim
+                if self.qk_norm == "per_head"
+                else (q_out + kv_out) * (self.qk_norm == "full")
+            )
+        attention += heads * self.v_head_dim * H + H * self.o_bias
+        if self.moe_layers[layer]:
+            ffn = self.num_experts * (H + self.router_correction_bias) + 3 * H * self.shared_intermediate_size
+            ffn += H * self.shared_expert_gate
+        else:
+            ffn = 3 * H * self.dense_intermediate_size
+        return 2 * H + attention + ffn
+
+    def element_bytes(self) -> int:
+        return torch.tensor([], dtype=self.torch_dtype).element_size()
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:

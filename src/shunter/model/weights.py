@@ -6,12 +6,13 @@ device) is the caller's business.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 
 from shunter.errors import ShunterError
-from shunter.model.checkpoint import Checkpoint
+from shunter.model.checkpoint import Checkpoint, TensorLocation
 from shunter.model.spec import ModelSpec
 
 
@@ -48,14 +49,17 @@ class MLPWeights:
 
 @dataclass
 class MoEWeights:
+    """Router, routed experts stacked (None when a schedule streams them one by one), shared experts."""
+
     router: torch.Tensor  # [E, H]
-    experts_gate_up: torch.Tensor  # [E, 2I, H]
-    experts_down: torch.Tensor  # [E, H, I]
+    experts_gate_up: torch.Tensor | None  # [E, 2I, H]
+    experts_down: torch.Tensor | None  # [E, H, I]
     correction_bias: torch.Tensor | None = None  # [E] fp32, DeepSeek-V3
     shared: MLPWeights | None = None
     shared_gate: torch.Tensor | None = None  # [1, H], Qwen2-MoE
 
     def expert(self, e: int) -> MLPWeights:
+        assert self.experts_gate_up is not None and self.experts_down is not None, "experts are streamed"
         return MLPWeights(self.experts_gate_up[e], self.experts_down[e])
 
 
@@ -79,8 +83,15 @@ class ModelWeights:
 class CheckpointLayout:
     """Tensor names of one model in its checkpoint, with the shapes config.json implies."""
 
-    def __init__(self, spec: ModelSpec, checkpoint: Checkpoint) -> None:
-        self.spec, self.ckpt = spec, checkpoint
+    def __init__(
+        self,
+        spec: ModelSpec,
+        checkpoint: Checkpoint,
+        fetch: Callable[[TensorLocation], torch.Tensor] | None = None,
+    ) -> None:
+        """`fetch` reads a byte range of the checkpoint (the offload engine reads with O_DIRECT);
+        by default tensors are read through safetensors."""
+        self.spec, self.ckpt, self.fetch = spec, checkpoint, fetch
 
     def layer_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}."
@@ -103,7 +114,15 @@ class CheckpointLayout:
         return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
 
     def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return self.ckpt.read(name, shape).to(dtype)
+        if self.fetch is None:
+            return self.ckpt.read(name, shape).to(dtype)
+        return self.fetch(self.ckpt.checked_location(name, shape)).to(dtype)
+
+    def read_row(self, name: str, shape: tuple[int, ...], row: int, dtype: torch.dtype) -> torch.Tensor:
+        """tensor[row] of a stacked tensor (a fused expert), reading only that row when fetching."""
+        if self.fetch is None:
+            return self.ckpt.read(name, shape)[row].clone().to(dtype)
+        return self.fetch(self.ckpt.checked_location(name, shape).row(row)).to(dtype)
 
     # -- whole pieces -------------------------------------------------------------------------
     def embed(self, dtype: torch.dtype) -> torch.Tensor:
@@ -171,21 +190,24 @@ class CheckpointLayout:
         H, eI = s.hidden_size, s.expert_intermediate_size
         if self.fused_experts(layer):
             p = self.moe_prefix(layer) + "experts."
-            gate_up = self.read(p + "gate_up_proj", (s.num_experts, 2 * eI, H), dtype)[expert]
-            down = self.read(p + "down_proj", (s.num_experts, H, eI), dtype)[expert]
-            return MLPWeights(gate_up.clone(), down.clone())
+            gate_up = self.read_row(p + "gate_up_proj", (s.num_experts, 2 * eI, H), expert, dtype)
+            down = self.read_row(p + "down_proj", (s.num_experts, H, eI), expert, dtype)
+            return MLPWeights(gate_up, down)
         gate_name, up_name, down_name = self.expert_names(layer, expert)
         gate = self.read(gate_name, (eI, H), dtype)
         up = self.read(up_name, (eI, H), dtype)
         down = self.read(down_name, (H, eI), dtype)
         return MLPWeights(torch.cat([gate, up]), down)
 
-    def moe(self, layer: int, dtype: torch.dtype) -> MoEWeights:
+    def moe(self, layer: int, dtype: torch.dtype, with_experts: bool = True) -> MoEWeights:
+        """The MoE block of `layer`; with_experts=False leaves the routed experts out (streamed)."""
         s, p = self.spec, self.moe_prefix(layer)
         H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
         router_dtype = torch.float32 if s.router_in_fp32 else dtype
         router = self.read(p + "gate.weight", (E, H), router_dtype)
-        if self.fused_experts(layer):
+        if not with_experts:
+            gate_up = down = None
+        elif self.fused_experts(layer):
             gate_up = self.read(p + "experts.gate_up_proj", (E, 2 * eI, H), dtype)
             down = self.read(p + "experts.down_proj", (E, H, eI), dtype)
         else:
@@ -202,7 +224,7 @@ class CheckpointLayout:
             moe.shared_gate = self.read(p + "shared_expert_gate.weight", (1, H), dtype)
         return moe
 
-    def layer(self, layer: int, dtype: torch.dtype) -> LayerWeights:
+    def layer(self, layer: int, dtype: torch.dtype, with_experts: bool = True) -> LayerWeights:
         s, p = self.spec, self.layer_prefix(layer)
         weights = LayerWeights(
             attn_norm=self.read(p + "input_layernorm.weight", (s.hidden_size,), dtype),
@@ -210,7 +232,7 @@ class CheckpointLayout:
             mlp_norm=self.read(p + "post_attention_layernorm.weight", (s.hidden_size,), dtype),
         )
         if s.moe_layers[layer]:
-            weights.moe = self.moe(layer, dtype)
+            weights.moe = self.moe(layer, dtype, with_experts)
         else:
             if not s.dense_intermediate_size:
                 raise ShunterError(f"config.json: layer {layer} is dense but intermediate_size is missing")

@@ -1,0 +1,221 @@
+"""The offload engine: Klotski's expert-aware multi-batch pipeline over weights streamed from disk.
+
+A forward over B sequences runs as `num_batches` micro-batches that share one load of every
+layer's weights. Per layer: attention micro-batch by micro-batch; the gate micro-batch by
+micro-batch, queueing each newly chosen expert for loading at once; then the next layer's block
+and predicted hot experts are queued; then the experts run over the tokens of all micro-batches,
+those already in memory (hot) first, the rest in the order their loads were queued, each dropped
+as soon as its tokens are done. The math is the runtime's own layer functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shunter.model.checkpoint import Checkpoint
+from shunter.model.executor import Batch, KVCache
+from shunter.model.layers import (
+    Rotary,
+    attention,
+    attention_mask,
+    expert_mlp,
+    group_tokens_by_expert,
+    rms_norm,
+    rope_inverse_frequencies,
+    router_scores,
+    select_experts,
+)
+from shunter.model.spec import ModelSpec
+from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights
+from shunter.offload.disk import DirectReader
+from shunter.offload.placement import OffloadPlacement
+from shunter.offload.prefetcher import CorrelationPrefetcher
+from shunter.offload.streamer import WeightStreamer
+from shunter.trace.routing_trace import RoutingRecorder
+
+Prefetch = Literal["none", "hot", "layer"]
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """The ablation ladder: num_batches=1 + prefetch="layer" + hot_first=False is the simple
+    pipeline; Shunter's default is the planner's n, hot-only prefetch, hot-first order."""
+
+    num_batches: int = 1
+    prefetch: Prefetch = "hot"
+    hot_first: bool = True
+
+
+class _RowCache:
+    """The KV cache rows [first, last) of one micro-batch; the shared write position is the cache's."""
+
+    def __init__(self, cache: KVCache, first: int, last: int) -> None:
+        self.cache, self.first, self.last = cache, first, last
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c, rows = self.cache, slice(self.first, self.last)
+        end = c.length + keys.shape[2]
+        c.keys[layer][rows, :, c.length : end] = keys
+        c.values[layer][rows, :, c.length : end] = values
+        return c.keys[layer][rows, :, :end], c.values[layer][rows, :, :end]
+
+
+class OffloadedModel:
+    """Same interface as InMemoryModel (`forward`, `new_cache`), weights streamed per the placement."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        checkpoint: Checkpoint,
+        dtype: torch.dtype,
+        placement: OffloadPlacement,
+        options: PipelineOptions,
+        prefetcher: CorrelationPrefetcher | None = None,
+        use_direct_io: bool = True,
+    ) -> None:
+        self.spec, self.dtype, self.placement, self.options = spec, dtype, placement, options
+        self.reader = DirectReader(use_direct_io)
+        resident = CheckpointLayout(spec, checkpoint, fetch=self.reader.read)
+        self.embed = resident.embed(dtype)
+        self.final_norm = resident.final_norm(dtype)
+        self.lm_head = resident.lm_head(dtype, self.embed)
+        blocks: dict[int, LayerWeights] = {
+            i: resident.layer(i, dtype, False) for i in sorted(placement.resident_blocks)
+        }
+        experts: dict[tuple[int, int], MLPWeights] = {
+            key: resident.expert(key[0], key[1], dtype) for key in sorted(placement.resident_experts)
+        }
+        self.streamer = WeightStreamer(spec, checkpoint, dtype, self.reader, blocks, experts)
+        self.moe_layers = [i for i, moe in enumerate(spec.moe_layers) if moe]
+        self.prefetcher = prefetcher or CorrelationPrefetcher(len(self.moe_layers), spec.num_experts)
+        self.inv_freq, self.rope_factor = rope_inverse_frequencies(spec)
+        self._predicted: dict[int, list[int]] = {}
+
+    def new_cache(self, batch: int, max_slots: int) -> KVCache:
+        return KVCache(self.spec, batch, max_slots, self.dtype)
+
+    def close(self) -> None:
+        self.streamer.close()
+        self.reader.close()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        batch: Batch,
+        cache: KVCache | None = None,
+        recorder: RoutingRecorder | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V]) in fp32, equal to InMemoryModel.forward's."""
+        spec, streamer = self.spec, self.streamer
+        B, T = batch.tokens.shape
+        n = max(1, min(self.options.num_batches, B))
+        bounds = [(B * k // n, B * (k + 1) // n) for k in range(n)]
+        rotary = Rotary.at(
+            batch.positions, self.inv_freq, spec.rope_interleaved, self.dtype, self.rope_factor
+        )
+        mask = attention_mask(batch.key_valid, batch.start, T, spec.sliding_window)
+        keep = batch.new_valid if recorder is not None else None
+        if recorder is not None:
+            recorder.record_tokens(batch.tokens.reshape(-1), keep)
+
+        h = F.embedding(batch.tokens, self.embed)
+        streamer.request_block(0)
+        if spec.moe_layers[0] and self.options.prefetch != "none":
+            self._prefetch_moe_layer(0, None)
+        previous_ids: np.ndarray | None = None
+        for layer in range(spec.num_layers):
+            block = streamer.block(layer)
+            for first, last in bounds:
+                rows = slice(first, last)
+                part_rotary = Rotary(rotary.cos[rows], rotary.sin[rows], rotary.interleaved)
+                part_mask = None if mask is None else mask[rows]
+                kv = _RowCache(cache, first, last) if cache is not None else None
+                attn_in = rms_norm(h[rows], block.attn_norm, spec.rms_norm_eps)
+                h[rows] += attention(attn_in, block.attention, spec, part_rotary, part_mask, kv, layer)
+            x = rms_norm(h, block.mlp_norm, spec.rms_norm_eps).reshape(B * T, -1)
+            if block.moe is None:
+                streamer.drop_block(layer)
+                self._queue_next(layer, None)
+                y = expert_mlp(x, block.mlp)
+            else:
+                y, previous_ids = self._moe_layer(layer, block, x, bounds, T, previous_ids, recorder, keep)
+            h += y.view(B, T, -1)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(rms_norm(h, self.final_norm, spec.rms_norm_eps), self.lm_head).float()
+
+    def _moe_layer(self, layer, block, x, bounds, T, previous_ids, recorder, keep):
+        spec, streamer, moe = self.spec, self.streamer, block.moe
+        moe_index = self.moe_layers.index(layer)
+        hot = [e for e in range(spec.num_experts) if streamer.is_requested_expert(layer, e)]
+        queued: list[int] = []
+        ids_parts, weight_parts = [], []
+        for first, last in bounds:  # the gate, micro-batch by micro-batch; loads start at once
+            part = x[first * T : last * T]
+            ids, gate_weights = select_experts(router_scores(part, moe, spec), moe, spec)
+            ids_parts.append(ids)
+            weight_parts.append(gate_weights)
+            for e in torch.unique(ids).tolist():
+                if not streamer.is_requested_expert(layer, e):
+                    streamer.request_expert(layer, e)
+                    queued.append(e)
+        ids, gate_weights = torch.cat(ids_parts), torch.cat(weight_parts)
+        ids_np = ids.numpy()
+        if recorder is not None:
+            recorder.record(layer, ids, gate_weights, keep)
+        if layer in self._predicted:
+            self.prefetcher.score(self._predicted.pop(layer), ids_np)
+        self.prefetcher.observe(moe_index, previous_ids, ids_np)
+        streamer.drop_block(layer)
+        self._queue_next(layer, ids_np)
+
+        applied = gate_weights.to(x.dtype) if spec.gate_weights_in_model_dtype else gate_weights
+        groups = {g.expert: g for g in group_tokens_by_expert(ids)}
+        if self.options.hot_first:
+            order = [e for e in hot if e in groups] + [e for e in queued if e in groups]
+        else:
+            order = sorted(groups)
+        out = torch.zeros_like(x)
+        for e in order:
+            g = groups[e]
+            y = expert_mlp(x[g.token_index], streamer.expert(layer, e))
+            out.index_add_(0, g.token_index, (y * applied[g.token_index, g.slot_index, None]).to(x.dtype))
+            streamer.drop_expert(layer, e)
+        for e in hot:  # predicted but unused: the prefetch missed
+            if e not in groups:
+                streamer.drop_expert(layer, e)
+        if moe.shared is not None:
+            shared = expert_mlp(x, moe.shared)
+            if moe.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x, moe.shared_gate)) * shared
+            out = out + shared
+        return out, ids_np
+
+    def _queue_next(self, layer: int, ids: np.ndarray | None) -> None:
+        """Queue the next layer's block, then its predicted experts, behind this layer's loads."""
+        nxt = layer + 1
+        if nxt >= self.spec.num_layers:
+            return
+        self.streamer.request_block(nxt)
+        if self.spec.moe_layers[nxt] and self.options.prefetch != "none":
+            self._prefetch_moe_layer(nxt, ids)
+
+    def _prefetch_moe_layer(self, layer: int, previous_ids: np.ndarray | None) -> None:
+        if self.options.prefetch == "layer":
+            experts = list(range(self.spec.num_experts))
+        else:
+            moe_index = self.moe_layers.index(layer)
+            experts = self.prefetcher.predict(moe_index, previous_ids, self.spec.top_k)
+            self._predicted[layer] = experts
+        for e in experts:
+            self.streamer.request_expert(layer, e)

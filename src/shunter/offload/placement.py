@@ -1,0 +1,91 @@
+"""What stays resident under a memory budget, and what streams from disk (Klotski §6.1, on one tier).
+
+Always resident: embeddings, the final norm and LM head. The streaming working set is reserved
+next: two layer blocks (the one computing and the next one loading) and the experts one layer can
+have in flight (all its experts, plus the next layer's predicted hot ones), the KV cache and the
+activations. Whatever budget is left pins whole layer blocks first (they are needed by every
+token), then experts, most popular first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shunter.errors import ShunterError
+from shunter.model.spec import ModelSpec
+from shunter.units import format_bytes
+
+
+@dataclass(frozen=True)
+class OffloadPlacement:
+    resident_blocks: frozenset[int]
+    resident_experts: frozenset[tuple[int, int]]  # (model layer, expert)
+    base_bytes: int
+    working_set_bytes: int
+    kv_cache_bytes: int
+    pinned_bytes: int
+    budget_bytes: int
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.base_bytes + self.working_set_bytes + self.kv_cache_bytes + self.pinned_bytes
+
+
+def kv_cache_bytes(spec: ModelSpec, sequences: int, slots: int, element_bytes: int) -> int:
+    kv_heads = spec.num_heads if spec.attention == "mla" else spec.num_kv_heads
+    k_dim, v_dim = spec.kv_dims
+    return spec.num_layers * sequences * kv_heads * slots * (k_dim + v_dim) * element_bytes
+
+
+def plan_placement(
+    spec: ModelSpec,
+    budget_bytes: int,
+    element_bytes: int,
+    kv_bytes: int,
+    activation_bytes: int,
+    expert_popularity: np.ndarray | None = None,
+) -> OffloadPlacement:
+    """Pure function: sizes in, placement out. expert_popularity [num_moe_layers, E] ranks experts
+    for pinning (uniform when None). Raises ShunterError naming the minimum when nothing fits."""
+    H = spec.hidden_size
+    base = (spec.vocab_size * H * (1 if spec.tie_word_embeddings else 2) + H) * element_bytes
+    block = [spec.block_parameters(layer) * element_bytes for layer in range(spec.num_layers)]
+    expert = spec.expert_parameters() * element_bytes
+    in_flight_experts = (spec.num_experts + spec.top_k) if spec.num_moe_layers else 0
+    working = 2 * max(block) + in_flight_experts * expert + activation_bytes
+    minimum = base + working + kv_bytes
+    if budget_bytes < minimum:
+        raise ShunterError(
+            f"--memory {format_bytes(budget_bytes)} is below the minimum this model needs, "
+            f"{format_bytes(minimum)} (embeddings and head {format_bytes(base)}, two layer blocks and one "
+            f"layer's experts in flight {format_bytes(working)}, KV cache {format_bytes(kv_bytes)})"
+        )
+    spare = budget_bytes - minimum
+    resident_blocks = []
+    for layer in range(spec.num_layers):
+        if block[layer] <= spare:
+            resident_blocks.append(layer)
+            spare -= block[layer]
+    moe_layers = [layer for layer, moe in enumerate(spec.moe_layers) if moe]
+    if expert_popularity is None:
+        expert_popularity = np.ones((len(moe_layers), spec.num_experts))
+    ranked = sorted(
+        (
+            (float(expert_popularity[m, e]), layer, e)
+            for m, layer in enumerate(moe_layers)
+            for e in range(spec.num_experts)
+        ),
+        key=lambda item: (-item[0], item[1], item[2]),
+    )
+    resident_experts = []
+    for _, layer, e in ranked:
+        if expert > spare:
+            break
+        resident_experts.append((layer, e))
+        spare -= expert
+    pinned = sum(block[layer] for layer in resident_blocks) + expert * len(resident_experts)
+    return OffloadPlacement(
+        frozenset(resident_blocks), frozenset(resident_experts), base, working, kv_bytes, pinned, budget_bytes
+    )

@@ -1,0 +1,121 @@
+"""The offload engine against the in-memory executor (the oracle), on budgets that force streaming."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shunter.errors import ShunterError
+from shunter.model import generate, load_model
+from shunter.model.checkpoint import Checkpoint
+from shunter.model.spec import load_spec
+from shunter.offload import PipelineOptions, load_offloaded
+from shunter.offload.disk import DirectReader
+from shunter.offload.placement import plan_placement
+from shunter.offload.prefetcher import CorrelationPrefetcher
+from tests.tiny_models import FAMILIES
+
+PROMPTS = [[3, 5, 7, 9, 11, 13, 15], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24], [1, 2]]
+TIGHT = 1_900_000  # bytes: above the tiny models' minimum working set, far below their size
+
+
+@pytest.mark.parametrize(
+    "options",
+    [PipelineOptions(1, "layer", hot_first=False), PipelineOptions(2, "hot", hot_first=True)],
+    ids=["simple", "klotski"],
+)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_greedy_tokens_equal_the_in_memory_executor(tiny_checkpoint, family, options):
+    path = tiny_checkpoint(family)
+    expected = generate(load_model(path).model, PROMPTS, 12).tokens
+    model = load_offloaded(path, TIGHT, options=options, sequences=3, max_slots=64)
+    try:
+        assert generate(model, PROMPTS, 12).tokens == expected
+        assert model.streamer.expert_loads > 0  # the budget really forced streaming
+    finally:
+        model.close()
+
+
+def test_fused_expert_rows_stream_from_their_byte_ranges(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_moe", fused=True)
+    expected = generate(load_model(path).model, PROMPTS, 8).tokens
+    model = load_offloaded(path, TIGHT, options=PipelineOptions(3, "hot"), sequences=3, max_slots=64)
+    try:
+        assert generate(model, PROMPTS, 8).tokens == expected
+    finally:
+        model.close()
+
+
+def test_direct_reads_equal_safetensors_reads(tiny_checkpoint):
+    checkpoint = Checkpoint(tiny_checkpoint("mixtral"))
+    reader = DirectReader()
+    for name in list(checkpoint.names())[:12]:
+        assert torch.equal(reader.read(checkpoint.location(name)), checkpoint.read(name))
+    assert reader.stats.bytes_read == sum(
+        checkpoint.location(n).num_bytes for n in list(checkpoint.names())[:12]
+    )
+    reader.close()
+
+
+def test_block_size_from_the_spec_matches_the_checkpoint(tiny_checkpoint):
+    """Oracle: the byte sizes of the checkpoint's own tensors."""
+    for family in FAMILIES:
+        path = tiny_checkpoint(family)
+        spec, checkpoint = load_spec(path), Checkpoint(path)
+        for layer in range(spec.num_layers):
+            prefix = f"model.layers.{layer}."
+            names = [n for n in checkpoint.names() if n.startswith(prefix) and ".experts." not in n]
+            elements = sum(int(np.prod(checkpoint.shape(n))) for n in names)
+            assert spec.block_parameters(layer) == elements, (family, layer)
+
+
+def test_a_budget_below_the_working_set_names_the_minimum(tiny_checkpoint):
+    with pytest.raises(
+        ShunterError, match=r"--memory 97\.7 KiB is below the minimum this model needs, [0-9.]+ MiB"
+    ):
+        load_offloaded(tiny_checkpoint("mixtral"), 100_000, sequences=1, max_slots=64)
+
+
+def test_a_checkpoint_truncated_while_running_is_a_clear_error(tiny_checkpoint, tmp_path):
+    import shutil
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("mixtral"), path)
+    model = load_offloaded(path, TIGHT, sequences=1, max_slots=64)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 3])
+    try:
+        with pytest.raises(ShunterError, match="file ended at byte"):
+            generate(model, [[1, 2, 3]], 4)
+    finally:
+        model.close()
+
+
+def test_placement_pins_blocks_first_then_the_most_popular_experts(tiny_checkpoint):
+    spec = load_spec(tiny_checkpoint("mixtral"))
+    popularity = np.zeros((spec.num_moe_layers, spec.num_experts))
+    popularity[1, 5] = 1.0  # one clearly hottest expert, in the second MoE layer
+    plenty = plan_placement(spec, 10**9, 4, 0, 0, popularity)
+    assert plenty.resident_blocks == frozenset(range(spec.num_layers))
+    assert len(plenty.resident_experts) == spec.num_layers * spec.num_experts
+    minimum = (
+        plan_placement(spec, 10**9, 4, 0, 0).base_bytes
+        + plan_placement(spec, 10**9, 4, 0, 0).working_set_bytes
+    )
+    blocks = sum(spec.block_parameters(i) * 4 for i in range(spec.num_layers))
+    one_expert = spec.expert_parameters() * 4
+    tight = plan_placement(spec, minimum + blocks + one_expert, 4, 0, 0, popularity)
+    assert tight.resident_experts == frozenset({(1, 5)})
+
+
+def test_prefetcher_follows_the_strongest_transition():
+    from shunter.trace import RoutingTrace
+
+    # top-1 routing, layer 0 -> layer 1: expert 0 is always followed by 3, expert 1 by 2
+    ids = np.array([[[0], [1], [0]], [[3], [2], [3]]])
+    trace = RoutingTrace(ids, np.ones(ids.shape), 4, [0, 1])
+    prefetcher = CorrelationPrefetcher(2, 4, trace)
+    assert prefetcher.predict(0, None, 2) == [0, 1]
+    assert prefetcher.predict(1, np.array([[0, 0]]), 1) == [3]
+    assert prefetcher.predict(1, np.array([[1, 1]]), 1) == [2]
