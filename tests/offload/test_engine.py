@@ -119,3 +119,21 @@ def test_prefetcher_follows_the_strongest_transition():
     assert prefetcher.predict(0, None, 2) == [0, 1]
     assert prefetcher.predict(1, np.array([[0, 0]]), 1) == [3]
     assert prefetcher.predict(1, np.array([[1, 1]]), 1) == [2]
+
+
+def test_generate_with_a_small_memory_budget_streams_and_gives_the_same_tokens(tiny_checkpoint, capsys):
+    import json
+
+    from shunter.cli import main
+
+    path = str(tiny_checkpoint("mixtral"))
+    assert main(["generate", path, "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json"]) == 0
+    in_memory = json.loads(capsys.readouterr().out)
+    argv = ["generate", path, "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json", "--memory", "1.9MB"]
+    assert main([*argv, "--batches", "1"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    assert streamed["engine"] == "offload" and in_memory["engine"] == "in-memory"
+    assert streamed["generated_ids"] == in_memory["generated_ids"]
+    assert streamed["bytes_read"] > 0
+    assert main([*argv[:-1], "10KiB"]) == 2
+    assert "below the minimum this model needs" in capsys.readouterr().err

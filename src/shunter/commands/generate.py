@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import torch
 
 from shunter.commands.common import (
     DEFAULT_MODEL_HELP,
@@ -13,8 +16,14 @@ from shunter.commands.common import (
     print_json,
 )
 from shunter.errors import ShunterError
+from shunter.model.checkpoint import Checkpoint
 from shunter.model.generate import SamplingParams, generate
-from shunter.model.loader import load_model
+from shunter.model.loader import DTYPE_NAMES, load_model, resolve_model_dir
+from shunter.model.spec import ModelSpec, load_spec
+from shunter.model.tokenizer import Tokenizer
+from shunter.offload import OffloadedModel, PipelineOptions, load_offloaded, model_bytes
+from shunter.trace import load_trace
+from shunter.units import parse_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)"
     )
+    p.add_argument(
+        "--memory",
+        help="memory budget for weights + KV cache (e.g. 512MiB); a model larger "
+        "than this streams its weights from disk with the offload engine",
+    )
+    p.add_argument("--batches", type=int, default=1, help="micro-batches sharing each layer's load (offload)")
+    p.add_argument("--trace", type=Path, help="routing trace that seeds the expert prefetcher (offload)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=run)
 
@@ -42,18 +58,19 @@ def run(args: argparse.Namespace) -> int:
         raise ShunterError(f"--batch: must be at least 1, got {args.batch}")
     if not 0.0 < args.top_p <= 1.0:
         raise ShunterError(f"--top-p: must be in (0, 1], got {args.top_p}")
-    loaded = load_model(args.model, args.dtype)
-    spec, tokenizer = loaded.spec, loaded.tokenizer
+    path = resolve_model_dir(args.model)
+    spec, tokenizer = load_spec(path), Tokenizer.from_model_dir(path)
     if args.prompt_ids is not None:
         prompt = parse_prompt_ids(args.prompt_ids, spec)
     else:
-        prompt = encode_prompt(args.prompt, tokenizer, loaded.path)
+        prompt = encode_prompt(args.prompt, tokenizer, path)
     if len(prompt) + args.max_new_tokens > spec.max_position_embeddings:
         raise ShunterError(
             f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
             f"max_position_embeddings ({spec.max_position_embeddings})"
         )
 
+    model = _open_model(args, path, spec, slots=len(prompt) + args.max_new_tokens)
     streamed: list[int] = []
     printed = ""
 
@@ -76,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sampling = SamplingParams(args.temperature, args.top_p, args.seed)
     result = generate(
-        loaded.model,
+        model,
         [prompt] * args.batch,
         args.max_new_tokens,
         sampling,
@@ -84,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
         on_step=stream,
     )
     stats = {
-        "model": str(loaded.path),
+        "model": str(path),
         "family": spec.family,
-        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "engine": "offload" if isinstance(model, OffloadedModel) else "in-memory",
         "batch": args.batch,
         "prompt_tokens": len(prompt),
         "generated_ids": result.tokens[0],
@@ -97,6 +115,14 @@ def run(args: argparse.Namespace) -> int:
         "decode_tok_s": result.decode_tok_s,
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if isinstance(model, OffloadedModel):
+        stats |= {
+            "memory_budget_bytes": model.placement.budget_bytes,
+            "bytes_read": model.reader.stats.bytes_read,
+            "prefetch_hit_rate": model.prefetcher.hit_rate,
+            "batches": model.options.num_batches,
+        }
+        model.close()
     if tokenizer is not None:
         stats["text"] = tokenizer.decode(result.tokens[0])
     if args.json:
@@ -104,9 +130,29 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
         print(
-            f"[{spec.family} {stats['dtype']} batch {args.batch}] prefill {len(prompt) * args.batch} tok "
+            f"[{spec.family} {stats['dtype']} batch {args.batch} {stats['engine']}] prefill {len(prompt) * args.batch} tok "
             f"at {result.prefill_tok_s:.1f} tok/s, decode {result.generated_tokens} tok at "
             f"{result.decode_tok_s:.1f} tok/s, peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB",
             file=sys.stderr,
         )
     return 0
+
+
+def _open_model(args: argparse.Namespace, path: Path, spec: ModelSpec, slots: int):
+    """The in-memory executor when the weights fit the budget (or there is none), else the offload engine."""
+    if args.memory is None:
+        return load_model(path, args.dtype).model
+    budget = parse_bytes(args.memory, "--memory")
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else spec.torch_dtype
+    # in memory only with room to spare: the KV cache and activations need their share too
+    if model_bytes(Checkpoint(path), torch.tensor([], dtype=dtype).element_size()) <= budget // 2:
+        return load_model(path, args.dtype).model
+    if args.batches < 1:
+        raise ShunterError(f"--batches: must be at least 1, got {args.batches}")
+    trace = load_trace(args.trace) if args.trace else None
+    if trace is not None and trace.num_experts != spec.num_experts:
+        raise ShunterError(
+            f"{args.trace}: trace has {trace.num_experts} experts, the model {spec.num_experts}"
+        )
+    options = PipelineOptions(num_batches=args.batches)
+    return load_offloaded(path, budget, dtype, options, sequences=args.batch, max_slots=slots, trace=trace)
