@@ -7,7 +7,15 @@ import pytest
 
 from shunter.cli import main
 from shunter.errors import ShunterError
-from shunter.trace import RoutingTrace, expert_load, load_skew, load_trace, popularity, transition_counts
+from shunter.trace import (
+    RoutingTrace,
+    expert_load,
+    load_skew,
+    load_trace,
+    popularity,
+    successor_hit_rate,
+    transition_counts,
+)
 
 
 def _trace(ids, num_experts=4):
@@ -105,3 +113,13 @@ def test_trace_command_missing_text_file_exits_nonzero(tiny_checkpoint, tmp_path
     )
     assert status == 2
     assert "no.txt: text file not found" in capsys.readouterr().err
+
+
+def test_successor_hit_rate_is_one_for_deterministic_routing_and_chance_when_shuffled():
+    """Oracle: closed form. Layer 1 repeats layer 0's expert (+1 mod 8): successors are exact."""
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 8, (4000, 1))
+    trace = _trace(np.stack([first, (first + 1) % 8]), num_experts=8)
+    assert successor_hit_rate(trace)[0] == 1.0
+    shuffled = successor_hit_rate(trace, shuffle_seed=1)[0]
+    assert abs(shuffled - 1 / 8) < 0.03  # one successor out of 8 uniform experts

@@ -1,7 +1,7 @@
 """Routing traces: which experts each token chose, recorded from real forwards, and their statistics."""
 
 from shunter.trace.routing_trace import RoutingRecorder, RoutingTrace, load_trace
-from shunter.trace.stats import expert_load, load_skew, popularity, transition_counts
+from shunter.trace.stats import expert_load, load_skew, popularity, successor_hit_rate, transition_counts
 
 __all__ = [
     "RoutingRecorder",
@@ -10,5 +10,6 @@ __all__ = [
     "load_skew",
     "load_trace",
     "popularity",
+    "successor_hit_rate",
     "transition_counts",
 ]

@@ -40,3 +40,32 @@ def transition_counts(trace: RoutingTrace) -> np.ndarray:
         dst = np.tile(trace.expert_ids[layer + 1], (1, k)).ravel()
         counts[layer] = np.bincount(src * E + dst, minlength=E * E).reshape(E, E)
     return counts
+
+
+def successor_hit_rate(trace: RoutingTrace, shuffle_seed: int | None = None) -> np.ndarray:
+    """[L-1] how often a token that chose expert e at layer l chooses, at layer l+1, one of e's
+    top-k successors (the k experts that most often follow e), with successors learned on the
+    first half of the tokens and measured on the second half.
+
+    With `shuffle_seed`, each layer's tokens are permuted independently first: the control, where
+    layer l+1 keeps its popularity but loses any link to layer l, so what remains is chance.
+    """
+    ids = trace.expert_ids.astype(np.int64)
+    L, N, k = ids.shape
+    E = trace.num_experts
+    if shuffle_seed is not None:
+        rng = np.random.default_rng(shuffle_seed)
+        ids = np.stack([ids[layer][rng.permutation(N)] for layer in range(L)])
+    half = N // 2
+    learn = RoutingTrace(ids[:, :half], np.zeros((L, half, k), np.float32), E, trace.layer_indices)
+    counts = transition_counts(learn)  # [L-1, E, E]
+    rates = np.zeros(max(L - 1, 0))
+    for layer in range(L - 1):
+        successors = np.argsort(-counts[layer], axis=1, kind="stable")[:, :k]  # [E, k]
+        is_successor = np.zeros((E, E), dtype=bool)
+        np.put_along_axis(is_successor, successors, True, axis=1)
+        now, nxt = ids[layer, half:], ids[layer + 1, half:]  # [M, k] each
+        # hit[m, i] = any_j is_successor[now[m, i], nxt[m, j]]
+        hits = is_successor[now[:, :, None], nxt[:, None, :]].any(axis=2)
+        rates[layer] = hits.mean()
+    return rates
