@@ -1,6 +1,7 @@
 """`make demo`: generate with a small MoE model and print the speed figures.
 
-Until the built-in trained model ships, the demo builds a small Mixtral-layout model with
+The built-in trained model completes a Python prompt. Without it (a checkout that lacks the
+shipped weights), the demo builds a small Mixtral-layout model with
 deterministic random weights (so its text is noise) and a BPE tokenizer trained on a few
 Python standard-library files, then runs `shunter generate` on a Python prompt.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from shunter.cli import main as cli_main
 from shunter.model.export import mixtral_config, random_weights, save_checkpoint
+from shunter.model.loader import DEFAULT_MODEL, builtin_models
 from shunter.model.spec import spec_from_config
 from shunter.model.tokenizer import train_byte_level_bpe
 
@@ -41,6 +43,12 @@ def build_demo_model(out_dir: Path) -> Path:
 
 
 def main() -> int:
+    if DEFAULT_MODEL in builtin_models():
+        print(
+            f"$ shunter generate --prompt {PROMPT!r} --max-new-tokens 48   # built-in {DEFAULT_MODEL}",
+            file=sys.stderr,
+        )
+        return cli_main(["generate", "--prompt", PROMPT, "--max-new-tokens", "48"])
     if not (DEMO_DIR / "config.json").is_file():
         print(f"building the demo model in {DEMO_DIR} (random weights, deterministic) ...", file=sys.stderr)
         build_demo_model(DEMO_DIR)

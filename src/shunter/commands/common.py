@@ -1,5 +1,7 @@
 """Pieces shared by subcommands: the MODEL argument, prompts as ids, peak memory, JSON output."""
 
+# DEFAULT_MODEL is re-exported for the subcommands that take a MODEL argument.
+
 from __future__ import annotations
 
 import json
@@ -8,11 +10,13 @@ import sys
 from typing import Any
 
 from shunter.errors import ShunterError
+from shunter.model.loader import DEFAULT_MODEL as DEFAULT_MODEL
 from shunter.model.spec import ModelSpec
 from shunter.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL_HELP = (
-    "a model directory (config.json + safetensors [+ tokenizer.json]) or a built-in model name"
+    "a model directory (config.json + safetensors [+ tokenizer.json]) or a built-in model name "
+    f"(default: {DEFAULT_MODEL})"
 )
 
 

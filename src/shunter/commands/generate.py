@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from shunter.commands.common import (
+    DEFAULT_MODEL,
     DEFAULT_MODEL_HELP,
     encode_prompt,
     parse_prompt_ids,
@@ -28,7 +29,7 @@ from shunter.units import parse_bytes
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text with an MoE model", description=__doc__)
-    p.add_argument("model", metavar="MODEL", help=DEFAULT_MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=DEFAULT_MODEL_HELP)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
         print(
-            f"[{spec.family} {stats['dtype']} batch {args.batch} {stats['engine']}] prefill {len(prompt) * args.batch} tok "
+            f"[{spec.family} {stats['dtype']} batch {args.batch} {stats['engine']}] "
+            f"prefill {len(prompt) * args.batch} tok "
             f"at {result.prefill_tok_s:.1f} tok/s, decode {result.generated_tokens} tok at "
             f"{result.decode_tok_s:.1f} tok/s, peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB",
             file=sys.stderr,

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from shunter.errors import ShunterError
+from shunter.model.loader import default_trace_path
 from shunter.plan.cluster import ClusterSpec, load_cluster
 from shunter.plan.planner import (
     DEFAULT_BYTES_PER_TOKEN,
@@ -34,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "planned time next to the lower bound and to transports and placements without a plan.",
     )
     parser.add_argument("--cluster", required=True, help="cluster TOML (see docs/planner.md)")
-    parser.add_argument("--trace", required=True, help="routing trace (.npz) of the model to place")
+    parser.add_argument(
+        "--trace",
+        default=None,
+        help="routing trace (.npz) of the model to place (default: the built-in model's)",
+    )
     parser.add_argument("--colocate", metavar="TRACE", help="a second model's trace: share the devices")
     parser.add_argument("--replicate", action="store_true", help="replicate hot experts per layer (Lina)")
     parser.add_argument(
@@ -65,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster)
+    if args.trace is None:
+        args.trace = str(default_trace_path())
     trace = load_trace(args.trace)
     options = _options(args)
     if args.colocate:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shunter.commands.common import DEFAULT_MODEL_HELP, print_json
+from shunter.commands.common import DEFAULT_MODEL, DEFAULT_MODEL_HELP, print_json
 from shunter.errors import ShunterError
 from shunter.model.executor import Batch
 from shunter.model.loader import load_model
@@ -19,7 +19,7 @@ from shunter.trace import RoutingRecorder, load_skew
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("trace", help="record routing decisions on a text", description=__doc__)
-    p.add_argument("model", metavar="MODEL", help=DEFAULT_MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=DEFAULT_MODEL_HELP)
     p.add_argument("--text", required=True, type=Path, help="UTF-8 text file to run through the model")
     p.add_argument("--out", required=True, type=Path, help="where to write the trace (.npz)")
     p.add_argument("--window", type=int, default=256, help="tokens per forward window (default 256)")

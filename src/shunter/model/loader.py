@@ -25,9 +25,22 @@ class LoadedModel:
     tokenizer: Tokenizer | None
 
 
+DEFAULT_MODEL = "shunter-tiny"
+BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "builtin"
+TRACE_FILE = "routing-trace.npz"  # a built-in model's held-out routing trace, beside its weights
+
+
+def default_trace_path() -> Path:
+    """The default trace of every command that takes one: the built-in model's held-out routing."""
+    path = BUILTIN_ROOT / DEFAULT_MODEL / TRACE_FILE
+    if not path.is_file():
+        raise ShunterError(f"{path}: the built-in routing trace is missing; pass a trace file explicitly")
+    return path
+
+
 def builtin_models() -> dict[str, Path]:
     """Built-in model names and where they live inside the package."""
-    root = Path(__file__).resolve().parent.parent / "builtin"
+    root = BUILTIN_ROOT
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
