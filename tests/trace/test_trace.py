@@ -123,3 +123,28 @@ def test_successor_hit_rate_is_one_for_deterministic_routing_and_chance_when_shu
     assert successor_hit_rate(trace)[0] == 1.0
     shuffled = successor_hit_rate(trace, shuffle_seed=1)[0]
     assert abs(shuffled - 1 / 8) < 0.03  # one successor out of 8 uniform experts
+
+
+def test_mutual_information_is_log2_experts_for_a_bijection_and_near_zero_when_shuffled():
+    """Oracle: closed form. A bijection between layers over 8 uniform experts carries 3 bits."""
+    from shunter.trace import transition_mutual_information
+
+    first = np.random.default_rng(0).integers(0, 8, (8000, 1))
+    trace = _trace(np.stack([first, (first + 3) % 8]), num_experts=8)
+    assert abs(transition_mutual_information(trace)[0] - 3.0) < 0.01
+    assert transition_mutual_information(trace, shuffle_seed=2)[0] < 0.01
+
+
+def test_stats_command_reports_every_layer(tmp_path, capsys):
+    import json
+
+    from shunter.trace.synthetic import zipf_trace
+
+    zipf_trace(3, 1000, 8, 2, 1.2, 0.5, 0).save(tmp_path / "t.npz")
+    assert main(["stats", str(tmp_path / "t.npz"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
+    assert (
+        report["layers"][0]["mutual_information_bits"]
+        > report["layers"][0]["shuffled_mutual_information_bits"]
+    )

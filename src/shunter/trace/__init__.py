@@ -1,7 +1,14 @@
 """Routing traces: which experts each token chose, recorded from real forwards, and their statistics."""
 
 from shunter.trace.routing_trace import RoutingRecorder, RoutingTrace, load_trace
-from shunter.trace.stats import expert_load, load_skew, popularity, successor_hit_rate, transition_counts
+from shunter.trace.stats import (
+    expert_load,
+    load_skew,
+    popularity,
+    successor_hit_rate,
+    transition_counts,
+    transition_mutual_information,
+)
 
 __all__ = [
     "RoutingRecorder",
@@ -12,4 +19,5 @@ __all__ = [
     "popularity",
     "successor_hit_rate",
     "transition_counts",
+    "transition_mutual_information",
 ]

@@ -69,3 +69,21 @@ def successor_hit_rate(trace: RoutingTrace, shuffle_seed: int | None = None) -> 
         hits = is_successor[now[:, :, None], nxt[:, None, :]].any(axis=2)
         rates[layer] = hits.mean()
     return rates
+
+
+def transition_mutual_information(trace: RoutingTrace, shuffle_seed: int | None = None) -> np.ndarray:
+    """[L-1] mutual information in bits between a token's expert at layer l and at layer l+1,
+    from the joint distribution of all k x k (choice at l, choice at l+1) pairs. 0 means layer
+    l+1's choice says nothing about layer l's; `shuffle_seed` gives the shuffled control."""
+    ids = trace.expert_ids
+    if shuffle_seed is not None:
+        rng = np.random.default_rng(shuffle_seed)
+        ids = np.stack([layer_ids[rng.permutation(ids.shape[1])] for layer_ids in ids])
+    shuffled = RoutingTrace(ids, np.zeros(ids.shape, np.float32), trace.num_experts, trace.layer_indices)
+    out = []
+    for counts in transition_counts(shuffled).astype(np.float64):
+        joint = counts / max(counts.sum(), 1.0)
+        outer = joint.sum(axis=1, keepdims=True) @ joint.sum(axis=0, keepdims=True)
+        nonzero = joint > 0
+        out.append(float((joint[nonzero] * np.log2(joint[nonzero] / outer[nonzero])).sum()))
+    return np.array(out)
