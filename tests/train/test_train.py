@@ -117,3 +117,15 @@ def test_unwritable_output_fails_before_any_work(corpus, tmp_path, capsys):
     assert status == 2
     assert "not a writable directory" in capsys.readouterr().err
     assert not list(tmp_path.glob("a-file*work"))
+
+
+def test_resume_may_change_the_number_of_steps_but_nothing_else(corpus, tmp_path):
+    import dataclasses
+
+    Trainer(TINY, corpus, tmp_path / "model", log=lambda _: None).run(stop_after=3)
+    longer = dataclasses.replace(TINY, steps=8)
+    assert Trainer(longer, corpus, tmp_path / "model", log=lambda _: None).run(resume=True).steps == 8
+    other = dataclasses.replace(TINY, lr=1e-4)
+    Trainer(TINY, corpus, tmp_path / "other", log=lambda _: None).run(stop_after=3)
+    with pytest.raises(ShunterError, match=r"different configuration \(lr\)"):
+        Trainer(other, corpus, tmp_path / "other", log=lambda _: None).run(resume=True)

@@ -24,6 +24,9 @@ from shunter.model.weights import ModelWeights
 from shunter.train.corpus import Corpus, read_texts, token_stream
 from shunter.train.objective import bits_per_byte, language_model_loss, total_nats
 
+# a resumed run may be lengthened or shortened, or checkpoint at another interval; nothing else
+RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -227,8 +230,20 @@ class Trainer:
                     "or delete the work directory to start over"
                 )
             state = torch.load(state_path, weights_only=False)
-            if state["config"] != dataclasses.asdict(config):
-                raise ShunterError(f"{state_path}: checkpoint was made with a different configuration")
+            saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
+            current = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+            if saved != current:
+                changed = sorted(k for k in current if saved.get(k) != current[k])
+                raise ShunterError(
+                    f"{state_path}: checkpoint was made with a different configuration "
+                    f"({', '.join(changed)}); "
+                    f"only {', '.join(RESUMABLE_CHANGES)} may change on --resume"
+                )
+            if state["config"]["steps"] != config.steps:
+                self.log(
+                    f"--steps changed from {state['config']['steps']} to {config.steps}: the cosine "
+                    "schedule is stretched from here on, so this run is not bit-identical to either"
+                )
             with torch.no_grad():
                 for p, saved in zip(params, state["params"], strict=True):
                     p.copy_(saved)
