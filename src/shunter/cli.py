@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "shunter.commands.stats",
     "shunter.commands.plan",
     "shunter.commands.schedule",
+    "shunter.commands.simulate",
+    "shunter.commands.reproduce",
 ]
 
 

@@ -67,16 +67,23 @@ class Schedule:
     def num_transfers(self) -> int:
         return int(self.src.shape[0])
 
-    def round_durations_s(self) -> np.ndarray:
-        """[num_rounds] seconds: each round's longest transfer."""
+    def round_durations_s(self, latency_s: float = 0.0) -> np.ndarray:
+        """[num_rounds] seconds: each round's longest transfer, plus latency_s per round.
+
+        A round's transfers are messages posted together, so a round pays one per-message latency
+        (the simulator's network model); latency_s = 0 is the planner's fluid model."""
         durations = np.zeros(self.num_rounds)
         if self.num_transfers:
             np.maximum.at(durations, self.round_of, self.bytes / self.rate_bytes_s)
-        return durations
+        return durations + latency_s if latency_s else durations
 
     @property
     def makespan_s(self) -> float:
         return float(self.round_durations_s().sum())
+
+    def makespan_with_latency_s(self, latency_s: float) -> float:
+        """Round by round, each round latency_s + its longest transfer: makespan_s + rounds * latency_s."""
+        return float(self.round_durations_s(latency_s).sum())
 
     def delivered_bytes(self) -> np.ndarray:
         """[n, n] bytes moved from each src to each dst over all rounds."""

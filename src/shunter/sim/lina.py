@@ -1,0 +1,304 @@
+"""Lina's two timelines (lina.md): inference per batch with dynamic replication, and a training step
+in which the all-to-all is scheduled ahead of the data-parallel allreduce.
+
+Inference, per batch, every MoE layer: attention + gate (G) -> dispatch (N) -> experts (F) ->
+combine (C) -> aggregation (A), ports shared max-min fairly (a plain NCCL all-to-all). Policies:
+- static: expert e on device e * n // E (DeepSpeed's one expert per device);
+- lina: plan.replication.plan_lina_layer per layer and batch (path estimate, phase-2 re-plan when
+  the top-2k experts differ); a replicated expert's tokens are split over its replicas. A device
+  keeps its static experts resident and swaps in the others over its host link on a copy stream:
+  after the previous layer's gate for a phase-1 plan (pipelined with compute), after this layer's
+  gate when phase 2 re-planned (blocking); the experts wait for their weights;
+- ideal: a perfectly balanced gate (every expert gets N k / E tokens) on the static placement.
+Training step, per device: forward G N F C per block, then backward in reverse (combine-backward
+all-to-all, expert backward at 2x forward FLOPs, dispatch-backward all-to-all, attention backward
+at 2x), and an allreduce of each block's dense gradients once its backward is done. Variants:
+- deepspeed: each block's allreduce is one collective launched when ready; it shares ports with
+  the all-to-alls (both as NCCL-like collectives: the ring runs on as many channels per port as
+  the all-to-all has flows, so a shared port splits evenly);
+- priority: allreduce split into micro-ops (default 30 MB), launched only when no all-to-all is
+  running, waiting or imminent (Lina's scheduler);
+- lina: priority + partitioning: every all-to-all is cut into chunks along tokens and the expert
+  FFN starts on each chunk as it arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+
+from shunter.plan.cluster import ClusterSpec
+from shunter.plan.placement import placement_from_devices
+from shunter.plan.replication import PathEstimator, plan_lina_layer
+from shunter.plan.traffic import combine_traffic, dispatch_traffic, token_home_devices, tokens_per_device
+from shunter.sim.cost import ComputeModel, MoEShapes, ring_allreduce_flows
+from shunter.sim.timeline import Collective, Compute, Op, TimelineOptions, run_timeline
+from shunter.trace.routing_trace import RoutingTrace
+
+InferencePolicy = Literal["static", "lina", "ideal"]
+TrainingVariant = Literal["deepspeed", "priority", "lina"]
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+
+
+@dataclass(frozen=True)
+class InferenceSetup:
+    """shapes: the model; context_tokens: attention context per token; host_link_bytes_s: how fast
+    a device swaps expert weights in from host memory (PCIe); latency_s: per message."""
+
+    shapes: MoEShapes
+    cluster: ClusterSpec
+    compute: ComputeModel
+    context_tokens: int = 512
+    host_link_bytes_s: float = 25e9
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One batch: time_s through every layer; replanned: layers phase 2 re-planned; max_over_mean
+    [L]: device load imbalance per layer; swap_bytes: expert weights swapped in."""
+
+    time_s: float
+    replanned: int
+    max_over_mean: np.ndarray
+    swap_bytes: float
+
+
+def static_shares(num_experts: int, num_devices: int) -> np.ndarray:
+    """[E, n] contiguous blocks: expert e on device e * n // E (one per device when E == n)."""
+    device_of = np.arange(num_experts) * num_devices // num_experts
+    return placement_from_devices(device_of, num_devices, "static").shares
+
+
+def balanced_expert_ids(num_tokens: int, num_experts: int, top_k: int) -> np.ndarray:
+    """[N, k] an ideal gate: choice j of token t goes to expert (t k + j) mod E, so every expert
+    gets N k / E pairs (when E divides N k) and choices of a token are distinct (k <= E)."""
+    flat = np.arange(num_tokens * top_k, dtype=np.int64) % num_experts
+    return flat.reshape(num_tokens, top_k)
+
+
+def inference_batch(
+    batch: RoutingTrace,
+    setup: InferenceSetup,
+    policy: InferencePolicy,
+    estimator: PathEstimator | None = None,
+) -> BatchResult:
+    """Time one batch through every MoE layer of `batch` under a placement policy (module docstring)."""
+    shapes, cluster = setup.shapes, setup.cluster
+    n, E = cluster.num_devices, batch.num_experts
+    if shapes.num_experts != E:
+        raise ValueError(f"trace has {E} experts, the model {shapes.num_experts}")
+    speed = cluster.compute_flop_s
+    static = static_shares(E, n)
+    home = np.bincount(token_home_devices(batch.num_tokens, n), minlength=n).astype(np.float64)
+    attention = setup.compute.op_time_s(
+        "attention",
+        home,
+        shapes.attention_flops_per_token(setup.context_tokens) + shapes.gate_flops_per_token,
+        shapes.attention_bytes,
+        speed,
+    )
+    aggregation = setup.compute.op_time_s("aggregation", home, shapes.aggregation_flops_per_token, 0.0, speed)
+    ops: list[Op] = []
+    replanned = 0
+    swap_total = 0.0
+    imbalance = np.zeros(batch.num_layers)
+    previous_gate: tuple[str, ...] = ()
+    previous_end: tuple[str, ...] = ()
+    for layer in range(batch.num_layers):
+        if policy == "ideal":
+            ids = balanced_expert_ids(batch.num_tokens, E, batch.top_k)
+        else:
+            ids = batch.expert_ids[layer]
+        shares = static
+        swap_s = np.zeros(n)
+        swap_after = previous_gate
+        if policy == "lina":
+            if estimator is None:
+                raise ValueError("the lina policy needs a path estimator")
+            plan = plan_lina_layer(estimator, batch, layer, n)
+            shares = plan.placement.shares
+            extra = ((shares > 0) & (static == 0)).sum(axis=0).astype(np.float64)  # [n] experts to fetch
+            swap_s = extra * shapes.expert_bytes / setup.host_link_bytes_s
+            swap_total += float(extra.sum()) * shapes.expert_bytes
+            if plan.replanned:
+                replanned += 1
+                swap_after = (f"G{layer}",)
+        processed = tokens_per_device(ids, shares)
+        imbalance[layer] = processed.max() / processed.mean() if processed.mean() > 0 else 1.0
+        experts_here = (shares > 0).sum(axis=0)
+        expert_s = setup.compute.op_time_s(
+            "expert", processed, shapes.expert_flops_per_token, shapes.expert_bytes * experts_here, speed
+        )
+        traffic = dispatch_traffic(ids, shares, shapes.token_bytes, n)
+        L = str(layer)
+        ops.append(Compute(f"G{L}", attention, previous_end, "gate"))
+        ops.append(Compute(f"W{L}", swap_s, swap_after, "swap", stream="copy"))
+        ops.append(Collective.from_traffic(f"N{L}", traffic, (f"G{L}",), kind="dispatch"))
+        ops.append(Compute(f"F{L}", expert_s, (f"N{L}", f"W{L}"), "expert"))
+        ops.append(Collective.from_traffic(f"C{L}", combine_traffic(traffic), (f"F{L}",), kind="combine"))
+        ops.append(Compute(f"A{L}", aggregation, (f"C{L}",), "aggregation"))
+        previous_gate, previous_end = (f"G{L}",), (f"A{L}",)
+    timeline = run_timeline(ops, cluster.bandwidth_bytes_s, TimelineOptions("fair_share", setup.latency_s))
+    return BatchResult(timeline.makespan_s, replanned, imbalance, swap_total)
+
+
+def split_batches(trace: RoutingTrace, tokens_per_batch: int) -> list[RoutingTrace]:
+    """Consecutive slices of `tokens_per_batch` tokens (a short last slice is dropped)."""
+    out = []
+    for start in range(0, trace.num_tokens - tokens_per_batch + 1, tokens_per_batch):
+        part = slice(start, start + tokens_per_batch)
+        out.append(
+            RoutingTrace(
+                trace.expert_ids[:, part],
+                trace.gate_weights[:, part],
+                trace.num_experts,
+                trace.layer_indices,
+                trace.model,
+                trace.source,
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """One training step of an MoE transformer with expert parallelism over every device.
+
+    tokens_per_device: tokens each device's data-parallel replica processes; context_tokens:
+    attention span; dense_gradient_bytes_per_block: non-expert gradients allreduced per MoE block
+    (its attention and the dense layer beside it); micro_op_bytes: Lina's allreduce micro-op;
+    a2a_chunks: Lina's all-to-all partitions; allreduce_channels: parallel flows of a ring
+    allreduce per port (None: n - 1, as many as an all-to-all has).
+    """
+
+    shapes: MoEShapes
+    cluster: ClusterSpec
+    compute: ComputeModel
+    tokens_per_device: int
+    context_tokens: int
+    dense_gradient_bytes_per_block: float
+    dense_flops_per_token_per_block: float
+    micro_op_bytes: float = 30e6
+    a2a_chunks: int = 4
+    allreduce_channels: int | None = None
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """step_s: the training step; backward_a2a_s / forward_a2a_s: mean time one all-to-all spends on
+    the wire (a chunked one: its chunks summed); utilisation: mean compute share of the step."""
+
+    step_s: float
+    backward_a2a_s: float
+    forward_a2a_s: float
+    utilisation: float
+
+
+def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
+    """The op graph of one step (see the module docstring)."""
+    shapes, cluster = setup.shapes, setup.cluster
+    n = cluster.num_devices
+    T = setup.tokens_per_device
+    speed = cluster.compute_flop_s
+    compute = setup.compute
+    # Training routes with a balancing loss: take the ideal gate's traffic.
+    ids = balanced_expert_ids(T * n, shapes.num_experts, shapes.top_k)
+    shares = static_shares(shapes.num_experts, n)
+    traffic = dispatch_traffic(ids, shares, shapes.token_bytes, n)
+    processed = tokens_per_device(ids, shares)
+    dense_flops = (
+        shapes.attention_flops_per_token(setup.context_tokens) + setup.dense_flops_per_token_per_block
+    )
+    dense_flops += shapes.gate_flops_per_token
+    tokens = np.full(n, float(T))
+    dense_fwd = compute.op_time_s("attention", tokens, dense_flops, 0.0, speed)
+    expert_fwd = compute.op_time_s("expert", processed, shapes.expert_flops_per_token, 0.0, speed)
+    chunks = setup.a2a_chunks if variant == "lina" else 1
+    channels = setup.allreduce_channels or max(n - 1, 1)
+    micro = variant in ("priority", "lina")
+    ops: list[Op] = []
+
+    def moe(
+        prefix: str,
+        before: tuple[str, ...],
+        first: np.ndarray,
+        expert: np.ndarray,
+        matrix: np.ndarray,
+        announced_by: tuple[str, ...] = (),
+    ) -> str:
+        """first all-to-all (matrix) -> expert compute -> second all-to-all (matrix.T), chunked."""
+        chained: tuple[str, ...] = before
+        ends = []
+        for j in range(chunks):
+            a, f, b = f"{prefix}N{j}", f"{prefix}F{j}", f"{prefix}C{j}"
+            kind = "bwd_a2a" if prefix.startswith("b") else "fwd_a2a"
+            dispatch = Collective.from_traffic(a, matrix / chunks, chained, kind=kind)
+            ops.append(replace(dispatch, announced_by=announced_by if j == 0 else ()))
+            ops.append(Compute(f, expert / chunks, (a,), "expert"))
+            ops.append(Collective.from_traffic(b, matrix.T / chunks, (f,), kind=kind))
+            chained = (a,)  # the next chunk leaves once this one has arrived
+            ends.append(b)
+        join = f"{prefix}join"
+        ops.append(Compute(join, np.zeros(n), tuple(ends), "join"))
+        return join
+
+    aggregation = compute.op_time_s("aggregation", tokens, shapes.aggregation_flops_per_token, 0.0, speed)
+    previous: tuple[str, ...] = ()
+    blocks = shapes.num_layers
+    for block in range(blocks):
+        g = f"f{block}G"
+        ops.append(Compute(g, dense_fwd, previous, "dense"))
+        previous = (moe(f"f{block}", (g,), traffic, expert_fwd, traffic),)
+    for block in reversed(range(blocks)):
+        # Backward: the combine computation's backward (whose start tells Lina's scheduler an
+        # all-to-all is coming), gradients to the experts (the dispatch pattern), expert backward,
+        # then gradients home (the combine pattern), then the dense backward.
+        combine_bwd = f"b{block}M"
+        ops.append(Compute(combine_bwd, 2 * aggregation, previous, "aggregation"))
+        join = moe(f"b{block}", (combine_bwd,), traffic, 2 * expert_fwd, traffic, announced_by=(combine_bwd,))
+        a = f"b{block}A"
+        ops.append(Compute(a, 2 * dense_fwd, (join,), "dense"))
+        previous = (a,)
+        size = setup.dense_gradient_bytes_per_block
+        pieces = max(1, int(np.ceil(size / setup.micro_op_bytes))) if micro else 1
+        after: tuple[str, ...] = (a,)
+        for p in range(pieces):
+            src, dst, nbytes = ring_allreduce_flows(size / pieces, n, channels)
+            name = f"b{block}R{p}"
+            ops.append(Collective(name, src, dst, nbytes, after, low_priority=True, kind="allreduce"))
+            after = (a, name) if micro else (a,)
+    return ops
+
+
+def training_step(setup: TrainingSetup, variant: TrainingVariant) -> StepResult:
+    """Simulate one step; priority applies to the priority and lina variants."""
+    ops = training_ops(setup, variant)
+    options = TimelineOptions("fair_share", setup.latency_s, priority=variant in ("priority", "lina"))
+    timeline = run_timeline(ops, setup.cluster.bandwidth_bytes_s, options)
+
+    def mean_all_to_all_s(kind: str) -> float:
+        """Mean time one all-to-all is on the wire: its chunks' durations summed (two per block)."""
+        durations = [
+            timeline.collective_finish_s[op.name] - timeline.collective_start_s[op.name]
+            for op in ops
+            if isinstance(op, Collective) and op.kind == kind
+        ]
+        return float(np.sum(durations)) / (2 * setup.shapes.num_layers) if durations else 0.0
+
+    return StepResult(
+        timeline.makespan_s,
+        mean_all_to_all_s("bwd_a2a"),
+        mean_all_to_all_s("fwd_a2a"),
+        timeline.mean_utilisation,
+    )

@@ -1,0 +1,97 @@
+"""Lina's inference with replication and its training step."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from shunter.plan.cluster import ClusterSpec
+from shunter.plan.replication import build_path_estimator
+from shunter.sim.cost import GBIT_S, LINA_MOE, ComputeModel
+from shunter.sim.lina import (
+    InferenceSetup,
+    TrainingSetup,
+    balanced_expert_ids,
+    inference_batch,
+    split_batches,
+    training_step,
+)
+from shunter.trace.synthetic import zipf_trace
+
+CLUSTER = ClusterSpec.uniform(8, 100 * GBIT_S, 312e12)
+SHAPES = replace(LINA_MOE, num_experts=8, num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def served() -> tuple[list, object]:
+    trace = zipf_trace(4, 4096 * 3, 8, 2, 1.2, 0.5, 0)
+    batches = split_batches(trace, 4096)
+    return batches[1:], build_path_estimator(batches[0], 3)
+
+
+def test_the_ideal_gate_gives_every_expert_the_same_tokens_and_distinct_choices() -> None:
+    """Oracle: N k / E pairs per expert; a token's k choices differ."""
+    ids = balanced_expert_ids(96, 8, 2)
+    assert np.bincount(ids.ravel(), minlength=8).tolist() == [24] * 8
+    assert np.all(ids[:, 0] != ids[:, 1])
+
+
+def test_replication_balances_a_skewed_batch_and_beats_static_placement(served: tuple) -> None:
+    """Oracle: Lina's packing brings max/mean device load down; the batch gets faster; the ideal
+    gate is the floor."""
+    batches, estimator = served
+    setup = InferenceSetup(SHAPES, CLUSTER, ComputeModel(efficiency=0.5), host_link_bytes_s=float("inf"))
+    static = inference_batch(batches[0], setup, "static")
+    lina = inference_batch(batches[0], setup, "lina", estimator)
+    ideal = inference_batch(batches[0], setup, "ideal")
+    assert lina.max_over_mean.mean() < static.max_over_mean.mean()
+    assert ideal.time_s <= lina.time_s < static.time_s
+
+
+def test_swap_ins_over_a_slow_host_link_cost_time(served: tuple) -> None:
+    """Oracle: the same plan with a 1000x slower host link cannot be faster."""
+    batches, estimator = served
+    fast = InferenceSetup(SHAPES, CLUSTER, ComputeModel(efficiency=0.5), host_link_bytes_s=1e12)
+    slow = replace(fast, host_link_bytes_s=1e9)
+    assert (
+        inference_batch(batches[0], slow, "lina", estimator).time_s
+        > inference_batch(batches[0], fast, "lina", estimator).time_s
+    )
+
+
+def training_setup(**changes: object) -> TrainingSetup:
+    h = SHAPES.hidden_size
+    base = TrainingSetup(
+        shapes=replace(SHAPES, num_layers=3),
+        cluster=CLUSTER,
+        compute=ComputeModel(efficiency=0.5),
+        tokens_per_device=2048,
+        context_tokens=512,
+        dense_gradient_bytes_per_block=16 * h * h * 2,
+        dense_flops_per_token_per_block=2 * 12 * h * h,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_the_allreduce_slows_deepspeeds_backward_all_to_all() -> None:
+    """Oracle: forward all-to-alls run alone; backward ones share ports with the allreduce."""
+    step = training_step(training_setup(), "deepspeed")
+    assert step.backward_a2a_s > 1.3 * step.forward_a2a_s
+
+
+def test_priority_keeps_the_backward_all_to_all_fast_and_the_step_shorter() -> None:
+    """Oracle: an all-to-all waits at most one micro-op, so it is faster than under DeepSpeed, and
+    the step is no longer."""
+    setup = training_setup(tokens_per_device=8192)  # the allreduce fits in the compute
+    deepspeed = training_step(setup, "deepspeed")
+    priority = training_step(setup, "priority")
+    assert priority.backward_a2a_s < deepspeed.backward_a2a_s
+    assert priority.step_s < deepspeed.step_s
+
+
+def test_without_dense_gradients_priority_changes_nothing() -> None:
+    """Oracle: no allreduce: DeepSpeed and priority run the same graph."""
+    setup = training_setup(dense_gradient_bytes_per_block=0.0)
+    assert training_step(setup, "priority").step_s == pytest.approx(training_step(setup, "deepspeed").step_s)
