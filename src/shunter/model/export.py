@@ -146,6 +146,10 @@ def save_checkpoint(
             shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
+        # mkdtemp makes a private directory; a model directory is as readable as any other
+        os.chmod(staging, 0o755)
+        for file in staging.iterdir():
+            os.chmod(file, 0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
