@@ -44,11 +44,20 @@ def build_demo_model(out_dir: Path) -> Path:
 
 def main() -> int:
     if DEFAULT_MODEL in builtin_models():
-        print(
-            f"$ shunter generate --prompt {PROMPT!r} --max-new-tokens 48   # built-in {DEFAULT_MODEL}",
-            file=sys.stderr,
-        )
-        return cli_main(["generate", "--prompt", PROMPT, "--max-new-tokens", "48"])
+        args = [
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "64",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "1",
+        ]
+        print(f"$ shunter generate {' '.join(args)}   # the built-in {DEFAULT_MODEL}", file=sys.stderr)
+        return cli_main(["generate", *args])
     if not (DEMO_DIR / "config.json").is_file():
         print(f"building the demo model in {DEMO_DIR} (random weights, deterministic) ...", file=sys.stderr)
         build_demo_model(DEMO_DIR)
