@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not bench" tests
 
 bench: $(STAMP)
-	$(BIN)/python bench/inmemory.py
+	$(BIN)/python bench/inmemory.py --reps 7
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -49,7 +49,7 @@ def test_bf16_checkpoint_runs_in_bf16_and_tracks_transformers(tiny_checkpoint):
     loaded = load_model(path)
     assert loaded.spec.dtype == "bfloat16"
     assert loaded.model.weights.embed.dtype == torch.bfloat16
-    assert loaded.model.weights.layers[0].moe.experts_gate_up.dtype == torch.bfloat16
+    assert loaded.model.weights.layers[0].moe.expert(0).gate_up.dtype == torch.bfloat16
     actual = loaded.model.forward(ONE_SEQUENCE)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     with torch.no_grad():

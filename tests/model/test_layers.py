@@ -89,3 +89,13 @@ def test_single_query_attention_equals_sdpa():
     mask[..., -1] = True
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(single_query_attention(q, k, v, mask, 0.3), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prepacked_bf16_weights_give_the_same_logits_as_plain_linear(tiny_checkpoint):
+    """Oracle: F.linear on the plain weights (the reference beside the oneDNN fast path)."""
+    path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
+    plain, packed = load_model(path, pack=False).model, load_model(path).model
+    tokens = torch.tensor([[5, 9, 2, 7, 1, 3], [4, 4, 8, 15, 16, 23]])
+    batch = Batch(tokens, torch.arange(6).expand(2, 6), torch.ones(2, 6, dtype=torch.bool), 0)
+    torch.testing.assert_close(packed.forward(batch), plain.forward(batch), atol=1e-2, rtol=1e-2)
+    assert generate(packed, [[1, 2, 3]], 12).tokens == generate(plain, [[1, 2, 3]], 12).tokens

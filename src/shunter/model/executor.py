@@ -8,7 +8,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shunter.model.layers import MoEResult, Rotary, attention, attention_mask, expert_mlp, moe_block, rms_norm
+from shunter.model.layers import (
+    MoEResult,
+    Rotary,
+    attention,
+    attention_mask,
+    expert_mlp,
+    linear,
+    moe_block,
+    rms_norm,
+)
 from shunter.model.layers import rope_inverse_frequencies as _inv_freq
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import LayerWeights, ModelWeights
@@ -136,4 +145,4 @@ class InMemoryModel:
             cache.advance(T)
         if last_only:
             h = h[:, -1:]
-        return F.linear(rms_norm(h, w.final_norm, spec.rms_norm_eps), w.lm_head).float()
+        return linear(rms_norm(h, w.final_norm, spec.rms_norm_eps), w.lm_head).float()

@@ -10,9 +10,10 @@ import torch
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.executor import InMemoryModel
+from shunter.model.layers import pack_linear_weight
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.tokenizer import Tokenizer
-from shunter.model.weights import load_weights
+from shunter.model.weights import load_weights, pack_for_cpu
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,12 +58,15 @@ def resolve_model_dir(model: str | Path) -> Path:
     raise ShunterError(f"{model}: no such model directory or built-in model (built-in: {known})")
 
 
-def load_model(model: str | Path, dtype: str | None = None) -> LoadedModel:
-    """Load config, weights and tokenizer. dtype None keeps the checkpoint's dtype."""
+def load_model(model: str | Path, dtype: str | None = None, pack: bool = True) -> LoadedModel:
+    """Load config, weights and tokenizer. dtype None keeps the checkpoint's dtype. `pack` prepacks
+    bf16 projection weights for oneDNN (no effect on other dtypes); False keeps plain tensors."""
     path = resolve_model_dir(model)
     spec = load_spec(path)
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ShunterError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     torch_dtype = DTYPE_NAMES[dtype] if dtype else spec.torch_dtype
     weights = load_weights(spec, Checkpoint(path), torch_dtype)
+    if pack:
+        pack_for_cpu(weights, pack_linear_weight)
     return LoadedModel(path, spec, InMemoryModel(spec, weights, torch_dtype), Tokenizer.from_model_dir(path))

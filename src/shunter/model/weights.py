@@ -58,7 +58,11 @@ class MoEWeights:
     shared: MLPWeights | None = None
     shared_gate: torch.Tensor | None = None  # [1, H], Qwen2-MoE
 
+    packed_experts: list[MLPWeights] | None = None  # per-expert prepacked weights (fast CPU path)
+
     def expert(self, e: int) -> MLPWeights:
+        if self.packed_experts is not None:
+            return self.packed_experts[e]
         assert self.experts_gate_up is not None and self.experts_down is not None, "experts are streamed"
         return MLPWeights(self.experts_gate_up[e], self.experts_down[e])
 
@@ -261,3 +265,25 @@ def weight_bytes(weights: object) -> int:
     if weights is None or not hasattr(weights, "__dataclass_fields__"):
         return 0
     return sum(weight_bytes(getattr(weights, f.name)) for f in fields(weights))  # type: ignore[arg-type]
+
+
+def pack_for_cpu(weights: ModelWeights, pack: Callable[[torch.Tensor], torch.Tensor]) -> ModelWeights:
+    """Replace every projection weight by `pack(weight)` (the fast CPU layout), in place, and return
+    the weights. Routers stay as they are (small, and DeepSeek computes them in fp32)."""
+    for layer in weights.layers:
+        a = layer.attention
+        for name in ("q", "k", "v", "o", "q_a", "q_b", "kv_a", "kv_b"):
+            if getattr(a, name) is not None:
+                setattr(a, name, pack(getattr(a, name)))
+        for mlp in (layer.mlp, layer.moe.shared if layer.moe else None):
+            if mlp is not None:
+                mlp.gate_up, mlp.down = pack(mlp.gate_up), pack(mlp.down)
+        if layer.moe is not None and layer.moe.experts_gate_up is not None:
+            moe = layer.moe
+            moe.packed_experts = [
+                MLPWeights(pack(moe.experts_gate_up[e]), pack(moe.experts_down[e]))
+                for e in range(moe.experts_gate_up.shape[0])
+            ]
+            moe.experts_gate_up = moe.experts_down = None  # the packed copies replace them
+    weights.lm_head = pack(weights.lm_head)
+    return weights
