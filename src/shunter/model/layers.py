@@ -347,10 +347,15 @@ def moe_block(x: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> MoEResult:
     scores = router_scores(x, w, spec)
     expert_ids, gate_weights = select_experts(scores, w, spec)
     applied = gate_weights.to(x.dtype) if spec.gate_weights_in_model_dtype else gate_weights
-    out = routed_experts(x, expert_ids, applied, w)
-    if w.shared is not None:
-        shared = expert_mlp(x, w.shared)
-        if w.shared_gate is not None:
-            shared = torch.sigmoid(F.linear(x, w.shared_gate)) * shared
-        out = out + shared
+    out = add_shared_experts(x, routed_experts(x, expert_ids, applied, w), w)
     return MoEResult(out, expert_ids, gate_weights, scores)
+
+
+def add_shared_experts(x: torch.Tensor, routed: torch.Tensor, w: MoEWeights) -> torch.Tensor:
+    """routed [N, H] plus the shared experts' output on x [N, H] (gated by sigmoid in Qwen2-MoE)."""
+    if w.shared is None:
+        return routed
+    shared = expert_mlp(x, w.shared)
+    if w.shared_gate is not None:
+        shared = torch.sigmoid(F.linear(x, w.shared_gate)) * shared
+    return routed + shared

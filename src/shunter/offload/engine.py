@@ -21,6 +21,7 @@ from shunter.model.checkpoint import Checkpoint
 from shunter.model.executor import Batch, KVCache
 from shunter.model.layers import (
     Rotary,
+    add_shared_experts,
     attention,
     attention_mask,
     expert_mlp,
@@ -194,12 +195,7 @@ class OffloadedModel:
         for e in hot:  # predicted but unused: the prefetch missed
             if e not in groups:
                 streamer.drop_expert(layer, e)
-        if moe.shared is not None:
-            shared = expert_mlp(x, moe.shared)
-            if moe.shared_gate is not None:
-                shared = torch.sigmoid(F.linear(x, moe.shared_gate)) * shared
-            out = out + shared
-        return out, ids_np
+        return add_shared_experts(x, out, moe), ids_np
 
     def _queue_next(self, layer: int, ids: np.ndarray | None) -> None:
         """Queue the next layer's block, then its predicted experts, behind this layer's loads."""
