@@ -19,7 +19,7 @@ from shunter.commands.common import (
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.generate import SamplingParams, generate
-from shunter.model.loader import DTYPE_NAMES, load_model, resolve_model_dir
+from shunter.model.loader import DTYPE_NAMES, TRACE_FILE, load_model, resolve_model_dir
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.tokenizer import Tokenizer
 from shunter.offload import OffloadedModel, PipelineOptions, load_offloaded, model_bytes
@@ -47,7 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "than this streams its weights from disk with the offload engine",
     )
     p.add_argument("--batches", type=int, default=1, help="micro-batches sharing each layer's load (offload)")
-    p.add_argument("--trace", type=Path, help="routing trace that seeds the expert prefetcher (offload)")
+    p.add_argument(
+        "--trace",
+        type=Path,
+        help="routing trace that seeds the expert prefetcher (offload; "
+        f"default: the model directory's {TRACE_FILE}, if any)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=run)
 
@@ -151,7 +156,9 @@ def _open_model(args: argparse.Namespace, path: Path, spec: ModelSpec, slots: in
         return load_model(path, args.dtype).model
     if args.batches < 1:
         raise ShunterError(f"--batches: must be at least 1, got {args.batches}")
-    trace = load_trace(args.trace) if args.trace else None
+    # a model directory that carries its own routing trace (the built-in model does) seeds the prefetcher
+    own_trace = path / TRACE_FILE
+    trace = load_trace(args.trace) if args.trace else (load_trace(own_trace) if own_trace.is_file() else None)
     if trace is not None and trace.num_experts != spec.num_experts:
         raise ShunterError(
             f"{args.trace}: trace has {trace.num_experts} experts, the model {spec.num_experts}"
