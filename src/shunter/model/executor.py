@@ -78,6 +78,30 @@ class Batch:
         """[B*T] bool: which of this forward's tokens are real."""
         return self.key_valid[:, self.start : self.start + self.tokens.shape[1]].reshape(-1)
 
+    def attention_inputs(
+        self, spec: ModelSpec, inv_freq: torch.Tensor, rope_factor: float, dtype: torch.dtype
+    ) -> tuple[Rotary, torch.Tensor | None]:
+        """The rotary embedding and attention mask every layer of this forward shares."""
+        rotary = Rotary.at(self.positions, inv_freq, spec.rope_interleaved, dtype, rope_factor)
+        return rotary, attention_mask(self.key_valid, self.start, self.tokens.shape[1], spec.sliding_window)
+
+    def start_recording(self, recorder: RoutingRecorder | None) -> torch.Tensor | None:
+        """Record this forward's real tokens; returns the [B*T] mask that drops padding from routing."""
+        if recorder is None:
+            return None
+        keep = self.new_valid
+        recorder.record_tokens(self.tokens.reshape(-1), keep)
+        return keep
+
+
+def output_logits(
+    h: torch.Tensor, final_norm: torch.Tensor, lm_head: torch.Tensor, spec: ModelSpec, last_only: bool
+) -> torch.Tensor:
+    """Final norm and LM head on h [B, T, H] -> fp32 logits [B, T, V] (or [B, 1, V] with last_only)."""
+    if last_only:
+        h = h[:, -1:]
+    return linear(rms_norm(h, final_norm, spec.rms_norm_eps), lm_head).float()
+
 
 MoEObserver = Callable[[int, MoEResult], None]
 
@@ -130,19 +154,13 @@ class InMemoryModel:
         spec, w = self.spec, self.weights
         T = batch.tokens.shape[1]
         h = F.embedding(batch.tokens, w.embed)
-        rotary = Rotary.at(
-            batch.positions, self.inv_freq, spec.rope_interleaved, self.dtype, self.rope_factor
-        )
-        mask = attention_mask(batch.key_valid, batch.start, T, spec.sliding_window)
+        rotary, mask = batch.attention_inputs(spec, self.inv_freq, self.rope_factor, self.dtype)
+        keep = batch.start_recording(recorder)
         observe = None
         if recorder is not None:
-            keep = batch.new_valid
-            recorder.record_tokens(batch.tokens.reshape(-1), keep)
             observe = lambda layer, moe: recorder.record(layer, moe.expert_ids, moe.gate_weights, keep)
         for i, layer_weights in enumerate(w.layers):
             h = decoder_layer(h, layer_weights, spec, i, rotary, mask, cache, observe)
         if cache is not None:
             cache.advance(T)
-        if last_only:
-            h = h[:, -1:]
-        return linear(rms_norm(h, w.final_norm, spec.rms_norm_eps), w.lm_head).float()
+        return output_logits(h, w.final_norm, w.lm_head, spec, last_only)

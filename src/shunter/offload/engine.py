@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from shunter.model.checkpoint import Checkpoint
-from shunter.model.executor import Batch, KVCache
+from shunter.model.executor import Batch, KVCache, output_logits
 from shunter.model.layers import (
     Rotary,
     add_shared_experts,
     attention,
-    attention_mask,
     expert_mlp,
     group_tokens_by_expert,
     rms_norm,
@@ -119,13 +118,8 @@ class OffloadedModel:
         B, T = batch.tokens.shape
         n = max(1, min(self.options.num_batches, B))
         bounds = [(B * k // n, B * (k + 1) // n) for k in range(n)]
-        rotary = Rotary.at(
-            batch.positions, self.inv_freq, spec.rope_interleaved, self.dtype, self.rope_factor
-        )
-        mask = attention_mask(batch.key_valid, batch.start, T, spec.sliding_window)
-        keep = batch.new_valid if recorder is not None else None
-        if recorder is not None:
-            recorder.record_tokens(batch.tokens.reshape(-1), keep)
+        rotary, mask = batch.attention_inputs(spec, self.inv_freq, self.rope_factor, self.dtype)
+        keep = batch.start_recording(recorder)
 
         h = F.embedding(batch.tokens, self.embed)
         streamer.request_block(0)
@@ -151,9 +145,7 @@ class OffloadedModel:
             h += y.view(B, T, -1)
         if cache is not None:
             cache.advance(T)
-        if last_only:
-            h = h[:, -1:]
-        return F.linear(rms_norm(h, self.final_norm, spec.rms_norm_eps), self.lm_head).float()
+        return output_logits(h, self.final_norm, self.lm_head, spec, last_only)
 
     def _moe_layer(self, layer, block, x, bounds, T, previous_ids, recorder, keep):
         spec, streamer, moe = self.spec, self.streamer, block.moe
