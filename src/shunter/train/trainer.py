@@ -164,6 +164,7 @@ class Trainer:
         self.config, self.out_dir = config, Path(out_dir)
         self.work_dir = Path(work_dir) if work_dir else self.out_dir.with_name(self.out_dir.name + ".work")
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.progress = log or _progress_to_stderr
         _check_writable(self.out_dir)
         self.corpus = Corpus.from_path(Path(corpus_root), config.heldout_percent)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -277,8 +278,9 @@ class Trainer:
                     window_started, window_steps = now, 0
                     eta_min = (config.steps - completed) * tokens_per_step / max(rate, 1e-9) / 60
                     recent = np.mean([ce for _, ce, _ in losses[-10:]])
-                    self.log(
-                        f"step {completed}/{config.steps}  loss {recent:.3f}  balance {aux.item():.3f}  "
+                    self.progress(
+                        f"{_bar(completed / config.steps)} step {completed}/{config.steps}  "
+                        f"loss {recent:.3f}  balance {aux.item():.3f}  "
                         f"lr {learning_rate(config, step):.2e}  {rate / 1000:.1f}k tok/s  "
                         f"eta {eta_min:.0f} min"
                     )
@@ -364,6 +366,22 @@ class Trainer:
 
     def spec_config(self) -> dict[str, Any]:
         return self.config.model_config(self.eot)
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = round(fraction * width)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {fraction:4.0%}"
+
+
+def _progress_to_stderr(line: str) -> None:
+    """On a terminal the progress line rewrites itself; in a log file each update is a line."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + "\x1b[K")
+        if line.startswith("[" + "#" * 20):
+            sys.stderr.write("\n")
+    else:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _check_writable(out_dir: Path) -> None:
