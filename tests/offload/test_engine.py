@@ -137,3 +137,16 @@ def test_generate_with_a_small_memory_budget_streams_and_gives_the_same_tokens(t
     assert streamed["bytes_read"] > 0
     assert main([*argv[:-1], "10KiB"]) == 2
     assert "below the minimum this model needs" in capsys.readouterr().err
+
+
+def test_bf16_streaming_with_prepacked_resident_weights_equals_in_memory(tiny_checkpoint):
+    """Oracle: the in-memory executor (also prepacked) on the same bf16 checkpoint."""
+    path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
+    expected = generate(load_model(path).model, PROMPTS, 10).tokens
+    model = load_offloaded(path, 1_400_000, options=PipelineOptions(2, "hot"), sequences=3, max_slots=64)
+    try:
+        assert model.lm_head.is_mkldnn == load_model(path).model.weights.lm_head.is_mkldnn
+        assert generate(model, PROMPTS, 10).tokens == expected
+        assert model.streamer.expert_loads > 0
+    finally:
+        model.close()

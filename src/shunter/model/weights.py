@@ -271,19 +271,30 @@ def pack_for_cpu(weights: ModelWeights, pack: Callable[[torch.Tensor], torch.Ten
     """Replace every projection weight by `pack(weight)` (the fast CPU layout), in place, and return
     the weights. Routers stay as they are (small, and DeepSeek computes them in fp32)."""
     for layer in weights.layers:
-        a = layer.attention
-        for name in ("q", "k", "v", "o", "q_a", "q_b", "kv_a", "kv_b"):
-            if getattr(a, name) is not None:
-                setattr(a, name, pack(getattr(a, name)))
-        for mlp in (layer.mlp, layer.moe.shared if layer.moe else None):
-            if mlp is not None:
-                mlp.gate_up, mlp.down = pack(mlp.gate_up), pack(mlp.down)
-        if layer.moe is not None and layer.moe.experts_gate_up is not None:
-            moe = layer.moe
-            moe.packed_experts = [
-                MLPWeights(pack(moe.experts_gate_up[e]), pack(moe.experts_down[e]))
-                for e in range(moe.experts_gate_up.shape[0])
-            ]
-            moe.experts_gate_up = moe.experts_down = None  # the packed copies replace them
+        pack_layer(layer, pack)
     weights.lm_head = pack(weights.lm_head)
     return weights
+
+
+def pack_layer(layer: LayerWeights, pack: Callable[[torch.Tensor], torch.Tensor]) -> LayerWeights:
+    """`pack` every projection of one layer in place: attention, dense or shared MLPs, experts."""
+    a = layer.attention
+    for name in ("q", "k", "v", "o", "q_a", "q_b", "kv_a", "kv_b"):
+        if getattr(a, name) is not None:
+            setattr(a, name, pack(getattr(a, name)))
+    for mlp in (layer.mlp, layer.moe.shared if layer.moe else None):
+        if mlp is not None:
+            pack_mlp(mlp, pack)
+    moe = layer.moe
+    if moe is not None and moe.experts_gate_up is not None and moe.experts_down is not None:
+        moe.packed_experts = [
+            pack_mlp(MLPWeights(moe.experts_gate_up[e], moe.experts_down[e]), pack)
+            for e in range(moe.experts_gate_up.shape[0])
+        ]
+        moe.experts_gate_up = moe.experts_down = None  # the packed copies replace them
+    return layer
+
+
+def pack_mlp(mlp: MLPWeights, pack: Callable[[torch.Tensor], torch.Tensor]) -> MLPWeights:
+    mlp.gate_up, mlp.down = pack(mlp.gate_up), pack(mlp.down)
+    return mlp

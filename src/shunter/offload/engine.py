@@ -25,13 +25,14 @@ from shunter.model.layers import (
     attention,
     expert_mlp,
     group_tokens_by_expert,
+    pack_linear_weight,
     rms_norm,
     rope_inverse_frequencies,
     router_scores,
     select_experts,
 )
 from shunter.model.spec import ModelSpec
-from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights
+from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights, pack_layer, pack_mlp
 from shunter.offload.disk import DirectReader
 from shunter.offload.placement import OffloadPlacement
 from shunter.offload.prefetcher import CorrelationPrefetcher
@@ -85,12 +86,16 @@ class OffloadedModel:
         resident = CheckpointLayout(spec, checkpoint, fetch=self.reader.read)
         self.embed = resident.embed(dtype)
         self.final_norm = resident.final_norm(dtype)
-        self.lm_head = resident.lm_head(dtype, self.embed)
+        # resident weights are read once, so they take the prepacked fast layout (bf16 on CPU);
+        # streamed ones would pay the reorder on every load and stay plain
+        self.lm_head = pack_linear_weight(resident.lm_head(dtype, self.embed))
         blocks: dict[int, LayerWeights] = {
-            i: resident.layer(i, dtype, False) for i in sorted(placement.resident_blocks)
+            i: pack_layer(resident.layer(i, dtype, False), pack_linear_weight)
+            for i in sorted(placement.resident_blocks)
         }
         experts: dict[tuple[int, int], MLPWeights] = {
-            key: resident.expert(key[0], key[1], dtype) for key in sorted(placement.resident_experts)
+            key: pack_mlp(resident.expert(key[0], key[1], dtype), pack_linear_weight)
+            for key in sorted(placement.resident_experts)
         }
         self.streamer = WeightStreamer(spec, checkpoint, dtype, self.reader, blocks, experts)
         self.moe_layers = [i for i, moe in enumerate(spec.moe_layers) if moe]
