@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench bench-offload lint install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/inmemory.py --reps 7
+
+# needs root: memory cgroups and dropping the page cache
+bench-offload: $(STAMP)
+	$(BIN)/python bench/offload.py --reps 5 --new-tokens 8
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
