@@ -80,13 +80,39 @@ def run_capped(argv: list[str], cap_bytes: int) -> tuple[dict, int]:
     return json.loads(done.stdout[done.stdout.index("{") :]), peak
 
 
+LADDER = """
+import json, sys
+from shunter.model.generate import generate
+from shunter.offload import PipelineOptions, load_offloaded
+path, rung = sys.argv[1], sys.argv[5]
+memory, new, sequences = (int(a) for a in sys.argv[2:5])
+options = {
+    "simple": PipelineOptions(1, "layer", hot_first=False),
+    "multi-batch": PipelineOptions(1, "layer", hot_first=False),
+    "hot-prefetch": PipelineOptions(1, "hot", hot_first=False),
+    "reorder": PipelineOptions(1, "hot", hot_first=True),
+}[rung]
+prompts = [list(range(100 + s, 116 + s)) for s in range(sequences)]
+# the simple pipeline serves one sequence at a time; every other rung shares each load across all
+groups = [[p] for p in prompts] if rung == "simple" else [prompts]
+model = load_offloaded(path, memory, options=options, sequences=len(groups[0]), max_slots=16 + new)
+decode_s, decoded = 0.0, 0
+for group in groups:
+    result = generate(model, group, new)
+    decode_s += result.decode_s
+    decoded += result.batch * result.decode_steps
+print(json.dumps({"decode_tok_s": decoded / decode_s, "bytes_read": model.reader.stats.bytes_read,
+                  "prefetch_hit_rate": model.prefetcher.hit_rate, "generated_ids": result.tokens[0]}))
+"""
+
 ACCELERATE = """
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM
-path, offload, new, cpu = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, offload = sys.argv[1], sys.argv[2]
+new, cpu, sequences = (int(a) for a in sys.argv[3:6])
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
                                              max_memory={"cpu": cpu}, offload_folder=offload)
-ids = torch.tensor([list(range(100, 116))])
+ids = torch.tensor([list(range(100 + s, 116 + s)) for s in range(sequences)])
 times = []
 class Clock:
     def put(self, _): times.append(time.perf_counter())
@@ -94,8 +120,8 @@ class Clock:
 with torch.inference_mode():
     out = model.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          streamer=Clock(), pad_token_id=0)
-print(json.dumps({"decode_tok_s": (new - 1) / (times[-1] - times[1]), "prefill_s": times[1] - times[0],
-                  "generated_ids": out[0, 16:].tolist()}))
+print(json.dumps({"decode_tok_s": sequences * (new - 1) / (times[-1] - times[1]),
+                  "prefill_s": times[1] - times[0], "generated_ids": out[0, 16:].tolist()}))
 """
 
 
@@ -106,6 +132,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--cap", default="1.6GB", help="memory cap of each contender's cgroup")
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--sequences", type=int, default=1, help="sequences in flight (the batch)")
+    parser.add_argument("--ladder", action="store_true", help="run the ablation ladder rungs too")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/offload.py needs root (memory cgroups, dropping the page cache)", file=sys.stderr)
@@ -115,13 +143,17 @@ def main() -> int:
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     print(
         f"model {path.name}: {format_bytes(size)} on disk; cap {format_bytes(cap)} per contender; "
-        f"threads {torch.get_num_threads()}",
+        f"{args.sequences} sequences; threads {torch.get_num_threads()}",
         flush=True,
     )
-    offload_dir = CACHE / "accelerate-offload"
     ids = ",".join(map(str, PROMPT_IDS))
-    contenders = {
-        "shunter": [
+    # the engine gets the cap less 768 MiB for the Python and torch runtime and the page cache of
+    # their shared libraries, which the cgroup counts too; accelerate keeps up to
+    # `cpu` of weights in RAM and memory-maps the rest from its offload_folder
+    engine_bytes = cap - 3 * 2**28
+    contenders = {}
+    if args.sequences == 1 and not args.ladder:
+        contenders["shunter"] = [
             sys.executable,
             "-m",
             "shunter.cli",
@@ -132,21 +164,31 @@ def main() -> int:
             "--max-new-tokens",
             str(args.new_tokens),
             "--memory",
-            str(cap - 2**29),
+            str(engine_bytes),
             "--json",
-        ],
-        # the engine gets the cap less 512 MiB for the Python and torch runtime; accelerate keeps up to
-        # `cpu` of weights in RAM and memory-maps the rest from its offload_folder
-        "accelerate": [
-            sys.executable,
-            "-c",
-            ACCELERATE,
-            str(path),
-            str(offload_dir),
-            str(args.new_tokens),
-            str(int(cap * 0.5)),
-        ],
-    }
+        ]
+    else:  # the ladder's last rung ("reorder") is Shunter's default pipeline
+        for rung in ["simple", "multi-batch", "hot-prefetch", "reorder"] if args.ladder else ["reorder"]:
+            contenders[rung] = [
+                sys.executable,
+                "-c",
+                LADDER,
+                str(path),
+                str(engine_bytes),
+                str(args.new_tokens),
+                str(args.sequences),
+                rung,
+            ]
+    contenders["accelerate"] = [
+        sys.executable,
+        "-c",
+        ACCELERATE,
+        str(path),
+        str(CACHE / "accelerate-offload"),
+        str(args.new_tokens),
+        str(int(cap * 0.5)),
+        str(args.sequences),
+    ]
     results: dict[str, list[dict]] = {name: [] for name in contenders}
     for rep in range(args.reps + 1):  # rep 0 warms up (and lets accelerate write its offload folder)
         for name, argv in contenders.items():
@@ -157,18 +199,19 @@ def main() -> int:
             if rep > 0:
                 results[name].append(output)
             print(
-                f"rep {rep} {name:10s} decode {output['decode_tok_s']:.3f} tok/s  peak {format_bytes(peak)}  "
+                f"rep {rep} {name:12s} decode {output['decode_tok_s']:.3f} tok/s  peak {format_bytes(peak)}  "
                 f"read {format_bytes(output.get('bytes_read', 0))}",
                 flush=True,
             )
-    ours = [r["decode_tok_s"] for r in results["shunter"]]
-    theirs = [r["decode_tok_s"] for r in results["accelerate"]]
-    same = results["shunter"][0]["generated_ids"] == results["accelerate"][0]["generated_ids"]
-    print(
-        f"decode tok/s median: shunter {statistics.median(ours):.3f} [{min(ours):.3f}-{max(ours):.3f}], "
-        f"accelerate {statistics.median(theirs):.3f} [{min(theirs):.3f}-{max(theirs):.3f}], "
-        f"ratio {statistics.median(ours) / statistics.median(theirs):.2f}x; same tokens: {same}"
-    )
+    peer = statistics.median(r["decode_tok_s"] for r in results["accelerate"])
+    for name, runs in results.items():
+        rates = [r["decode_tok_s"] for r in runs]
+        median = statistics.median(rates)
+        print(
+            f"{name:12s} decode {median:8.3f} tok/s [{min(rates):.3f}-{max(rates):.3f}]  "
+            f"x{median / peer:.2f} vs accelerate  read {format_bytes(runs[0].get('bytes_read', 0))}  "
+            f"prefetch hits {runs[0].get('prefetch_hit_rate', float('nan')):.2f}"
+        )
     return 0
 
 
