@@ -59,9 +59,6 @@ class KVCache:
     def advance(self, num_new: int) -> None:
         self.length += num_new
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
 
 @dataclass
 class Batch:

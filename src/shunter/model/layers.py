@@ -316,9 +316,23 @@ def routed_experts(
     """Sum over each token's experts of gate weight * expert(x); x [N, H] -> [N, H]."""
     out = torch.zeros_like(x)
     for g in group_tokens_by_expert(expert_ids):
-        y = expert_mlp(x[g.token_index], weights.expert(g.expert))
-        out.index_add_(0, g.token_index, (y * gate_weights[g.token_index, g.slot_index, None]).to(x.dtype))
+        add_expert_output(out, x, g, weights.expert(g.expert), gate_weights)
     return out
+
+
+def add_expert_output(
+    out: torch.Tensor, x: torch.Tensor, group: ExpertGroup, expert: MLPWeights, gate_weights: torch.Tensor
+) -> None:
+    """out[tokens] += gate weight * expert(x[tokens]) for the tokens of one expert group (in place)."""
+    y = expert_mlp(x[group.token_index], expert)
+    out.index_add_(
+        0, group.token_index, (y * gate_weights[group.token_index, group.slot_index, None]).to(x.dtype)
+    )
+
+
+def applied_gate_weights(gate_weights: torch.Tensor, dtype: torch.dtype, spec: ModelSpec) -> torch.Tensor:
+    """The gate weights as the family multiplies them: Qwen/OLMoE round them to the model dtype."""
+    return gate_weights.to(dtype) if spec.gate_weights_in_model_dtype else gate_weights
 
 
 def routed_experts_reference(
@@ -346,7 +360,7 @@ def moe_block(x: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> MoEResult:
     """The sparse feed-forward for x [N, H]: routed experts plus shared experts."""
     scores = router_scores(x, w, spec)
     expert_ids, gate_weights = select_experts(scores, w, spec)
-    applied = gate_weights.to(x.dtype) if spec.gate_weights_in_model_dtype else gate_weights
+    applied = applied_gate_weights(gate_weights, x.dtype, spec)
     out = add_shared_experts(x, routed_experts(x, expert_ids, applied, w), w)
     return MoEResult(out, expert_ids, gate_weights, scores)
 

@@ -128,9 +128,6 @@ class ModelSpec:
             ffn = 3 * H * self.dense_intermediate_size
         return 2 * H + attention + ffn
 
-    def element_bytes(self) -> int:
-        return torch.tensor([], dtype=self.torch_dtype).element_size()
-
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
     """Read `config.json` in `model_dir` into a ModelSpec; ShunterError on anything missing or unknown."""

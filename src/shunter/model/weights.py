@@ -7,7 +7,7 @@ device) is the caller's business.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -254,17 +254,6 @@ def load_weights(spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype) ->
         final_norm=layout.final_norm(dtype),
         lm_head=layout.lm_head(dtype, embed),
     )
-
-
-def weight_bytes(weights: object) -> int:
-    """Total bytes of all tensors reachable from a weights dataclass."""
-    if isinstance(weights, torch.Tensor):
-        return weights.numel() * weights.element_size()
-    if isinstance(weights, list):
-        return sum(weight_bytes(w) for w in weights)
-    if weights is None or not hasattr(weights, "__dataclass_fields__"):
-        return 0
-    return sum(weight_bytes(getattr(weights, f.name)) for f in fields(weights))  # type: ignore[arg-type]
 
 
 def pack_for_cpu(weights: ModelWeights, pack: Callable[[torch.Tensor], torch.Tensor]) -> ModelWeights:

@@ -21,7 +21,9 @@ from shunter.model.checkpoint import Checkpoint
 from shunter.model.executor import Batch, KVCache, output_logits
 from shunter.model.layers import (
     Rotary,
+    add_expert_output,
     add_shared_experts,
+    applied_gate_weights,
     attention,
     expert_mlp,
     group_tokens_by_expert,
@@ -177,7 +179,7 @@ class OffloadedModel:
         streamer.drop_block(layer)
         self._queue_next(layer, ids_np)
 
-        applied = gate_weights.to(x.dtype) if spec.gate_weights_in_model_dtype else gate_weights
+        applied = applied_gate_weights(gate_weights, x.dtype, spec)
         groups = {g.expert: g for g in group_tokens_by_expert(ids)}
         if self.options.hot_first:
             order = [e for e in hot if e in groups] + [e for e in queued if e in groups]
@@ -185,9 +187,7 @@ class OffloadedModel:
             order = sorted(groups)
         out = torch.zeros_like(x)
         for e in order:
-            g = groups[e]
-            y = expert_mlp(x[g.token_index], streamer.expert(layer, e))
-            out.index_add_(0, g.token_index, (y * applied[g.token_index, g.slot_index, None]).to(x.dtype))
+            add_expert_output(out, x, groups[e], streamer.expert(layer, e), applied)
             streamer.drop_expert(layer, e)
         for e in hot:  # predicted but unused: the prefetch missed
             if e not in groups:

@@ -28,10 +28,6 @@ class OffloadPlacement:
     pinned_bytes: int
     budget_bytes: int
 
-    @property
-    def planned_bytes(self) -> int:
-        return self.base_bytes + self.working_set_bytes + self.kv_cache_bytes + self.pinned_bytes
-
 
 def kv_cache_bytes(spec: ModelSpec, sequences: int, slots: int, element_bytes: int) -> int:
     kv_heads = spec.num_heads if spec.attention == "mla" else spec.num_kv_heads

@@ -43,10 +43,6 @@ class WeightStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shunter-io")
         self._inflight: dict[tuple, Future] = {}
         self.expert_loads = 0
-        self.block_loads = 0
-
-    def is_resident_expert(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self.resident_experts
 
     def is_requested_expert(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.resident_experts or ("expert", layer, expert) in self._inflight
@@ -54,7 +50,6 @@ class WeightStreamer:
     def request_block(self, layer: int) -> None:
         key = ("block", layer)
         if layer not in self.resident_blocks and key not in self._inflight:
-            self.block_loads += 1
             self._inflight[key] = self._pool.submit(self.layout.layer, layer, self.dtype, False)
 
     def request_expert(self, layer: int, expert: int) -> None:

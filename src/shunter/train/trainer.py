@@ -200,9 +200,6 @@ class Trainer:
             os.replace(tmp, path)
         return torch.from_numpy(np.load(path).astype(np.int64))
 
-    def heldout_bytes(self) -> int:
-        return sum(len(t.encode("utf-8")) for t in read_texts(self.corpus.heldout_files))
-
     def run(self, resume: bool = False, stop_after: int | None = None) -> TrainResult | None:
         """Train to config.steps (or stop after `stop_after` steps, for tests), then export.
         Returns None when stopped early; the state file then holds everything needed to resume."""
