@@ -324,10 +324,22 @@ def add_expert_output(
     out: torch.Tensor, x: torch.Tensor, group: ExpertGroup, expert: MLPWeights, gate_weights: torch.Tensor
 ) -> None:
     """out[tokens] += gate weight * expert(x[tokens]) for the tokens of one expert group (in place)."""
-    y = expert_mlp(x[group.token_index], expert)
-    out.index_add_(
-        0, group.token_index, (y * gate_weights[group.token_index, group.slot_index, None]).to(x.dtype)
+    add_weighted_rows(
+        out, expert_mlp(x[group.token_index], expert), group.token_index, group.slot_index, gate_weights
     )
+
+
+def add_weighted_rows(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    token_index: torch.Tensor,
+    slot_index: torch.Tensor,
+    gate_weights: torch.Tensor,
+) -> None:
+    """out[token_index[r]] += gate_weights[token_index[r], slot_index[r]] * y[r] (in place).
+
+    y [R, H]: expert outputs, one row per (token, choice) pair, wherever they were computed."""
+    out.index_add_(0, token_index, (y * gate_weights[token_index, slot_index, None]).to(out.dtype))
 
 
 def applied_gate_weights(gate_weights: torch.Tensor, dtype: torch.dtype, spec: ModelSpec) -> torch.Tensor:

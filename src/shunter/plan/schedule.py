@@ -579,16 +579,27 @@ def simulate_baseline(
         return _simulate_fair_share(matrix, bandwidth, record)
     if policy not in ("random_order", "shortest_first"):
         raise ValueError(f"unknown baseline policy {policy!r}")
+    queues = sender_queues(matrix, policy, seed)
+    return _simulate_sender_queues(matrix, bandwidth, queues, policy, record)
+
+
+def sender_queues(
+    traffic_bytes: np.ndarray, policy: Literal["random_order", "shortest_first"], seed: int = 0
+) -> list[list[int]]:
+    """Per sender, the order it sends its off-diagonal flows in: a seeded random permutation (RCS)
+    or smallest first (SJF). The runtime's random-order exchange uses the same queues, so the
+    simulator predicts exactly the order that runs."""
+    matrix = off_diagonal(traffic_bytes)
     rng = np.random.default_rng(seed)
     queues: list[list[int]] = []
-    for i in range(n):
+    for i in range(matrix.shape[0]):
         targets = np.flatnonzero(matrix[i])
         if policy == "random_order":
             targets = rng.permutation(targets)
         else:
             targets = targets[np.argsort(matrix[i, targets], kind="stable")]
         queues.append(targets.tolist())
-    return _simulate_sender_queues(matrix, bandwidth, queues, policy, record)
+    return queues
 
 
 def max_min_fair_rates(src: np.ndarray, dst: np.ndarray, bandwidth_bytes_s: np.ndarray) -> np.ndarray:

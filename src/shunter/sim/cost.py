@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -64,6 +65,23 @@ def fair_share_time_s(
     if not matrix.any():
         return 0.0
     return latency_s + simulate_baseline(matrix, bandwidth_bytes_s, "fair_share", record=False).makespan_s
+
+
+def sender_queue_time_s(
+    traffic_bytes: np.ndarray,
+    bandwidth_bytes_s: np.ndarray | float,
+    policy: Literal["random_order", "shortest_first"],
+    seed: int,
+    latency_s: float,
+) -> float:
+    """Each sender sends its flows one after another (plan.schedule.sender_queues); each flow
+    waits latency_s before it moves, so the longest queue adds one latency per flow."""
+    matrix = off_diagonal(traffic_bytes)
+    if not matrix.any():
+        return 0.0
+    longest_queue = int((matrix > 0).sum(axis=1).max())
+    fluid = simulate_baseline(matrix, bandwidth_bytes_s, policy, seed=seed, record=False).makespan_s
+    return fluid + longest_queue * latency_s
 
 
 def ring_allreduce_flows(

@@ -1,0 +1,297 @@
+"""Measure one MoE layer's dispatch + combine all-to-alls on a real process group, three ways,
+beside the lower bound and the simulator's prediction for the same traffic.
+
+Run one process per host (`shunter bench a2a` launches it on the emulated cluster; torchrun works
+too):
+
+    python -m shunter.dist.a2a --trace T.npz --bandwidth 400Mbit/s --out result.json
+
+Per MoE layer of the trace: tokens start evenly spread over the ranks (`token_home_devices`),
+each (token, choice) goes to the rank holding its expert (a plan's exclusive placement, or even
+blocks), and rows [n, n] of `row_bytes` each follow. Each strategy runs `warmup` + `reps` times,
+interleaved so drift hits all alike; a rep's time is the slowest rank's, between barriers.
+
+The simulator is told what the network sustains, measured first on the same group: each ordered
+pair alone moves a probe (the efficiency of a port: measured rate / shaped rate, median over
+pairs) and a tiny message ping-pongs (the per-message latency). Predictions then use
+`shunter.sim.cost` with the shaped rates x that efficiency and that latency. The lower bound is
+`port_lower_bound_s` at the same sustained rates (and, for reference, at the shaped rates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from shunter.dist.exchange import STRATEGIES, Strategy, exchange
+from shunter.dist.moe import contiguous_placement
+from shunter.dist.runtime import init_from_environment, run_rank
+from shunter.errors import ShunterError
+from shunter.model.loader import default_trace_path
+from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all
+from shunter.plan.traffic import routed_counts
+from shunter.sim.cost import fair_share_time_s, sender_queue_time_s
+from shunter.trace.routing_trace import load_trace
+from shunter.units import parse_bandwidth
+
+BANDWIDTH_VARIABLE = "SHUNTER_CLUSTER_BANDWIDTHS"  # bytes/s per host, set by `shunter cluster run`
+DEFAULT_ROW_BYTES = 4096 * 2  # one Mixtral-sized hidden state in bf16
+ELEMENT = torch.float32  # rows are opaque bytes on the wire; fp32 is what every backend moves
+
+
+@dataclass(frozen=True)
+class LinkCalibration:
+    """What the network sustains: efficiency = measured single-flow rate / shaped rate (median
+    over ordered pairs), latency_s = half a tiny message's round trip (median)."""
+
+    efficiency: float
+    latency_s: float
+    pair_efficiency: list[list[float]]
+
+
+def parse_host_rates(text: str, num_hosts: int, field: str = "--bandwidth") -> np.ndarray:
+    """[n] bytes/s from one rate for all hosts or a comma-separated list with one per host."""
+    parts = [p for p in str(text).split(",") if p.strip()]
+    if len(parts) not in (1, num_hosts):
+        raise ShunterError(f"{field}: {len(parts)} bandwidths for {num_hosts} hosts (give 1 or {num_hosts})")
+    rates = np.array([parse_bandwidth(p.strip(), f"{field} (host {i})") for i, p in enumerate(parts)])
+    return np.resize(rates, num_hosts)
+
+
+def layer_rows(expert_ids: np.ndarray, device_of_expert: np.ndarray, num_ranks: int) -> np.ndarray:
+    """[n, n] int64 rows from rank i to rank j for one layer's choices expert_ids [N, k]."""
+    counts = routed_counts(expert_ids, device_of_expert.shape[0], num_ranks)  # [n, E]
+    one_hot = np.zeros((device_of_expert.shape[0], num_ranks), dtype=np.int64)
+    one_hot[np.arange(device_of_expert.shape[0]), device_of_expert] = 1
+    return counts @ one_hot
+
+
+def predict_s(
+    strategy: Strategy,
+    traffic_bytes: np.ndarray,
+    schedule: Schedule,
+    bandwidth_bytes_s: np.ndarray,
+    calibration: LinkCalibration,
+    seed: int,
+) -> float:
+    """The simulator's time for one all-to-all run with `strategy` on the calibrated network."""
+    sustained = bandwidth_bytes_s * calibration.efficiency
+    if strategy == "all_to_all":
+        return fair_share_time_s(traffic_bytes, sustained, calibration.latency_s)
+    if strategy == "scheduled":
+        # The schedule was planned on the shaped rates; every rate scales by the same efficiency.
+        busy = schedule.round_durations_s() > 0
+        return schedule.makespan_s / calibration.efficiency + int(busy.sum()) * calibration.latency_s
+    return sender_queue_time_s(traffic_bytes, sustained, "random_order", seed, calibration.latency_s)
+
+
+def calibrate(rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, group=None) -> LinkCalibration:
+    """Time each ordered pair alone (probe_bytes) and a 4-byte ping-pong between ranks 0 and 1."""
+    probe = torch.empty(max(probe_bytes // 4, 1), dtype=ELEMENT)
+    efficiency = np.ones((world, world))
+    # Twice over: the first pass warms every connection up; the second is kept.
+    for src, dst in 2 * [(s, d) for s in range(world) for d in range(world) if s != d]:
+        dist.barrier(group)
+        started = time.perf_counter()
+        if rank == src:
+            dist.send(probe, dst, group=group)
+            dist.recv(probe[:1], dst, group=group)  # the receiver's acknowledgement
+        elif rank == dst:
+            dist.recv(probe, src, group=group)
+            dist.send(probe[:1], src, group=group)
+        own = time.perf_counter() - started if rank == src else 0.0
+        elapsed = torch.tensor([own], dtype=torch.float64)
+        dist.all_reduce(elapsed, dist.ReduceOp.MAX, group=group)
+        efficiency[src, dst] = probe.numel() * 4 / elapsed.item() / min(bandwidth[src], bandwidth[dst])
+    tiny = torch.zeros(1, dtype=ELEMENT)
+    round_trips = []
+    dist.barrier(group)
+    for _ in range(30):
+        started = time.perf_counter()
+        if rank == 0:
+            dist.send(tiny, 1, group=group)
+            dist.recv(tiny, 1, group=group)
+        elif rank == 1:
+            dist.recv(tiny, 0, group=group)
+            dist.send(tiny, 0, group=group)
+        round_trips.append(time.perf_counter() - started)
+    latency = torch.tensor([float(np.median(round_trips[5:])) / 2 if rank == 0 else 0.0], dtype=torch.float64)
+    dist.all_reduce(latency, dist.ReduceOp.MAX, group=group)
+    off = efficiency[~np.eye(world, dtype=bool)]
+    return LinkCalibration(float(np.median(off)), latency.item(), efficiency.round(4).tolist())
+
+
+def time_exchanges(
+    send: torch.Tensor,
+    rows: np.ndarray,
+    schedules: tuple[Schedule, Schedule],
+    seed: int,
+    warmup: int,
+    reps: int,
+    group=None,
+) -> dict[str, np.ndarray]:
+    """Per strategy, [reps, 2] seconds (dispatch, combine), each the slowest rank's."""
+    times: dict[str, list[list[float]]] = {s: [] for s in STRATEGIES}
+    for rep in range(warmup + reps):
+        # Rotate the order every rep: slow drift of the machine hits every strategy alike.
+        order = STRATEGIES[rep % len(STRATEGIES) :] + STRATEGIES[: rep % len(STRATEGIES)]
+        for strategy in order:
+            dist.barrier(group)
+            started = time.perf_counter()
+            received = exchange(send, rows, strategy, schedule=schedules[0], seed=seed, group=group)
+            dispatched = time.perf_counter() - started
+            dist.barrier(group)
+            started = time.perf_counter()
+            exchange(received, rows.T, strategy, schedule=schedules[1], seed=seed + 1, group=group)
+            combined = time.perf_counter() - started
+            slowest = torch.tensor([dispatched, combined], dtype=torch.float64)
+            dist.all_reduce(slowest, dist.ReduceOp.MAX, group=group)
+            if rep >= warmup:
+                times[strategy].append(slowest.tolist())
+    return {s: np.array(t) for s, t in times.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m shunter.dist.a2a", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", default=None, help="routing trace .npz (default: the built-in model's)")
+    parser.add_argument(
+        "--bandwidth", default=None, help=f"shaped port rate(s); default ${BANDWIDTH_VARIABLE}"
+    )
+    parser.add_argument("--placement", default=None, help="JSON file: device_of_expert per layer ([L][E])")
+    parser.add_argument("--layers", type=int, default=2, help="how many MoE layers of the trace (default 2)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per layer, from the trace's start")
+    parser.add_argument("--row-bytes", type=int, default=DEFAULT_ROW_BYTES, help="bytes of one token row")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--probe-bytes", type=int, default=2 << 20, help="bytes per pair when calibrating")
+    parser.add_argument("--seed", type=int, default=0, help="random-order seed")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may wait")
+    parser.add_argument("--out", default=None, help="rank 0 writes the JSON result here (default stdout)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.reps < 1 or args.warmup < 0 or args.tokens < 1 or args.row_bytes < 4 or args.layers < 1:
+        raise ShunterError("--reps, --tokens, --layers must be >= 1, --row-bytes >= 4, --warmup >= 0")
+    rank, world = init_from_environment(args.timeout)
+    rates_text = args.bandwidth or os.environ.get(BANDWIDTH_VARIABLE)
+    if not rates_text:
+        raise ShunterError(f"--bandwidth: not given and ${BANDWIDTH_VARIABLE} is not set")
+    bandwidth = parse_host_rates(rates_text, world)
+    trace_path = Path(args.trace) if args.trace else default_trace_path()
+    trace = load_trace(trace_path)
+    layers = min(args.layers, trace.num_layers)
+    placements = _placements(args.placement, trace.num_experts, world, layers)
+    tokens = min(args.tokens, trace.num_tokens)
+
+    calibration = calibrate(rank, world, bandwidth, args.probe_bytes)
+    sustained = bandwidth * calibration.efficiency
+    row_elements = args.row_bytes // 4
+    row_bytes = row_elements * 4
+    results = []
+    for layer in range(layers):
+        rows = layer_rows(trace.expert_ids[layer, :tokens], placements[layer], world)
+        traffic = rows.astype(np.float64) * row_bytes
+        schedules = (schedule_all_to_all(traffic, bandwidth), schedule_all_to_all(traffic.T, bandwidth))
+        send = torch.randn(int(rows[rank].sum()), row_elements, generator=torch.Generator().manual_seed(rank))
+        seed = args.seed + 2 * layer
+        times = time_exchanges(send, rows, schedules, seed, args.warmup, args.reps)
+        bound = port_lower_bound_s(traffic, sustained) + port_lower_bound_s(traffic.T, sustained)
+        entry: dict[str, object] = {
+            "layer": int(trace.layer_indices[layer]),
+            "rows": rows.tolist(),
+            "remote_bytes": float(traffic.sum() - np.trace(traffic)),
+            "lower_bound_s": bound,
+            "lower_bound_shaped_s": (
+                port_lower_bound_s(traffic, bandwidth) + port_lower_bound_s(traffic.T, bandwidth)
+            ),
+            "rounds": [schedules[0].num_rounds, schedules[1].num_rounds],
+            "strategies": {},
+        }
+        for strategy in STRATEGIES:
+            total = times[strategy].sum(axis=1)
+            predicted = predict_s(strategy, traffic, schedules[0], bandwidth, calibration, seed) + predict_s(
+                strategy, traffic.T, schedules[1], bandwidth, calibration, seed + 1
+            )
+            median = float(np.median(total))
+            entry["strategies"][strategy] = {  # type: ignore[index]
+                "median_s": median,
+                "min_s": float(total.min()),
+                "max_s": float(total.max()),
+                "dispatch_median_s": float(np.median(times[strategy][:, 0])),
+                "combine_median_s": float(np.median(times[strategy][:, 1])),
+                "predicted_s": predicted,
+                "predicted_over_measured": predicted / median,
+                "over_bound": median / bound,
+            }
+        s = entry["strategies"]
+        entry["schedule_over_bound"] = s["scheduled"]["over_bound"]  # type: ignore[index]
+        entry["speedup_over_all_to_all"] = s["all_to_all"]["median_s"] / s["scheduled"]["median_s"]  # type: ignore[index]
+        entry["speedup_over_random_order"] = s["random_order"]["median_s"] / s["scheduled"]["median_s"]  # type: ignore[index]
+        results.append(entry)
+        if rank == 0:
+            print(_layer_line(entry), file=sys.stderr, flush=True)
+    if rank == 0:
+        report = {
+            "hosts": world,
+            "bandwidth_bytes_s": bandwidth.tolist(),
+            "trace": str(trace_path),
+            "tokens_per_layer": tokens,
+            "row_bytes": row_bytes,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "calibration": asdict(calibration),
+            "layers": results,
+        }
+        text = json.dumps(report, indent=1)
+        if args.out:
+            partial = Path(args.out).with_suffix(".partial")
+            partial.write_text(text)
+            partial.replace(args.out)
+        else:
+            print(text)
+    dist.barrier()
+    return 0
+
+
+def _layer_line(entry: dict) -> str:
+    ms = {name: value["median_s"] * 1e3 for name, value in entry["strategies"].items()}
+    return (
+        f"layer {entry['layer']}: scheduled {ms['scheduled']:.1f} ms ({entry['schedule_over_bound']:.3f}x "
+        f"bound), all_to_all {ms['all_to_all']:.1f} ms, random_order {ms['random_order']:.1f} ms"
+    )
+
+
+def _placements(path: str | None, num_experts: int, world: int, layers: int) -> list[np.ndarray]:
+    if path is None:
+        return [contiguous_placement(num_experts, world)] * layers
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ShunterError(f"{path}: cannot read the placement JSON: {exc}") from None
+    if not isinstance(document, list) or len(document) < layers:
+        raise ShunterError(f"{path}: expected a list of at least {layers} placements (one per layer)")
+    out = []
+    for layer, placement in enumerate(document[:layers]):
+        array = np.asarray(placement, dtype=np.int64)
+        if array.shape != (num_experts,) or array.min() < 0 or array.max() >= world:
+            raise ShunterError(
+                f"{path}: [{layer}]: need {num_experts} device indices in [0, {world}) "
+                f"(the plan has more devices than the cluster has hosts, or a different model)"
+            )
+        out.append(array)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(run_rank(main))

@@ -1,0 +1,185 @@
+"""One all-to-all of token rows between ranks, executed three ways.
+
+Every rank holds `send` [sum_j rows[rank, j], H]: its rows grouped by destination rank, in rank
+order. `rows` [n, n] (rows from rank i to rank j) is known to every rank. The exchange returns
+`recv` [sum_i rows[i, rank], H]: the rows sent to this rank, grouped by source rank, in rank order.
+The diagonal is a local copy and never touches the network.
+
+Strategies:
+- "all_to_all": one `all_to_all_single` with split sizes. Every flow starts at once and the
+  transport shares the ports (the baseline every expert-parallel runtime uses).
+- "scheduled": Shunter's schedule (`shunter.plan.schedule.schedule_all_to_all`) executed round by
+  round: each round's sends and receives of this rank are posted together with
+  `batch_isend_irecv` and finished before the next round. A transfer the planner split over
+  several rounds is split at row boundaries in proportion to its bytes.
+- "random_order": each sender sends its flows one at a time in a random order (the simulator's
+  seeded `sender_queues`, the same on every rank); receivers accept them as they come (Aurora's
+  RCS baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from shunter.plan.schedule import Schedule, sender_queues
+
+Strategy = Literal["all_to_all", "scheduled", "random_order"]
+STRATEGIES: tuple[Strategy, ...] = ("all_to_all", "scheduled", "random_order")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Rows [start, stop) of this rank's send (or receive) buffer, to (or from) one peer."""
+
+    peer: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class RankRounds:
+    """The rounds of one rank: per round the transfers it sends and the ones it receives."""
+
+    sends: list[list[Transfer]]
+    receives: list[list[Transfer]]
+
+
+def rows_per_round(schedule: Schedule, rows: np.ndarray) -> np.ndarray:
+    """[R, n, n] int64 rows moved from i to j in each round of a schedule of rows [n, n].
+
+    The schedule moves bytes; rows are indivisible, so each pair's cumulative share of its bytes
+    after round r is rounded to rows. The last round a pair appears in carries it to all its rows,
+    and every rank computes the same split from the same inputs."""
+    rows = np.asarray(rows, dtype=np.int64)
+    n = rows.shape[0]
+    per_round = np.zeros((max(schedule.num_rounds, 1), n, n))
+    np.add.at(per_round, (schedule.round_of, schedule.src, schedule.dst), schedule.bytes)
+    total = per_round.sum(axis=0)
+    fraction = np.divide(np.cumsum(per_round, axis=0), total, out=np.zeros_like(per_round), where=total > 0)
+    cumulative_rows = np.rint(fraction * rows).astype(np.int64)
+    moved = np.diff(cumulative_rows, axis=0, prepend=0)
+    np.einsum("rii->ri", moved)[:] = 0  # local rows are copied, never scheduled
+    return moved
+
+
+def rank_rounds(rank: int, moved: np.ndarray, rows: np.ndarray) -> RankRounds:
+    """This rank's transfers in each round, as row ranges of its send and receive buffers.
+
+    Args:
+        moved [R, n, n]: rows_per_round of the schedule.
+        rows [n, n]: rows from each rank to each rank.
+    """
+    send_offsets = np.concatenate([[0], np.cumsum(rows[rank])])
+    recv_offsets = np.concatenate([[0], np.cumsum(rows[:, rank])])
+    sent_so_far = np.zeros(rows.shape[0], dtype=np.int64)
+    received_so_far = np.zeros(rows.shape[0], dtype=np.int64)
+    sends: list[list[Transfer]] = []
+    receives: list[list[Transfer]] = []
+    for r in range(moved.shape[0]):
+        round_sends, round_receives = [], []
+        for peer in np.flatnonzero(moved[r, rank]).tolist():
+            start = int(send_offsets[peer] + sent_so_far[peer])
+            round_sends.append(Transfer(peer, start, start + int(moved[r, rank, peer])))
+            sent_so_far[peer] += moved[r, rank, peer]
+        for peer in np.flatnonzero(moved[r, :, rank]).tolist():
+            start = int(recv_offsets[peer] + received_so_far[peer])
+            round_receives.append(Transfer(peer, start, start + int(moved[r, peer, rank])))
+            received_so_far[peer] += moved[r, peer, rank]
+        sends.append(round_sends)
+        receives.append(round_receives)
+    return RankRounds(sends, receives)
+
+
+def exchange(
+    send: torch.Tensor,
+    rows: np.ndarray,
+    strategy: Strategy,
+    *,
+    schedule: Schedule | None = None,
+    seed: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Run one all-to-all of rows; see the module docstring for the buffer layout.
+
+    Args:
+        send [sum_j rows[rank, j], H]: rows grouped by destination rank.
+        rows [n, n] int: rows from rank i to rank j (the same array on every rank).
+        schedule: the byte schedule for "scheduled" (required there, ignored otherwise).
+        seed: the send order of "random_order".
+    Returns:
+        recv [sum_i rows[i, rank], H]: rows grouped by source rank.
+    """
+    rank = dist.get_rank(group)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.shape != (dist.get_world_size(group),) * 2:
+        raise ValueError(f"rows has shape {rows.shape}, expected the world size squared")
+    if send.shape[0] != rows[rank].sum():
+        raise ValueError(f"send has {send.shape[0]} rows, rows[{rank}] sums to {rows[rank].sum()}")
+    send = send.contiguous()
+    recv = send.new_empty((int(rows[:, rank].sum()), *send.shape[1:]))
+    if strategy == "all_to_all":
+        dist.all_to_all_single(recv, send, rows[:, rank].tolist(), rows[rank].tolist(), group=group)
+        return recv
+    _copy_local(send, recv, rows, rank)
+    if strategy == "scheduled":
+        if schedule is None:
+            raise ValueError("the scheduled strategy needs a schedule")
+        _run_rounds(send, recv, rank_rounds(rank, rows_per_round(schedule, rows), rows), group)
+    elif strategy == "random_order":
+        _run_random_order(send, recv, rows, rank, seed, group)
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    return recv
+
+
+def _copy_local(send: torch.Tensor, recv: torch.Tensor, rows: np.ndarray, rank: int) -> None:
+    send_start = int(rows[rank, :rank].sum())
+    recv_start = int(rows[:rank, rank].sum())
+    count = int(rows[rank, rank])
+    recv[recv_start : recv_start + count] = send[send_start : send_start + count]
+
+
+def _run_rounds(
+    send: torch.Tensor, recv: torch.Tensor, rounds: RankRounds, group: dist.ProcessGroup | None
+) -> None:
+    # The tag is the round: a pair split over several rounds never confuses its pieces.
+    for r, (sends, receives) in enumerate(zip(rounds.sends, rounds.receives, strict=True)):
+        ops = [_op(dist.irecv, recv, t, r, group) for t in receives]
+        ops += [_op(dist.isend, send, t, r, group) for t in sends]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+
+def _run_random_order(
+    send: torch.Tensor,
+    recv: torch.Tensor,
+    rows: np.ndarray,
+    rank: int,
+    seed: int,
+    group: dist.ProcessGroup | None,
+) -> None:
+    n = rows.shape[0]
+    send_offsets = np.concatenate([[0], np.cumsum(rows[rank])])
+    recv_offsets = np.concatenate([[0], np.cumsum(rows[:, rank])])
+    # Every receive is posted first, so one sender at a time can never deadlock on a peer.
+    pending = [
+        dist.irecv(recv[recv_offsets[i] : recv_offsets[i + 1]], i, group=group, tag=0)
+        for i in range(n)
+        if i != rank and rows[i, rank]
+    ]
+    for peer in sender_queues(rows, "random_order", seed)[rank]:
+        dist.isend(send[send_offsets[peer] : send_offsets[peer + 1]], peer, group=group, tag=0).wait()
+    for work in pending:
+        work.wait()
+
+
+def _op(
+    fn, buffer: torch.Tensor, transfer: Transfer, tag: int, group: dist.ProcessGroup | None
+) -> dist.P2POp:
+    return dist.P2POp(fn, buffer[transfer.start : transfer.stop], transfer.peer, group, tag)

@@ -1,0 +1,62 @@
+"""Joining a process group the way torchrun (or `shunter cluster run`) sets it up, and turning a
+failed collective into one clear line instead of a hang or a C++ backtrace."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from shunter.errors import ShunterError
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init_from_environment(timeout_s: float, backend: str | None = None) -> tuple[int, int]:
+    """Join the default process group from torchrun's variables; returns (rank, world size).
+
+    backend: "gloo" or "nccl"; by default NCCL when CUDA is available, gloo otherwise. timeout_s
+    bounds every collective: a peer that stops answering fails the call instead of hanging it."""
+    missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
+    if missing:
+        raise ShunterError(
+            f"{', '.join(missing)} not set: launch with torchrun (--nproc-per-node N) or "
+            "`shunter cluster run --hosts N -- ...`"
+        )
+    if timeout_s <= 0:
+        raise ShunterError(f"--timeout: must be positive, got {timeout_s}")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def run_rank(main: Callable[[], int]) -> int:
+    """Run a rank's main; a ShunterError or a failed collective becomes one stderr line.
+
+    Exit status: 0 on success, 2 for bad input, 1 when the group failed (a peer died, the network
+    dropped, or a collective timed out). The process group is always destroyed."""
+    rank = os.environ.get("RANK", "?")
+    try:
+        return main()
+    except ShunterError as exc:
+        print(f"shunter: error: rank {rank}: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # DistBackendError and friends derive from it
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"shunter: error: rank {rank}: a collective failed (a peer exited, the network dropped, or "
+            f"the timeout passed): {first_line}",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()

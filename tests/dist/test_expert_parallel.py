@@ -1,0 +1,181 @@
+"""The expert-parallel MoE block on real gloo process groups (torchrun on loopback) against the
+single-process block, and the exchange's bookkeeping against brute force."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shunter.dist.exchange import rank_rounds, rows_per_round
+from shunter.plan.schedule import schedule_all_to_all, simulate_baseline
+from shunter.sim.cost import sender_queue_time_s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, module: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        f"--master-port={_free_port()}", "-m", module, *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# ---------------------------------------------------------------------------------------------
+# bookkeeping (pure)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 5).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.lists(st.integers(0, 40), min_size=n * n, max_size=n * n),
+            st.lists(st.sampled_from([1.0, 2.0, 0.5, 0.8]), min_size=n, max_size=n),
+        )
+    )
+)
+def test_rounds_move_every_row_exactly_once(case):
+    n, flat, bandwidth = case
+    rows = np.array(flat, dtype=np.int64).reshape(n, n)
+    schedule = schedule_all_to_all(rows * 8192.0, np.array(bandwidth))
+    moved = rows_per_round(schedule, rows)
+    assert (moved >= 0).all()
+    off = rows * (1 - np.eye(n, dtype=np.int64))
+    np.testing.assert_array_equal(moved.sum(axis=0), off)
+    for rank in range(n):
+        plan = rank_rounds(rank, moved, rows)
+        sent = np.zeros(int(rows[rank].sum()), dtype=int)
+        received = np.zeros(int(rows[:, rank].sum()), dtype=int)
+        for r, (sends, receives) in enumerate(zip(plan.sends, plan.receives, strict=True)):
+            assert len({t.peer for t in sends}) == len(sends)  # one message per peer per round
+            for t in sends:
+                sent[t.start : t.stop] += 1
+                assert moved[r, rank, t.peer] == t.stop - t.start
+            for t in receives:
+                received[t.start : t.stop] += 1
+        # Every remote row leaves once and arrives once; local rows never travel.
+        local_send = slice(int(rows[rank, :rank].sum()), int(rows[rank, : rank + 1].sum()))
+        local_recv = slice(int(rows[:rank, rank].sum()), int(rows[: rank + 1, rank].sum()))
+        assert (np.delete(sent, np.arange(sent.size)[local_send]) == 1).all()
+        assert (sent[local_send] == 0).all()
+        assert (np.delete(received, np.arange(received.size)[local_recv]) == 1).all()
+
+
+def test_sender_queue_time_single_sender_closed_form():
+    # One sender, two flows in sequence: latency + bytes / B each.
+    traffic = np.array([[0, 100.0, 300.0], [0, 0, 0], [0, 0, 0]])
+    expected = 2 * 0.5 + 400.0 / 10.0
+    assert sender_queue_time_s(traffic, 10.0, "random_order", 0, 0.5) == pytest.approx(expected)
+    assert simulate_baseline(traffic, 10.0, "random_order").makespan_s == pytest.approx(40.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness on real process groups
+
+
+@pytest.mark.parametrize(
+    "nproc, tokens, placement",
+    [
+        (2, "9,4", None),
+        (4, "7,0,13,2", None),  # uneven, and rank 1 has no tokens
+        (4, "5,6,0,9", "0,0,0,0,0,0,0,3"),  # ranks 1 and 2 hold no experts and receive nothing
+    ],
+)
+def test_builtin_model_matches_single_process(nproc, tokens, placement):
+    args = ["--json", "--tokens", tokens] + (["--placement", placement] if placement else [])
+    result = torchrun(nproc, "shunter.dist.check", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ok"]
+    for strategy in ("all_to_all", "scheduled", "random_order"):
+        assert report[strategy]["max_abs_difference"] <= 1e-5
+    rows = np.array(report["scheduled"]["rows_moved"])
+    assert rows.shape == (nproc, nproc) and rows.sum() == 2 * sum(int(t) for t in tokens.split(","))
+    if placement:
+        assert rows[:, 1:3].sum() == 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_families_with_shared_experts_and_group_routing(tiny_checkpoint, family):
+    model = tiny_checkpoint(family)
+    result = torchrun(2, "shunter.dist.check", str(model), "--json", "--tokens", "6,3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["ok"]
+
+
+def test_not_launched_by_torchrun_is_one_clear_line():
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "shunter.dist.check"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 2
+    assert "launch with torchrun" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_rank_killed_mid_exchange_fails_the_others_fast(tmp_path):
+    """Three ranks loop exchanges; rank 2 is SIGKILLed after the first layer. The other two exit
+    with one clear line well within their 30 s timeout instead of hanging."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(3):
+        env = {
+            **os.environ, "RANK": str(rank), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "shunter.dist.a2a",
+                    "--bandwidth",
+                    "1GB/s",
+                    "--tokens",
+                    "4096",
+                    "--layers",
+                    "6",
+                    "--reps",
+                    "50",
+                    "--probe-bytes",
+                    "100000",
+                    "--timeout",
+                    "30",
+                    "--out",
+                    str(tmp_path / "never.json"),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    # Rank 0 reports each finished layer on stderr; kill rank 2 once the exchanges are running.
+    first_line = procs[0].stderr.readline()
+    assert first_line.startswith("layer "), first_line + procs[0].stderr.read()[-2000:]
+    assert procs[2].poll() is None, procs[2].communicate()[1][-2000:]
+    procs[2].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    for proc in procs[:2]:
+        _, stderr = proc.communicate(timeout=45)
+        assert proc.returncode == 1, stderr[-2000:]
+        assert "a collective failed" in stderr and "Traceback" not in stderr
+    assert time.monotonic() - killed_at < 35
+    assert not (tmp_path / "never.json").exists()
