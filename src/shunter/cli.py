@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "shunter.commands.schedule",
     "shunter.commands.simulate",
     "shunter.commands.reproduce",
+    "shunter.commands.cluster",
+    "shunter.commands.bench",
 ]
 
 

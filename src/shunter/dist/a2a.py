@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from shunter.dist.cluster import parse_host_bandwidths
 from shunter.dist.exchange import STRATEGIES, Strategy, exchange
 from shunter.dist.moe import contiguous_placement
 from shunter.dist.runtime import init_from_environment, run_rank
@@ -41,7 +42,6 @@ from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_
 from shunter.plan.traffic import routed_counts
 from shunter.sim.cost import fair_share_time_s, sender_queue_time_s
 from shunter.trace.routing_trace import load_trace
-from shunter.units import parse_bandwidth
 
 BANDWIDTH_VARIABLE = "SHUNTER_CLUSTER_BANDWIDTHS"  # bytes/s per host, set by `shunter cluster run`
 DEFAULT_ROW_BYTES = 4096 * 2  # one Mixtral-sized hidden state in bf16
@@ -50,21 +50,21 @@ ELEMENT = torch.float32  # rows are opaque bytes on the wire; fp32 is what every
 
 @dataclass(frozen=True)
 class LinkCalibration:
-    """What the network sustains: efficiency = measured single-flow rate / shaped rate (median
-    over ordered pairs), latency_s = half a tiny message's round trip (median)."""
+    """What the network sustains, measured on probes that are not the benchmark's traffic.
+
+    efficiency: one flow alone, measured rate / shaped rate (median over ordered pairs).
+    latency_s: half a tiny message's round trip (median).
+    concurrent_efficiency, concurrent_startup_s: a uniform all-to-all (every pair at once, equal
+        sizes, two sizes) takes concurrent_startup_s + the fluid fair-share time at efficiency x
+        shaped rates / concurrent_efficiency. TCP flows sharing a shaped port do not fill it as a
+        fluid would (queues, ramp-up, one transport thread per rank on shared cores); the simulator
+        is told so for runs with many flows per port."""
 
     efficiency: float
     latency_s: float
+    concurrent_efficiency: float
+    concurrent_startup_s: float
     pair_efficiency: list[list[float]]
-
-
-def parse_host_rates(text: str, num_hosts: int, field: str = "--bandwidth") -> np.ndarray:
-    """[n] bytes/s from one rate for all hosts or a comma-separated list with one per host."""
-    parts = [p for p in str(text).split(",") if p.strip()]
-    if len(parts) not in (1, num_hosts):
-        raise ShunterError(f"{field}: {len(parts)} bandwidths for {num_hosts} hosts (give 1 or {num_hosts})")
-    rates = np.array([parse_bandwidth(p.strip(), f"{field} (host {i})") for i, p in enumerate(parts)])
-    return np.resize(rates, num_hosts)
 
 
 def layer_rows(expert_ids: np.ndarray, device_of_expert: np.ndarray, num_ranks: int) -> np.ndarray:
@@ -86,7 +86,9 @@ def predict_s(
     """The simulator's time for one all-to-all run with `strategy` on the calibrated network."""
     sustained = bandwidth_bytes_s * calibration.efficiency
     if strategy == "all_to_all":
-        return fair_share_time_s(traffic_bytes, sustained, calibration.latency_s)
+        concurrent = sustained * calibration.concurrent_efficiency
+        startup = max(calibration.concurrent_startup_s, calibration.latency_s)
+        return fair_share_time_s(traffic_bytes, concurrent, startup)
     if strategy == "scheduled":
         # The schedule was planned on the shaped rates; every rate scales by the same efficiency.
         busy = schedule.round_durations_s() > 0
@@ -126,8 +128,26 @@ def calibrate(rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, gr
         round_trips.append(time.perf_counter() - started)
     latency = torch.tensor([float(np.median(round_trips[5:])) / 2 if rank == 0 else 0.0], dtype=torch.float64)
     dist.all_reduce(latency, dist.ReduceOp.MAX, group=group)
-    off = efficiency[~np.eye(world, dtype=bool)]
-    return LinkCalibration(float(np.median(off)), latency.item(), efficiency.round(4).tolist())
+    off = float(np.median(efficiency[~np.eye(world, dtype=bool)]))
+
+    # Every pair at once, at two sizes: time = startup + fluid fair-share time / efficiency.
+    uniform_s, fluid_s = [], []
+    for per_pair in (probe.numel(), 4 * probe.numel()):
+        rows = np.full((world, world), per_pair, dtype=np.int64)
+        chunk = torch.empty(int(rows[rank].sum()), 1, dtype=ELEMENT)
+        times = []
+        for _ in range(3):
+            dist.barrier(group)
+            started = time.perf_counter()
+            exchange(chunk, rows, "all_to_all", group=group)
+            elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+            dist.all_reduce(elapsed, dist.ReduceOp.MAX, group=group)
+            times.append(elapsed.item())
+        uniform_s.append(float(np.median(times[1:])))
+        fluid_s.append(fair_share_time_s(rows * 4.0, bandwidth * off, 0.0))
+    concurrent = (fluid_s[1] - fluid_s[0]) / max(uniform_s[1] - uniform_s[0], 1e-9)
+    startup = max(uniform_s[0] - fluid_s[0] / concurrent, 0.0)
+    return LinkCalibration(off, latency.item(), concurrent, startup, efficiency.round(4).tolist())
 
 
 def time_exchanges(
@@ -172,7 +192,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--row-bytes", type=int, default=DEFAULT_ROW_BYTES, help="bytes of one token row")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--probe-bytes", type=int, default=2 << 20, help="bytes per pair when calibrating")
+    parser.add_argument("--probe-bytes", type=int, default=4 << 20, help="bytes per pair when calibrating")
     parser.add_argument("--seed", type=int, default=0, help="random-order seed")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may wait")
     parser.add_argument("--out", default=None, help="rank 0 writes the JSON result here (default stdout)")
@@ -187,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     rates_text = args.bandwidth or os.environ.get(BANDWIDTH_VARIABLE)
     if not rates_text:
         raise ShunterError(f"--bandwidth: not given and ${BANDWIDTH_VARIABLE} is not set")
-    bandwidth = parse_host_rates(rates_text, world)
+    bandwidth = np.array(parse_host_bandwidths(rates_text, world))
     trace_path = Path(args.trace) if args.trace else default_trace_path()
     trace = load_trace(trace_path)
     layers = min(args.layers, trace.num_layers)
