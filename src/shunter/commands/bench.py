@@ -61,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a2a.add_argument("--reps", type=int, default=5, help="timed repetitions per strategy (default 5)")
     a2a.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
+    a2a.add_argument(
+        "--probe-bytes",
+        type=int,
+        default=4 << 20,
+        help="bytes per flow of the calibration probes (default 4 MiB)",
+    )
     a2a.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may wait")
     a2a.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
@@ -88,6 +94,7 @@ def run_a2a(args: argparse.Namespace) -> int:
             "--trace", str(trace_path.resolve()),
             "--layers", str(args.layers), "--tokens", str(args.tokens), "--row-bytes", str(args.row_bytes),
             "--reps", str(args.reps), "--warmup", str(args.warmup), "--timeout", str(args.timeout),
+            "--probe-bytes", str(args.probe_bytes),
             "--out", str(result_path),
         ]  # fmt: skip
         if placements is not None:
@@ -142,7 +149,10 @@ def print_a2a_table(report: dict) -> None:
     print(
         f"{report['hosts']} hosts, ports {rates} Mbit/s; one flow sustains {calibration['efficiency']:.3f} "
         f"of the shaped rate, all pairs at once {calibration['concurrent_efficiency']:.3f} of that after "
-        f"{calibration['concurrent_startup_s'] * 1e3:.0f} ms; latency "
+        f"{calibration['concurrent_startup_s'] * 1e3:.0f} ms, one flow per port "
+        f"{calibration['matching_efficiency']:.3f} after {calibration['round_startup_s'] * 1e3:.1f} ms "
+        "a round; "
+        "latency "
         f"{calibration['latency_s'] * 1e6:.0f} us; {report['tokens_per_layer']} tokens "
         f"x {report['row_bytes']} B per layer; median of {report['reps']} after {report['warmup']} warm-up"
     )

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,12 +59,17 @@ class LinkCalibration:
         sizes, two sizes) takes concurrent_startup_s + the fluid fair-share time at efficiency x
         shaped rates / concurrent_efficiency. TCP flows sharing a shaped port do not fill it as a
         fluid would (queues, ramp-up, one transport thread per rank on shared cores); the simulator
-        is told so for runs with many flows per port."""
+        is told so for runs with many flows per port.
+    matching_efficiency, round_startup_s: the same fit for one flow per port (every rank sends to
+        the next, run as a schedule): what one round of a matching schedule sustains, and what
+        starting a round costs."""
 
     efficiency: float
     latency_s: float
     concurrent_efficiency: float
     concurrent_startup_s: float
+    matching_efficiency: float
+    round_startup_s: float
     pair_efficiency: list[list[float]]
 
 
@@ -91,8 +97,9 @@ def predict_s(
         return fair_share_time_s(traffic_bytes, concurrent, startup)
     if strategy == "scheduled":
         # The schedule was planned on the shaped rates; every rate scales by the same efficiency.
-        busy = schedule.round_durations_s() > 0
-        return schedule.makespan_s / calibration.efficiency + int(busy.sum()) * calibration.latency_s
+        busy = int((schedule.round_durations_s() > 0).sum())
+        rate = calibration.efficiency * calibration.matching_efficiency
+        return schedule.makespan_s / rate + busy * max(calibration.round_startup_s, calibration.latency_s)
     return sender_queue_time_s(traffic_bytes, sustained, "random_order", seed, calibration.latency_s)
 
 
@@ -130,24 +137,53 @@ def calibrate(rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, gr
     dist.all_reduce(latency, dist.ReduceOp.MAX, group=group)
     off = float(np.median(efficiency[~np.eye(world, dtype=bool)]))
 
-    # Every pair at once, at two sizes: time = startup + fluid fair-share time / efficiency.
-    uniform_s, fluid_s = [], []
-    for per_pair in (probe.numel(), 4 * probe.numel()):
-        rows = np.full((world, world), per_pair, dtype=np.int64)
+    # Every pair at once (all_to_all), and one flow per port (a shift permutation, scheduled), each
+    # at two sizes: time = startup + fluid time at `off` x shaped rates / efficiency.
+    every_pair = np.ones((world, world), dtype=np.int64)
+    shift = np.roll(np.eye(world, dtype=np.int64), 1, axis=1)  # rank i -> rank i + 1
+    concurrent, startup = _fit_pattern(
+        rank, every_pair, probe.numel(), "all_to_all",
+        lambda rows: fair_share_time_s(rows * 4.0, bandwidth * off, 0.0), bandwidth, group,
+    )  # fmt: skip
+    matching, round_startup = _fit_pattern(
+        rank, shift, probe.numel(), "scheduled",
+        lambda rows: schedule_all_to_all(rows * 4.0, bandwidth * off).makespan_s, bandwidth, group,
+    )  # fmt: skip
+    rounds = schedule_all_to_all(shift * 4.0, bandwidth).num_rounds
+    return LinkCalibration(
+        off, latency.item(), concurrent, startup, matching, round_startup / max(rounds, 1),
+        efficiency.round(4).tolist(),
+    )  # fmt: skip
+
+
+def _fit_pattern(
+    rank: int,
+    pattern: np.ndarray,
+    unit_rows: int,
+    strategy: Strategy,
+    fluid_s: Callable[[np.ndarray], float],
+    bandwidth: np.ndarray,
+    group,
+) -> tuple[float, float]:
+    """(efficiency, startup_s) with measured = startup_s + fluid_s(rows) / efficiency, fitted on
+    rows = pattern x unit_rows and x 4 unit_rows (median of 2 after a warm-up each)."""
+    measured, fluid = [], []
+    for scale in (unit_rows, 4 * unit_rows):
+        rows = pattern * scale
         chunk = torch.empty(int(rows[rank].sum()), 1, dtype=ELEMENT)
+        schedule = schedule_all_to_all(rows * 4.0, bandwidth) if strategy == "scheduled" else None
         times = []
         for _ in range(3):
             dist.barrier(group)
             started = time.perf_counter()
-            exchange(chunk, rows, "all_to_all", group=group)
+            exchange(chunk, rows, strategy, schedule=schedule, group=group)
             elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
             dist.all_reduce(elapsed, dist.ReduceOp.MAX, group=group)
             times.append(elapsed.item())
-        uniform_s.append(float(np.median(times[1:])))
-        fluid_s.append(fair_share_time_s(rows * 4.0, bandwidth * off, 0.0))
-    concurrent = (fluid_s[1] - fluid_s[0]) / max(uniform_s[1] - uniform_s[0], 1e-9)
-    startup = max(uniform_s[0] - fluid_s[0] / concurrent, 0.0)
-    return LinkCalibration(off, latency.item(), concurrent, startup, efficiency.round(4).tolist())
+        measured.append(float(np.median(times[1:])))
+        fluid.append(fluid_s(rows))
+    efficiency = (fluid[1] - fluid[0]) / max(measured[1] - measured[0], 1e-9)
+    return efficiency, max(measured[0] - fluid[0] / efficiency, 0.0)
 
 
 def time_exchanges(
