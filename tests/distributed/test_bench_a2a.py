@@ -42,7 +42,9 @@ def test_bad_input_is_one_line(capsys, argv, message):
 def test_plan_for_fewer_devices_than_hosts(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     cluster = tmp_path / "c.toml"
-    cluster.write_text('[[devices]]\ncount = 2\nbandwidth = "1Gbit/s"\ncompute = "1TFLOP/s"\nmemory = "1GiB"\n')
+    cluster.write_text(
+        '[[devices]]\ncount = 2\nbandwidth = "1Gbit/s"\ncompute = "1TFLOP/s"\nmemory = "1GiB"\n'
+    )
     assert main(["plan", "--cluster", str(cluster), "--out", str(plan)]) == 0
     capsys.readouterr()
     assert main(["bench", "a2a", "--hosts", "4", "--bandwidth", "1Gbit/s", "--plan", str(plan)]) == 2

@@ -12,7 +12,7 @@ from shunter.model.checkpoint import Checkpoint
 from shunter.model.spec import load_spec
 from shunter.offload import PipelineOptions, load_offloaded
 from shunter.offload.disk import DirectReader
-from shunter.offload.placement import plan_placement
+from shunter.offload.placement import kv_cache_bytes, plan_placement
 from shunter.offload.prefetcher import CorrelationPrefetcher
 from tests.tiny_models import FAMILIES
 
@@ -107,6 +107,18 @@ def test_placement_pins_blocks_first_then_the_most_popular_experts(tiny_checkpoi
     one_expert = spec.expert_parameters() * 4
     tight = plan_placement(spec, minimum + blocks + one_expert, 4, 0, 0, popularity)
     assert tight.resident_experts == frozenset({(1, 5)})
+
+
+def test_a_batch_whose_kv_cache_cannot_fit_says_so(tiny_checkpoint):
+    spec = load_spec(tiny_checkpoint("mixtral"))
+    fits = plan_placement(spec, 10**9, 4, 0, 0)
+    weights = fits.base_bytes + fits.working_set_bytes
+    kv = kv_cache_bytes(spec, sequences=64, slots=512, element_bytes=4)
+    assert plan_placement(spec, weights + kv, 4, kv, 0).kv_cache_bytes == kv
+    with pytest.raises(
+        ShunterError, match=r"the KV cache of this batch needs [0-9.]+ MiB but only [0-9.]+ KiB"
+    ):
+        plan_placement(spec, weights + kv // 1000, 4, kv, 0)
 
 
 def test_prefetcher_follows_the_strongest_transition():

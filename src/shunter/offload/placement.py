@@ -52,6 +52,13 @@ def plan_placement(
     in_flight_experts = (spec.num_experts + spec.top_k) if spec.num_moe_layers else 0
     working = 2 * max(block) + in_flight_experts * expert + activation_bytes
     minimum = base + working + kv_bytes
+    if base + working <= budget_bytes < minimum:
+        left = format_bytes(budget_bytes - base - working)
+        raise ShunterError(
+            f"--memory {format_bytes(budget_bytes)}: the KV cache of this batch needs "
+            f"{format_bytes(kv_bytes)} but only {left} is left after the weights in flight "
+            f"({format_bytes(base + working)}); run fewer sequences or fewer new tokens, or raise --memory"
+        )
     if budget_bytes < minimum:
         raise ShunterError(
             f"--memory {format_bytes(budget_bytes)} is below the minimum this model needs, "
