@@ -67,6 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=4 << 20,
         help="bytes per flow of the calibration probes (default 4 MiB)",
     )
+    a2a.add_argument(
+        "--max-lanes",
+        type=int,
+        default=16,
+        help="lanes per port Shunter's schedule may use on mixed ports (default 16; 1: plain matchings)",
+    )
     a2a.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may wait")
     a2a.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
@@ -79,8 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_a2a(args: argparse.Namespace) -> int:
     if args.hosts < 2:
         raise ShunterError(f"--hosts: an all-to-all needs at least 2 hosts, got {args.hosts}")
-    if args.reps < 1 or args.warmup < 0 or args.layers < 1 or args.tokens < 1:
-        raise ShunterError("--reps, --layers and --tokens must be at least 1, --warmup at least 0")
+    if args.reps < 1 or args.warmup < 0 or args.layers < 1 or args.tokens < 1 or args.max_lanes < 1:
+        raise ShunterError(
+            "--reps, --layers, --tokens and --max-lanes must be at least 1, --warmup at least 0"
+        )
     bandwidth = parse_host_bandwidths(args.bandwidth, args.hosts)
     trace_path = Path(args.trace) if args.trace else default_trace_path()
     trace = load_trace(trace_path)
@@ -94,7 +102,7 @@ def run_a2a(args: argparse.Namespace) -> int:
             "--trace", str(trace_path.resolve()),
             "--layers", str(args.layers), "--tokens", str(args.tokens), "--row-bytes", str(args.row_bytes),
             "--reps", str(args.reps), "--warmup", str(args.warmup), "--timeout", str(args.timeout),
-            "--probe-bytes", str(args.probe_bytes),
+            "--probe-bytes", str(args.probe_bytes), "--max-lanes", str(args.max_lanes),
             "--out", str(result_path),
         ]  # fmt: skip
         if placements is not None:

@@ -229,6 +229,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--probe-bytes", type=int, default=4 << 20, help="bytes per pair when calibrating")
+    parser.add_argument(
+        "--max-lanes", type=int, default=16, help="lanes per port the schedule may use on mixed ports (1: matchings)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random-order seed")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may wait")
     parser.add_argument("--out", default=None, help="rank 0 writes the JSON result here (default stdout)")
@@ -258,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     for layer in range(layers):
         rows = layer_rows(trace.expert_ids[layer, :tokens], placements[layer], world)
         traffic = rows.astype(np.float64) * row_bytes
-        schedules = (schedule_all_to_all(traffic, bandwidth), schedule_all_to_all(traffic.T, bandwidth))
+        schedules = (
+            schedule_all_to_all(traffic, bandwidth, args.max_lanes),
+            schedule_all_to_all(traffic.T, bandwidth, args.max_lanes),
+        )
         send = torch.randn(int(rows[rank].sum()), row_elements, generator=torch.Generator().manual_seed(rank))
         seed = args.seed + 2 * layer
         times = time_exchanges(send, rows, schedules, seed, args.warmup, args.reps)
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "trace": str(trace_path),
             "tokens_per_layer": tokens,
             "row_bytes": row_bytes,
+            "max_lanes": args.max_lanes,
             "reps": args.reps,
             "warmup": args.warmup,
             "calibration": asdict(calibration),
