@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from shunter.dist.cluster import parse_host_bandwidths
 from shunter.dist.exchange import STRATEGIES, Strategy, exchange
-from shunter.dist.moe import contiguous_placement
+from shunter.dist.moe import contiguous_placement, rows_between_ranks
 from shunter.dist.runtime import init_from_environment, run_rank
 from shunter.errors import ShunterError
 from shunter.model.loader import default_trace_path
@@ -75,10 +75,7 @@ class LinkCalibration:
 
 def layer_rows(expert_ids: np.ndarray, device_of_expert: np.ndarray, num_ranks: int) -> np.ndarray:
     """[n, n] int64 rows from rank i to rank j for one layer's choices expert_ids [N, k]."""
-    counts = routed_counts(expert_ids, device_of_expert.shape[0], num_ranks)  # [n, E]
-    one_hot = np.zeros((device_of_expert.shape[0], num_ranks), dtype=np.int64)
-    one_hot[np.arange(device_of_expert.shape[0]), device_of_expert] = 1
-    return counts @ one_hot
+    return rows_between_ranks(routed_counts(expert_ids, device_of_expert.shape[0], num_ranks), device_of_expert)
 
 
 def predict_s(

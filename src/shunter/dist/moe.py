@@ -35,6 +35,7 @@ from shunter.model.layers import (
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, MLPWeights, MoEWeights
 from shunter.plan.schedule import Schedule, schedule_all_to_all
+from shunter.plan.traffic import shares_from_device_of_expert
 
 
 def contiguous_placement(num_experts: int, num_ranks: int) -> np.ndarray:
@@ -55,6 +56,13 @@ def check_placement(
             f"{num_ranks} ranks"
         )
     return placement
+
+
+def rows_between_ranks(counts: np.ndarray, device_of_expert: np.ndarray) -> np.ndarray:
+    """[n, n] int64 rows each rank sends each rank, from counts [n, E] ((token, choice) pairs on
+    rank i that chose expert e) and an exclusive placement device_of_expert [E]."""
+    shares = shares_from_device_of_expert(device_of_expert, counts.shape[0]).astype(np.int64)
+    return np.asarray(counts, dtype=np.int64) @ shares
 
 
 @dataclass
@@ -147,9 +155,7 @@ class ExpertParallelMoE:
         token_index, slot_index = order // k, order % k
 
         counts = self._all_counts(flat_experts)  # [n, E]
-        rows = np.zeros((self.num_ranks, self.num_ranks), dtype=np.int64)
-        for j in range(self.num_ranks):
-            rows[:, j] = counts[:, self.device_of_expert == j].sum(axis=1)
+        rows = rows_between_ranks(counts, self.device_of_expert)
         self.last = ExchangeCounts(rows)
 
         dispatch_schedule, combine_schedule = self._schedules(rows, x.shape[1] * x.element_size())
