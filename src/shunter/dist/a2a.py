@@ -115,9 +115,8 @@ def calibrate(rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, gr
             dist.recv(probe, src, group=group)
             dist.send(probe[:1], src, group=group)
         own = time.perf_counter() - started if rank == src else 0.0
-        elapsed = torch.tensor([own], dtype=torch.float64)
-        dist.all_reduce(elapsed, dist.ReduceOp.MAX, group=group)
-        efficiency[src, dst] = probe.numel() * 4 / elapsed.item() / min(bandwidth[src], bandwidth[dst])
+        (elapsed,) = _slowest([own], group)
+        efficiency[src, dst] = probe.numel() * 4 / elapsed / min(bandwidth[src], bandwidth[dst])
     tiny = torch.zeros(1, dtype=ELEMENT)
     round_trips = []
     dist.barrier(group)
@@ -130,8 +129,7 @@ def calibrate(rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, gr
             dist.recv(tiny, 0, group=group)
             dist.send(tiny, 0, group=group)
         round_trips.append(time.perf_counter() - started)
-    latency = torch.tensor([float(np.median(round_trips[5:])) / 2 if rank == 0 else 0.0], dtype=torch.float64)
-    dist.all_reduce(latency, dist.ReduceOp.MAX, group=group)
+    (latency,) = _slowest([float(np.median(round_trips[5:])) / 2 if rank == 0 else 0.0], group)
     off = float(np.median(efficiency[~np.eye(world, dtype=bool)]))
 
     # Every pair at once (all_to_all), and one flow per port (a shift permutation, scheduled), each
@@ -148,9 +146,16 @@ def calibrate(rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, gr
     )  # fmt: skip
     rounds = schedule_all_to_all(shift * 4.0, bandwidth).num_rounds
     return LinkCalibration(
-        off, latency.item(), concurrent, startup, matching, round_startup / max(rounds, 1),
+        off, latency, concurrent, startup, matching, round_startup / max(rounds, 1),
         efficiency.round(4).tolist(),
     )  # fmt: skip
+
+
+def _slowest(seconds: list[float], group) -> list[float]:
+    """Each value's maximum over the ranks: a step takes as long as its slowest rank."""
+    values = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(values, dist.ReduceOp.MAX, group=group)
+    return values.tolist()
 
 
 def _fit_pattern(
@@ -174,9 +179,7 @@ def _fit_pattern(
             dist.barrier(group)
             started = time.perf_counter()
             exchange(chunk, rows, strategy, schedule=schedule, group=group)
-            elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
-            dist.all_reduce(elapsed, dist.ReduceOp.MAX, group=group)
-            times.append(elapsed.item())
+            times += _slowest([time.perf_counter() - started], group)
         measured.append(float(np.median(times[1:])))
         fluid.append(fluid_s(rows))
     efficiency = (fluid[1] - fluid[0]) / max(measured[1] - measured[0], 1e-9)
@@ -206,10 +209,9 @@ def time_exchanges(
             started = time.perf_counter()
             exchange(received, rows.T, strategy, schedule=schedules[1], seed=seed + 1, group=group)
             combined = time.perf_counter() - started
-            slowest = torch.tensor([dispatched, combined], dtype=torch.float64)
-            dist.all_reduce(slowest, dist.ReduceOp.MAX, group=group)
+            slowest = _slowest([dispatched, combined], group)
             if rep >= warmup:
-                times[strategy].append(slowest.tolist())
+                times[strategy].append(slowest)
     return {s: np.array(t) for s, t in times.items()}
 
 
