@@ -13,6 +13,7 @@ from shunter.plan.schedule import (
     decompose_into_matchings,
     matching_lower_bound_s,
     max_min_fair_rates,
+    merge_short_rounds,
     port_lower_bound_s,
     schedule_all_to_all,
     schedule_violations,
@@ -59,6 +60,54 @@ def test_homogeneous_optimal_makespan_equals_the_bound_and_is_valid(traffic: np.
     bound = port_lower_bound_s(traffic, bandwidth)
     assert schedule.makespan_s == pytest.approx(bound, rel=1e-9, abs=1e-300)
     assert schedule_violations(schedule, traffic, bandwidth, require_matching=True) == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(traffic_matrices(max_n=12), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+def test_merging_short_rounds_keeps_the_schedule_valid_and_never_slower(
+    traffic: np.ndarray, seed: int, share: float
+) -> None:
+    """Oracle: the validator (every byte delivered, no port over its bandwidth) and the original
+    makespan, which the merged one may not exceed; the merged round is the brute-force port bound
+    of the transfers it took, and no other round changed."""
+    n = traffic.shape[0]
+    rng = np.random.default_rng(seed)
+    bandwidth = rng.uniform(10, 100, n) * GBIT_S if rng.random() < 0.5 else np.full(n, 50 * GBIT_S)
+    schedule = schedule_all_to_all(traffic, bandwidth)
+    merged = merge_short_rounds(schedule, bandwidth, share)
+    assert schedule_violations(merged, traffic, bandwidth) == []
+    assert merged.makespan_s <= schedule.makespan_s * (1 + 1e-9)
+    before, after = schedule.round_durations_s(), merged.round_durations_s()
+    folded = schedule.num_rounds - merged.num_rounds + 1 if merged.num_rounds < schedule.num_rounds else 0
+    assert before[np.argsort(before)][:folded].sum() <= share * before.sum() * (1 + 1e-9)
+    if folded:
+        kept = np.sort(before)[folded:]
+        assert np.sort(after[:-1]) == pytest.approx(kept, rel=1e-12)
+        last = merged.round_of == merged.num_rounds - 1
+        port_load = np.zeros((2, n))
+        for src, dst, amount in zip(merged.src[last], merged.dst[last], merged.bytes[last], strict=True):
+            port_load[0, src] += amount
+            port_load[1, dst] += amount
+        assert after[-1] == pytest.approx((port_load / bandwidth).max(), rel=1e-9)
+
+
+def test_merging_short_rounds_folds_slivers_into_one_round() -> None:
+    """Closed form: rounds of 10, 1 and 1 s on equal ports, the two 1 s rounds on disjoint ports,
+    fold into one round of 1 s; with max_share 0 nothing changes."""
+    schedule = Schedule(
+        round_of=np.array([0, 0, 1, 2]),
+        src=np.array([0, 1, 0, 2]),
+        dst=np.array([1, 0, 1, 3]),
+        bytes=np.array([10.0, 10.0, 1.0, 1.0]),
+        rate_bytes_s=np.ones(4),
+        num_rounds=3,
+        num_devices=4,
+        strategy="matchings",
+    )
+    merged = merge_short_rounds(schedule, 1.0, max_share=0.2)
+    assert merged.num_rounds == 2
+    assert merged.round_durations_s().tolist() == [10.0, 1.0]
+    assert merge_short_rounds(schedule, 1.0, max_share=0.0) is schedule
 
 
 @settings(max_examples=60, deadline=None)

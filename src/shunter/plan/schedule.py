@@ -36,11 +36,17 @@ from typing import Literal
 
 import numpy as np
 
-from shunter.plan.matching import UNMATCHED, hopcroft_karp
+from shunter.plan.matching import UNMATCHED, bottleneck_perfect_matching, hopcroft_karp
 
 BaselinePolicy = Literal["fair_share", "random_order", "shortest_first"]
 
 _RELATIVE_TOLERANCE = 1e-12
+
+# Up to this many devices every round is the widest perfect matching (a bottleneck matching per
+# round, O(m^2.5 log m) each) instead of the previous round's matching repaired by augmenting
+# paths. On a real network every round costs a synchronisation and a ramp-up, so fewer, fuller
+# rounds run faster; beyond this size planning time wins (a round's overhead is a smaller share).
+WIDEST_ROUNDS_MAX_DEVICES = 16
 
 
 @dataclass(frozen=True)
@@ -290,6 +296,9 @@ def _decompose_padded(
     rows = np.arange(m)
     positive_entries = int(np.count_nonzero(real))  # a counter, not a scan of [m, m] every round
     while True:
+        if m <= WIDEST_ROUNDS_MAX_DEVICES:
+            col_of_row = _widest_matching(total)
+            row_of_col[col_of_row] = rows
         cols = col_of_row
         matched = total[rows, cols]
         theta = matched.min()
@@ -317,6 +326,13 @@ def _decompose_padded(
         for u in free_rows.tolist():
             if not _augment(u, support, col_of_row, row_of_col):
                 return False
+
+
+def _widest_matching(total: np.ndarray) -> np.ndarray:
+    """[m] the perfect matching of positive entries whose smallest entry is largest: the round
+    that moves the most (Birkhoff's theta), so rounds are few and none is a sliver."""
+    cost = np.where(total > 0, -total, np.inf)
+    return bottleneck_perfect_matching(cost).right_of_left
 
 
 def _give_up_padding(
@@ -455,6 +471,53 @@ def schedule_all_to_all(
     if np.all(lanes.lanes_per_device == 1):
         return _schedule_single_lane(matrix, bandwidth)
     return _schedule_with_lanes(matrix, lanes)
+
+
+def merge_short_rounds(
+    schedule: Schedule, bandwidth_bytes_s: np.ndarray | float, max_share: float = 0.05
+) -> Schedule:
+    """The same transfers with the shortest rounds folded into one last round.
+
+    On a real network a round costs more than its transfers: the ranks wait for the round's
+    slowest peer, and each new connection use ramps up. The shortest rounds, taken while their
+    durations add up to at most `max_share` of the makespan, run as one round in which every one of
+    their transfers starts at once, at rate bytes / T with T = max_i max(sent_i, received_i) / B_i
+    (so every port's rates add up to at most its bandwidth, and all finish together). T is at most
+    the sum of the rounds it replaces, so the makespan never grows; that round is no longer a
+    matching. max_share = 0 returns the schedule unchanged.
+    """
+    durations = schedule.round_durations_s()
+    if max_share <= 0 or schedule.num_rounds < 2:
+        return schedule
+    order = np.argsort(durations, kind="stable")
+    within = np.cumsum(durations[order]) <= max_share * durations.sum()
+    short = np.zeros(schedule.num_rounds, dtype=bool)
+    short[order[within]] = True
+    if short.sum() < 2:
+        return schedule
+    # kept rounds keep their order and come first; the merged round is the last
+    new_index = np.cumsum(~short) - 1
+    kept = int((~short).sum())
+    new_index[short] = kept
+    round_of = new_index[schedule.round_of]
+    in_merged = short[schedule.round_of]
+    n = schedule.num_devices
+    bandwidth = _bandwidth_vector(bandwidth_bytes_s, n)
+    sent = np.bincount(schedule.src[in_merged], weights=schedule.bytes[in_merged], minlength=n)
+    received = np.bincount(schedule.dst[in_merged], weights=schedule.bytes[in_merged], minlength=n)
+    merged_s = float((np.maximum(sent, received) / bandwidth).max())
+    rate = np.where(in_merged, schedule.bytes / merged_s, schedule.rate_bytes_s)
+    order_by_round = np.argsort(round_of, kind="stable")
+    return Schedule(
+        round_of[order_by_round],
+        schedule.src[order_by_round],
+        schedule.dst[order_by_round],
+        schedule.bytes[order_by_round],
+        rate[order_by_round],
+        kept + 1,
+        n,
+        schedule.strategy,
+    )
 
 
 def _schedule_single_lane(matrix: np.ndarray, bandwidth: np.ndarray) -> Schedule:
