@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from shunter.dist.cluster import parse_host_bandwidths
-from shunter.dist.exchange import STRATEGIES, Strategy, exchange
+from shunter.dist.exchange import STRATEGIES, Strategy, exchange, plan_exchange
 from shunter.dist.moe import contiguous_placement, rows_between_ranks
 from shunter.dist.runtime import init_from_environment, run_rank
 from shunter.errors import ShunterError
@@ -75,7 +75,8 @@ class LinkCalibration:
 
 def layer_rows(expert_ids: np.ndarray, device_of_expert: np.ndarray, num_ranks: int) -> np.ndarray:
     """[n, n] int64 rows from rank i to rank j for one layer's choices expert_ids [N, k]."""
-    return rows_between_ranks(routed_counts(expert_ids, device_of_expert.shape[0], num_ranks), device_of_expert)
+    counts = routed_counts(expert_ids, device_of_expert.shape[0], num_ranks)
+    return rows_between_ranks(counts, device_of_expert)
 
 
 def predict_s(
@@ -168,14 +169,15 @@ def _fit_pattern(
     group,
 ) -> tuple[float, float]:
     """(efficiency, startup_s) with measured = startup_s + fluid_s(rows) / efficiency, fitted on
-    rows = pattern x unit_rows and x 4 unit_rows (median of 2 after a warm-up each)."""
+    rows = pattern x unit_rows and x 4 unit_rows (median of 4 after a warm-up each: the fit takes a
+    difference of two times, so their noise counts double)."""
     measured, fluid = [], []
     for scale in (unit_rows, 4 * unit_rows):
         rows = pattern * scale
         chunk = torch.empty(int(rows[rank].sum()), 1, dtype=ELEMENT)
         schedule = schedule_all_to_all(rows * 4.0, bandwidth) if strategy == "scheduled" else None
         times = []
-        for _ in range(3):
+        for _ in range(5):
             dist.barrier(group)
             started = time.perf_counter()
             exchange(chunk, rows, strategy, schedule=schedule, group=group)
@@ -229,7 +231,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--probe-bytes", type=int, default=4 << 20, help="bytes per pair when calibrating")
     parser.add_argument(
-        "--max-lanes", type=int, default=16, help="lanes per port the schedule may use on mixed ports (1: matchings)"
+        "--max-lanes",
+        type=int,
+        default=16,
+        help="lanes per port the schedule may use on mixed ports (1: matchings)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random-order seed")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may wait")
@@ -261,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = layer_rows(trace.expert_ids[layer, :tokens], placements[layer], world)
         traffic = rows.astype(np.float64) * row_bytes
         schedules = (
-            schedule_all_to_all(traffic, bandwidth, args.max_lanes),
-            schedule_all_to_all(traffic.T, bandwidth, args.max_lanes),
+            plan_exchange(traffic, bandwidth, args.max_lanes),
+            plan_exchange(traffic.T, bandwidth, args.max_lanes),
         )
         send = torch.randn(int(rows[rank].sum()), row_elements, generator=torch.Generator().manual_seed(rank))
         seed = args.seed + 2 * layer

@@ -26,10 +26,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shunter.plan.schedule import Schedule, sender_queues
+from shunter.plan.schedule import Schedule, merge_short_rounds, schedule_all_to_all, sender_queues
 
 Strategy = Literal["all_to_all", "scheduled", "random_order"]
 STRATEGIES: tuple[Strategy, ...] = ("all_to_all", "scheduled", "random_order")
+
+
+# Rounds adding up to at most this share of the makespan run as one (see merge_short_rounds).
+SHORT_ROUNDS_SHARE = 0.05
+
+
+def plan_exchange(
+    traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray, max_lanes_per_device: int = 16
+) -> Schedule:
+    """The schedule the "scheduled" strategy runs: Shunter's all-to-all schedule for traffic_bytes
+    [n, n] on ports bandwidth_bytes_s [n], its shortest rounds folded into one."""
+    schedule = schedule_all_to_all(traffic_bytes, bandwidth_bytes_s, max_lanes_per_device)
+    return merge_short_rounds(schedule, bandwidth_bytes_s, SHORT_ROUNDS_SHARE)
 
 
 @dataclass(frozen=True)

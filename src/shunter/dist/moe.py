@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shunter.dist.exchange import Strategy, exchange
+from shunter.dist.exchange import Strategy, exchange, plan_exchange
 from shunter.errors import ShunterError
 from shunter.model.layers import (
     add_shared_experts,
@@ -34,7 +34,7 @@ from shunter.model.layers import (
 )
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, MLPWeights, MoEWeights
-from shunter.plan.schedule import Schedule, schedule_all_to_all
+from shunter.plan.schedule import Schedule
 from shunter.plan.traffic import shares_from_device_of_expert
 
 
@@ -183,8 +183,8 @@ class ExpertParallelMoE:
             return None, None
         traffic = rows.astype(np.float64) * row_bytes
         return (
-            schedule_all_to_all(traffic, self.bandwidth_bytes_s),
-            schedule_all_to_all(traffic.T, self.bandwidth_bytes_s),
+            plan_exchange(traffic, self.bandwidth_bytes_s),
+            plan_exchange(traffic.T, self.bandwidth_bytes_s),
         )
 
     def _run_local_experts(self, received: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
