@@ -18,13 +18,25 @@ from shunter.commands.common import (
 )
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
+from shunter.model.executor import InMemoryModel
 from shunter.model.generate import SamplingParams, generate
 from shunter.model.loader import DTYPE_NAMES, TRACE_FILE, load_model, resolve_model_dir
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.tokenizer import Tokenizer
 from shunter.offload import OffloadedModel, PipelineOptions, load_offloaded, model_bytes
+from shunter.offload.planner import (
+    BatchPlan,
+    expert_share_from_trace,
+    explain,
+    machine_profile,
+    plan_as_dict,
+    plan_batches,
+    profile_cache_path,
+)
 from shunter.trace import load_trace
 from shunter.units import parse_bytes
+
+MAX_PLANNED_BATCHES = 128  # the planner's search limit (its timeline prediction grows with n)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +58,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="memory budget for weights + KV cache (e.g. 512MiB); a model larger "
         "than this streams its weights from disk with the offload engine",
     )
-    p.add_argument("--batches", type=int, default=1, help="micro-batches sharing each layer's load (offload)")
+    p.add_argument(
+        "--batches",
+        default="1",
+        metavar="N|auto",
+        help="micro-batches sharing each layer's load (offload; default 1); auto: the planner measures "
+        "this machine and picks the smallest number with no pipeline bubble",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print how the offload planner picks --batches to stderr (with --json, also under 'plan')",
+    )
     p.add_argument(
         "--trace",
         type=Path,
@@ -64,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise ShunterError(f"--batch: must be at least 1, got {args.batch}")
     if not 0.0 < args.top_p <= 1.0:
         raise ShunterError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    batches = parse_batches(args.batches)
     path = resolve_model_dir(args.model)
     spec, tokenizer = load_spec(path), Tokenizer.from_model_dir(path)
     if args.prompt_ids is not None:
@@ -76,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
             f"max_position_embeddings ({spec.max_position_embeddings})"
         )
 
-    model = _open_model(args, path, spec, slots=len(prompt) + args.max_new_tokens)
+    # the planner sizes a decode step at its mean context over the run
+    context_tokens = len(prompt) + args.max_new_tokens // 2
+    model, plan = _open_model(args, path, spec, len(prompt) + args.max_new_tokens, batches, context_tokens)
     streamed: list[int] = []
     printed = ""
 
@@ -121,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
         "decode_tok_s": result.decode_tok_s,
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if plan is not None:
+        stats["plan"] = plan_as_dict(plan) | {"sequences_given": args.batch}
+    elif args.explain:
+        stats["plan"] = None  # in memory: the planner is not used
     if isinstance(model, OffloadedModel):
         stats |= {
             "memory_budget_bytes": model.placement.budget_bytes,
@@ -145,17 +175,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_model(args: argparse.Namespace, path: Path, spec: ModelSpec, slots: int):
-    """The in-memory executor when the weights fit the budget (or there is none), else the offload engine."""
-    if args.memory is None:
-        return load_model(path, args.dtype).model
-    budget = parse_bytes(args.memory, "--memory")
+def parse_batches(text: str) -> int | None:
+    """--batches: a positive integer, or None for 'auto' (the planner decides)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ShunterError(f"--batches: expected a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise ShunterError(f"--batches: must be at least 1 (or 'auto'), got {value}")
+    return value
+
+
+def _open_model(
+    args: argparse.Namespace,
+    path: Path,
+    spec: ModelSpec,
+    slots: int,
+    batches: int | None,
+    context_tokens: int,
+) -> tuple[InMemoryModel | OffloadedModel, BatchPlan | None]:
+    """The in-memory executor when the weights fit the budget (or there is none), else the offload
+    engine; with the planner's choice when it ran (--batches auto or --explain, offload only)."""
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else spec.torch_dtype
+    budget = None if args.memory is None else parse_bytes(args.memory, "--memory")
     # in memory only with room to spare: the KV cache and activations need their share too
-    if model_bytes(Checkpoint(path), torch.tensor([], dtype=dtype).element_size()) <= budget // 2:
-        return load_model(path, args.dtype).model
-    if args.batches < 1:
-        raise ShunterError(f"--batches: must be at least 1, got {args.batches}")
+    element_bytes = torch.tensor([], dtype=dtype).element_size()
+    if budget is None or model_bytes(Checkpoint(path), element_bytes) <= budget // 2:
+        if batches is None or args.explain:
+            print(
+                "shunter: the model runs in memory (it fits --memory, or none was given), "
+                "so the offload planner is not used and --batches does not apply",
+                file=sys.stderr,
+            )
+        return load_model(path, args.dtype).model, None
     # a model directory that carries its own routing trace (the built-in model does) seeds the prefetcher
     own_trace = path / TRACE_FILE
     trace = load_trace(args.trace) if args.trace else (load_trace(own_trace) if own_trace.is_file() else None)
@@ -163,5 +217,23 @@ def _open_model(args: argparse.Namespace, path: Path, spec: ModelSpec, slots: in
         raise ShunterError(
             f"{args.trace}: trace has {trace.num_experts} experts, the model {spec.num_experts}"
         )
-    options = PipelineOptions(num_batches=args.batches)
-    return load_offloaded(path, budget, dtype, options, sequences=args.batch, max_slots=slots, trace=trace)
+    plan = None
+    if batches is None or args.explain:
+        # one sequence per micro-batch: the engine splits the --batch sequences of a forward
+        profile = machine_profile(spec, path, dtype, batch_size=1)
+        share = expert_share_from_trace(trace) if trace is not None else None
+        plan = plan_batches(spec, profile, 1, context_tokens, share, MAX_PLANNED_BATCHES)
+    num_batches = batches if batches is not None else min(plan.num_batches, args.batch)
+    if args.explain:
+        assert plan is not None
+        how = "--batches auto" if batches is None else f"--batches {batches}"
+        print(explain(plan, sequences_given=args.batch), file=sys.stderr)
+        print(
+            f"{how}: running {num_batches} micro-batch{'es' * (num_batches > 1)} of the "
+            f"{args.batch} sequence{'s' * (args.batch > 1)} (--batch); machine profile cached in "
+            f"{profile_cache_path(spec, path, dtype)} (delete it to measure again)",
+            file=sys.stderr,
+        )
+    options = PipelineOptions(num_batches=num_batches)
+    model = load_offloaded(path, budget, dtype, options, sequences=args.batch, max_slots=slots, trace=trace)
+    return model, plan

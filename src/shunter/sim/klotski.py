@@ -256,6 +256,32 @@ class BubbleFreeBatches:
     binding: str
 
 
+def bubble_free_sides(
+    times: PipelineTimes, num_batches: int, num_hot_experts: int = 2
+) -> dict[str, tuple[float, float]]:
+    """(left, right) seconds of klotski.md §7's inequalities (4)-(7) at n = num_batches; the
+    pipeline has no bubble at that point when left >= right (see smallest_bubble_free_batches)."""
+    n = num_batches
+    tokens = np.asarray(times.expert_tokens_per_batch, dtype=np.float64)
+    K = min(num_hot_experts, times.num_experts)
+    hot = [int(e) for e in times.hot_experts(K) if tokens[e] > 0]
+    cold = [int(e) for e in np.flatnonzero(tokens > 0) if int(e) not in hot]
+    front = n * (times.attention_compute_s + times.gate_compute_s)
+    hot_s = sum(times.expert_run_s(n * tokens[e]) for e in hot)
+    cold_s = sum(times.expert_run_s(n * tokens[e]) for e in cold)
+    kv = n * times.kv_load_s
+    gate_io, expert_io = times.gate_transfer_s, times.expert_transfer_s
+    return {
+        "4": (n * times.attention_compute_s, gate_io),
+        "5": (front, gate_io + K * expert_io + kv),
+        "6": (front + hot_s, gate_io + (K + min(1, len(cold))) * expert_io + kv),
+        "7": (
+            front + hot_s + cold_s,
+            gate_io + (K + len(cold)) * expert_io + times.attention_transfer_s + kv,
+        ),
+    }
+
+
 def smallest_bubble_free_batches(
     times: PipelineTimes, num_hot_experts: int = 2, max_batches: int = 4096
 ) -> BubbleFreeBatches:
@@ -271,26 +297,10 @@ def smallest_bubble_free_batches(
     KV cache out (its tc_A includes loading it); when kv_load_s > 0 the n batches' KV crosses the
     same link, so n * kv_load_s joins the right sides of (5)-(7).
     """
-    tokens = np.asarray(times.expert_tokens_per_batch, dtype=np.float64)
-    K = min(num_hot_experts, times.num_experts)
-    hot = [int(e) for e in times.hot_experts(K) if tokens[e] > 0]
-    cold = [int(e) for e in np.flatnonzero(tokens > 0) if int(e) not in hot]
-    binding_first = {}
+    binding_first: dict[str, int] = {}
     for n in range(1, max_batches + 1):
-        front = n * (times.attention_compute_s + times.gate_compute_s)
-        hot_s = sum(times.expert_run_s(n * tokens[e]) for e in hot)
-        cold_s = sum(times.expert_run_s(n * tokens[e]) for e in cold)
-        kv = n * times.kv_load_s
         checks = {
-            "4": n * times.attention_compute_s >= times.gate_transfer_s,
-            "5": front >= times.gate_transfer_s + K * times.expert_transfer_s + kv,
-            "6": front + hot_s
-            >= times.gate_transfer_s + (K + min(1, len(cold))) * times.expert_transfer_s + kv,
-            "7": front + hot_s + cold_s
-            >= times.gate_transfer_s
-            + (K + len(cold)) * times.expert_transfer_s
-            + times.attention_transfer_s
-            + kv,
+            key: left >= right for key, (left, right) in bubble_free_sides(times, n, num_hot_experts).items()
         }
         for key, ok in checks.items():
             if ok and key not in binding_first:
