@@ -1,10 +1,15 @@
 """`shunter bench a2a --hosts N --bandwidth ... [--trace T.npz] [--plan P.json]`: measure each MoE
 layer's dispatch + combine on an emulated cluster three ways (all_to_all_single, Shunter's
-schedule, random order) beside the lower bound and the simulator's prediction. Needs root."""
+schedule, random order) beside the lower bound and the simulator's prediction. Needs root.
+
+`shunter bench offload MODEL --memory X`: decode tok/s of the offload engine's ablation ladder,
+transformers + accelerate disk offload, the planner's prediction and the in-memory executor, each
+in its own process in a memory cgroup capped at X (shunter.offload.bench). Needs root."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -14,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from shunter.commands.common import print_json
+from shunter.commands.generate import MAX_PLANNED_BATCHES
 from shunter.dist.a2a import DEFAULT_ROW_BYTES
 from shunter.dist.cluster import (
     DEFAULT_PORT,
@@ -23,10 +29,13 @@ from shunter.dist.cluster import (
     run_on_cluster,
 )
 from shunter.errors import ShunterError
-from shunter.model.loader import default_trace_path
+from shunter.model.checkpoint import Checkpoint
+from shunter.model.loader import default_trace_path, resolve_model_dir
+from shunter.model.spec import load_spec
+from shunter.offload import bench as offload_bench
 from shunter.sim.predict import check_trace_against, read_plan
 from shunter.trace.routing_trace import load_trace
-from shunter.units import format_bytes
+from shunter.units import format_bytes, parse_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,6 +90,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a2a.add_argument("--out", default=None, help="also write the JSON result to this file")
     a2a.set_defaults(func=run_a2a)
 
+    offload = kinds.add_parser(
+        "offload",
+        help="offloaded decode under a memory cap: Shunter's ladder vs transformers + accelerate (root)",
+        description="Run every contender in its own process inside a fresh memory cgroup capped at "
+        "--memory (the cap counts the page cache), page cache dropped first: transformers + "
+        "accelerate disk offload, the offload engine's ablation ladder (simple, multi-batch, "
+        "hot-prefetch, reorder = Shunter), the planner's prediction and the in-memory executor "
+        "uncapped; decode tok/s, median of --reps after --warmup, with bytes read and peak memory.",
+    )
+    offload.add_argument("model", metavar="MODEL", help="a checkpoint directory (config.json + safetensors)")
+    offload.add_argument(
+        "--memory",
+        required=True,
+        help="cap of every contender's memory cgroup: weights + KV cache + runtime + page cache "
+        "(e.g. 1.5GiB)",
+    )
+    offload.add_argument(
+        "--runtime-reserve",
+        default=f"{offload_bench.DEFAULT_RUNTIME_RESERVE_BYTES // 2**20}MiB",
+        help="of --memory, what the Python/torch runtime and its libraries' page cache get; the rest "
+        "is the weight budget of both the engine and accelerate (default "
+        f"{offload_bench.DEFAULT_RUNTIME_RESERVE_BYTES // 2**20}MiB)",
+    )
+    offload.add_argument(
+        "--sequences", default="1,8,64", help="sequences in flight, one table each (default 1,8,64)"
+    )
+    offload.add_argument(
+        "--new-tokens", type=int, default=8, help="tokens generated per sequence (default 8; at least 2)"
+    )
+    offload.add_argument("--reps", type=int, default=3, help="timed repetitions per contender (default 3)")
+    offload.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
+    offload.add_argument(
+        "--accelerate-batches",
+        default="1,8,64",
+        help="batches to find accelerate's best at (default 1,8,64)",
+    )
+    offload.add_argument(
+        "--sweep",
+        default="1,2,4,8,16,32,64",
+        help="sequences in flight for the reorder rung at one sequence per micro-batch, beside the "
+        "planner's n (default 1,2,4,8,16,32,64)",
+    )
+    offload.add_argument(
+        "--work-dir",
+        default=None,
+        help="where accelerate's offload folder goes (default: MODEL.shunter-bench/ next to the model)",
+    )
+    offload.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    offload.add_argument("--out", default=None, help="also write the JSON result to this file")
+    offload.set_defaults(func=run_offload)
+
 
 def run_a2a(args: argparse.Namespace) -> int:
     if args.hosts < 2:
@@ -126,6 +186,100 @@ def run_a2a(args: argparse.Namespace) -> int:
     else:
         print_a2a_table(report)
     return 0
+
+
+def parse_sequence_list(text: str, field: str) -> list[int]:
+    """'1,8,64' -> [1, 8, 64]: positive integers, duplicates dropped, order kept."""
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ShunterError(f"{field}: expected comma-separated positive integers, got {text!r}") from None
+    if not values:
+        raise ShunterError(f"{field}: no numbers given")
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise ShunterError(f"{field}: every number must be at least 1, got {bad[0]}")
+    return list(dict.fromkeys(values))
+
+
+def offload_config(args: argparse.Namespace) -> offload_bench.BenchConfig:
+    """The options checked and read; ShunterError naming the option for anything wrong."""
+    if args.new_tokens < 2:
+        raise ShunterError(f"--new-tokens: the decode rate needs at least 2, got {args.new_tokens}")
+    if args.reps < 1 or args.warmup < 0:
+        raise ShunterError("--reps must be at least 1 and --warmup at least 0")
+    sequences = parse_sequence_list(args.sequences, "--sequences")
+    accelerate_batches = parse_sequence_list(args.accelerate_batches, "--accelerate-batches")
+    sweep = parse_sequence_list(args.sweep, "--sweep")
+    cap = parse_bytes(args.memory, "--memory")
+    reserve = parse_bytes(args.runtime_reserve, "--runtime-reserve")
+    path = resolve_model_dir(args.model)
+    spec = load_spec(path)
+    model_bytes = offload_bench.checkpoint_bytes(Checkpoint(path))
+    if cap <= reserve:
+        raise ShunterError(
+            f"--memory {format_bytes(cap)} is not above --runtime-reserve {format_bytes(reserve)}: "
+            "nothing would be left for the weights"
+        )
+    if cap - reserve >= model_bytes:
+        raise ShunterError(
+            f"--memory {format_bytes(cap)} leaves {format_bytes(cap - reserve)} for weights after "
+            f"--runtime-reserve, more than the whole model ({format_bytes(model_bytes)}): nothing would "
+            f"stream from disk; give less than {format_bytes(model_bytes + reserve)}"
+        )
+    if offload_bench.PROMPT_TOKENS + args.new_tokens > spec.max_position_embeddings:
+        raise ShunterError(
+            f"--new-tokens: {offload_bench.PROMPT_TOKENS}-token prompts + {args.new_tokens} exceed the "
+            f"model's max_position_embeddings ({spec.max_position_embeddings})"
+        )
+    missing = [name for name in ("transformers", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ShunterError(f"the accelerate contender needs {' and '.join(missing)}: pip install -e '.[dev]'")
+    work_dir = Path(args.work_dir) if args.work_dir else offload_bench.default_work_dir(path)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShunterError(f"--work-dir {work_dir}: cannot create it: {exc.strerror}") from None
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise ShunterError(f"--out {args.out}: its directory does not exist")
+    return offload_bench.BenchConfig(
+        model_dir=path,
+        cap_bytes=cap,
+        runtime_reserve_bytes=reserve,
+        sequences=sequences,
+        accelerate_batches=accelerate_batches,
+        sweep=sweep,
+        new_tokens=args.new_tokens,
+        reps=args.reps,
+        warmup=args.warmup,
+        work_dir=work_dir,
+        max_batches=MAX_PLANNED_BATCHES,
+    )
+
+
+def run_offload(args: argparse.Namespace) -> int:
+    config = offload_config(args)
+    offload_bench.check_environment()
+    report = offload_bench.run_benchmark(config, progress=sys.stderr)
+    if args.out:
+        write_json_atomically(report, Path(args.out))
+    if args.json:
+        print_json(report)
+    else:
+        print_offload_table(report)
+    return 0
+
+
+def write_json_atomically(report: dict, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    handle, partial = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def _plan_placements(plan_path: str, trace, hosts: int, trace_path: Path) -> list[list[int]]:
@@ -179,3 +333,76 @@ def print_a2a_table(report: dict) -> None:
             f"  schedule speedup: {layer['speedup_over_all_to_all']:.2f}x over all_to_all_single, "
             f"{layer['speedup_over_random_order']:.2f}x over random order"
         )
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _size(value: float | None) -> str:
+    return "-" if value is None else format_bytes(value)
+
+
+# the table's short names; the JSON's "description" says each in words
+TABLE_NAMES = {
+    "accelerate": "accelerate",
+    "simple": "simple",
+    "multi-batch": "multi-batch",
+    "hot-prefetch": "hot-prefetch",
+    "reorder": "reorder (Shunter)",
+    "predicted": "predicted (planner)",
+    "in-memory": "in-memory (no cap)",
+}
+
+
+def _offload_rows(rows: list[dict], names: list[str]) -> None:
+    print(
+        f"  {'contender':<26} {'seqs':>4} {'n':>3} {'decode tok/s':>12} {'x accel':>8} {'x pred':>7} "
+        f"{'x in-mem':>8} {'read':>10} {'planned':>10} {'peak':>10} {'hits':>5}"
+    )
+    for name, row in zip(names, rows, strict=True):
+        hits = row["prefetch_hit_rate"]
+        print(
+            f"  {name:<26} {row['sequences']:>4} {row['batches'] or '-':>3} {row['decode_tok_s']:>12.3f} "
+            f"{_times(row['vs_accelerate']):>8} {_times(row['vs_predicted']):>7} "
+            f"{_times(row['vs_in_memory']):>8} {_size(row['bytes_read']):>10} "
+            f"{_size(row['planned_bytes_read']):>10} {_size(row['peak_cgroup_bytes']):>10} "
+            f"{'-' if hits is None else f'{hits:.2f}':>5}"
+        )
+
+
+def print_offload_table(report: dict) -> None:
+    planner = report["planner"]
+    print(
+        f"{Path(report['model']).name} ({report['family']} {report['dtype']}, "
+        f"{format_bytes(report['model_bytes'])}); cap {format_bytes(report['cap_bytes'])} per contender "
+        f"({format_bytes(report['weight_budget_bytes'])} for weights); {report['prompt_tokens']}-token "
+        f"prompts, {report['new_tokens']} new tokens; median of {report['reps']} after "
+        f"{report['warmup']} warm-up; {report['threads']} threads"
+    )
+    print(
+        f"planner: n = {planner['num_batches']} "
+        f"({'bubble free' if planner['bubble_free'] else 'not bubble free'}, ({planner['binding']}) binds), "
+        f"predicted {planner['predicted_tok_s']:.1f} tok/s at n"
+    )
+    for result in report["results"]:
+        S = result["sequences"]
+        print(f"\n{S} sequence{'s' * (S > 1)} in flight")
+        rows = list(result["rows"].values())
+        _offload_rows(rows, [TABLE_NAMES[row["contender"]] for row in rows])
+        equal = "yes" if result["tokens_equal_across_rungs"] else "NO"
+        in_memory = "yes" if result["tokens_equal_in_memory"] else "NO"
+        print(f"  tokens equal across the ladder: {equal}; reorder = in-memory: {in_memory}")
+    batches = report["accelerate_batches"]
+    rates = ", ".join(f"batch {row['sequences']} {row['decode_tok_s']:.3f}" for row in batches["rows"])
+    print(f"\naccelerate, decode tok/s by batch: {rates}; best batch {batches['best_batch']}")
+    sweep = report["sweep"]
+    print("\nsweep: the reorder rung at one sequence per micro-batch")
+    rows = [*sweep["rows"], sweep["planner_row"]]
+    names = [f"reorder, {row['sequences']} seq" for row in sweep["rows"]]
+    names.append(f"reorder, planner's n = {sweep['planner_row']['sequences']}")
+    _offload_rows(rows, names)
+    print(
+        f"  best of the sweep ({sweep['best_sequences']} sequences) / planner's n: "
+        f"{sweep['best_over_planner']:.2f}x"
+    )

@@ -1,0 +1,695 @@
+"""Run offload contenders side by side, each in its own memory-capped process.
+
+`shunter bench offload` (commands/bench.py) parses the options and prints; this module runs it.
+Every run of a contender is a fresh `python -m shunter.offload.bench JOB RESULT` process inside a
+cgroup-v1 memory cgroup made for that run (the cap counts the page cache too, so the weights that
+"stream from disk" really come from the disk), with the page cache dropped first; the cgroup is
+removed after, also on failure and Ctrl-C. Peak = the cgroup's memory.max_usage_in_bytes.
+
+Contenders at S sequences in flight (each sequence a 16-token prompt, greedy, no stop token):
+  accelerate    transformers + accelerate, experts offloaded to disk, batch S (and at its best
+                batch of a sweep);
+  simple        the engine one sequence at a time, whole layers prefetched;
+  multi-batch   all S sequences in one forward, n = min(S, planner's n) micro-batches sharing
+                each layer's load, whole layers prefetched;
+  hot-prefetch  + only the predicted hot experts prefetched;
+  reorder       + hot experts first (= Shunter's default pipeline);
+  predicted     the planner's cost model at S (no process: computed from the machine profile);
+  in-memory     the in-memory executor, no cap (the compute-only ceiling).
+Plus a sweep of the reorder rung at one sequence per micro-batch (what the planner models), and
+the planner's n beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from shunter.errors import ShunterError
+from shunter.model.checkpoint import Checkpoint, TensorLocation
+from shunter.model.loader import TRACE_FILE
+from shunter.model.spec import ModelSpec, load_spec
+from shunter.model.weights import CheckpointLayout
+from shunter.offload.engine import OffloadedModel
+from shunter.offload.placement import OffloadPlacement, kv_cache_bytes, plan_placement
+from shunter.offload.planner import (
+    BatchPlan,
+    MachineProfile,
+    expert_share_from_trace,
+    machine_profile,
+    pipeline_times,
+    plan_batches,
+)
+from shunter.sim import klotski
+from shunter.trace.routing_trace import load_trace
+from shunter.units import format_bytes
+
+PROMPT_TOKENS = 16
+FIRST_PROMPT_ID = 100  # sequence s is the ids 100+s, 101+s, ... (modulo the vocabulary)
+MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+CGROUP_PREFIX = "shunter-bench-"
+# the cgroup counts the Python and torch runtime and the page cache of its shared libraries too
+DEFAULT_RUNTIME_RESERVE_BYTES = 768 * 2**20
+LADDER = ("simple", "multi-batch", "hot-prefetch", "reorder")
+DESCRIPTIONS = {
+    "accelerate": "transformers + accelerate, disk offload",
+    "simple": "simple: one sequence at a time, whole layers",
+    "multi-batch": "+ multi-batch: the sequences share each layer's load",
+    "hot-prefetch": "+ hot-only prefetch (correlation table)",
+    "reorder": "+ hot-first expert order (= Shunter)",
+    "predicted": "planner's prediction (reorder rung, measured profile)",
+    "in-memory": "in-memory executor, uncapped",
+}
+
+
+def prompts(sequences: int, vocab_size: int) -> list[list[int]]:
+    """[sequences][PROMPT_TOKENS] token ids, all prompts the same length (no padding)."""
+    return [[(FIRST_PROMPT_ID + s + i) % vocab_size for i in range(PROMPT_TOKENS)] for s in range(sequences)]
+
+
+# ---------------------------------------------------------------------------------------------
+# memory cgroups and the page cache
+
+
+def own_memory_cgroup() -> Path | None:
+    """This process's cgroup-v1 memory cgroup directory; None when there is no v1 memory controller."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            group = MEMORY_CGROUP_ROOT / path.lstrip("/")
+            return group if (group / "memory.max_usage_in_bytes").is_file() else None
+    return None
+
+
+def check_environment() -> Path:
+    """The memory cgroup to make run cgroups under; ShunterError unless root with cgroup-v1 memory."""
+    if os.geteuid() != 0:
+        raise ShunterError(
+            "shunter bench offload needs root (memory cgroups, dropping the page cache); run it with sudo"
+        )
+    group = own_memory_cgroup()
+    if group is None:
+        raise ShunterError(
+            f"shunter bench offload needs the cgroup v1 memory controller ({MEMORY_CGROUP_ROOT}), "
+            "which caps page cache and process memory together; this machine has none"
+        )
+    return group
+
+
+def drop_page_cache() -> None:
+    """Write dirty pages back and drop the clean ones, so the next run reads from the device."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+_group_numbers = itertools.count()
+
+
+@contextlib.contextmanager
+def memory_cgroup(cap_bytes: int | None) -> Iterator[Path]:
+    """A fresh memory cgroup under this process's, capped at cap_bytes (None: no cap, just
+    measured); removed on exit, after killing whatever is still in it."""
+    parent = own_memory_cgroup()
+    if parent is None:
+        raise ShunterError(f"no cgroup v1 memory controller at {MEMORY_CGROUP_ROOT}")
+    group = parent / f"{CGROUP_PREFIX}{os.getpid()}-{next(_group_numbers)}"
+    group.mkdir()
+    try:
+        if cap_bytes is not None:
+            (group / "memory.limit_in_bytes").write_text(str(cap_bytes))
+        yield group
+    finally:
+        _remove_cgroup(group)
+
+
+def _remove_cgroup(group: Path) -> None:
+    # only the run's own process tree can be in it: a worker that outlived an interrupt
+    deadline = time.monotonic() + 10.0
+    while True:
+        pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        if not pids:
+            try:
+                group.rmdir()
+                return
+            except OSError:  # EBUSY for a moment after the last process exits
+                pass
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            print(f"shunter: warning: could not remove the cgroup {group}", file=sys.stderr)
+            return
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class CappedRun:
+    result: dict[str, Any]  # what the worker wrote
+    peak_cgroup_bytes: int  # memory.max_usage_in_bytes: processes + page cache, at the highest
+    wall_s: float  # the process, start to exit
+
+
+def run_capped(job: dict[str, Any], cap_bytes: int | None, label: str) -> CappedRun:
+    """Run one job in a fresh worker process in a fresh memory cgroup capped at cap_bytes, with the
+    page cache dropped first. ShunterError (the worker's output tail on stderr) when it fails."""
+    with tempfile.TemporaryDirectory(prefix="shunter-bench-") as scratch:
+        job_path, result_path = Path(scratch) / "job.json", Path(scratch) / "result.json"
+        job_path.write_text(json.dumps(job))
+        argv = [sys.executable, "-m", "shunter.offload.bench", str(job_path), str(result_path)]
+        drop_page_cache()
+        with memory_cgroup(cap_bytes) as group:
+            procs = str(group / "cgroup.procs")
+
+            def enter() -> None:  # in the child, before exec: everything it maps counts
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+
+            started = time.perf_counter()
+            done = subprocess.run(argv, preexec_fn=enter, capture_output=True, text=True)
+            wall_s = time.perf_counter() - started
+            peak = int((group / "memory.max_usage_in_bytes").read_text())
+            oom_kills = _oom_kills(group)
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr[-3000:])
+            why = f"exit status {done.returncode}"
+            if oom_kills or done.returncode == -signal.SIGKILL:
+                why += f", killed at the memory cap (peak {format_bytes(peak)}): raise --memory"
+            raise ShunterError(f"{label} failed ({why}); its last output is above")
+        return CappedRun(json.loads(result_path.read_text()), peak, wall_s)
+
+
+def _oom_kills(group: Path) -> int:
+    with contextlib.suppress(OSError):
+        for line in (group / "memory.oom_control").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# what the placement says the engine reads
+
+
+class _ByteCounter:
+    """A CheckpointLayout fetch that reads nothing: it adds up each tensor's bytes on disk (as
+    DirectReader.stats.bytes_read counts them) and hands back an empty meta tensor of its shape."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def __call__(self, loc: TensorLocation) -> torch.Tensor:
+        self.bytes += loc.num_bytes
+        return torch.empty(loc.shape, dtype=loc.dtype, device="meta")
+
+
+def planned_read_bytes(
+    spec: ModelSpec, checkpoint: Checkpoint, placement: OffloadPlacement, dtype: torch.dtype
+) -> tuple[int, int]:
+    """(bytes read once at load: embeddings, head and what the placement pins; bytes streamed per
+    forward: every layer block and expert it leaves on disk), in checkpoint bytes.
+
+    The streamed figure is exact for whole-layer prefetch; with hot-only prefetch an expert no
+    token picks is not read, so it is an upper bound there."""
+    counter = _ByteCounter()
+    layout = CheckpointLayout(spec, checkpoint, fetch=counter)
+    embed = layout.embed(dtype)
+    layout.final_norm(dtype)
+    layout.lm_head(dtype, embed)
+    for layer in sorted(placement.resident_blocks):
+        layout.layer(layer, dtype, False)
+    for layer, expert in sorted(placement.resident_experts):
+        layout.expert(layer, expert, dtype)
+    at_load, counter.bytes = counter.bytes, 0
+    for layer in range(spec.num_layers):
+        if layer not in placement.resident_blocks:
+            layout.layer(layer, dtype, False)
+        if spec.moe_layers[layer]:
+            for expert in range(spec.num_experts):
+                if (layer, expert) not in placement.resident_experts:
+                    layout.expert(layer, expert, dtype)
+    return at_load, counter.bytes
+
+
+def process_read_bytes() -> int:
+    """Bytes this process has fetched from storage (/proc/self/io read_bytes): O_DIRECT reads,
+    page faults of memory-mapped files and readahead alike."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the workers: each runs in its own process and returns a JSON-able dict
+
+
+def _model_trace(model_dir: Path):
+    """The model directory's own routing trace (seeds the prefetcher), as `generate` uses it."""
+    path = model_dir / TRACE_FILE
+    return load_trace(path) if path.is_file() else None
+
+
+def shunter_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """The offload engine on job["sequences"] prompts: all in one forward, or one at a time."""
+    from shunter.model.generate import generate
+    from shunter.offload import PipelineOptions, load_offloaded
+
+    path = Path(job["model"])
+    spec = load_spec(path)
+    sequence_prompts = prompts(job["sequences"], spec.vocab_size)
+    groups = [[p] for p in sequence_prompts] if job["one_at_a_time"] else [sequence_prompts]
+    options = PipelineOptions(job["num_batches"], job["prefetch"], job["hot_first"])
+    read_before = process_read_bytes()
+    model: OffloadedModel = load_offloaded(
+        path,
+        job["memory_bytes"],
+        options=options,
+        sequences=len(groups[0]),
+        max_slots=PROMPT_TOKENS + job["new_tokens"],
+        trace=_model_trace(path),
+    )
+    try:
+        decode_s, decoded_tokens, forwards, generated = 0.0, 0, 0, []
+        for group in groups:
+            result = generate(model, group, job["new_tokens"])
+            decode_s += result.decode_s
+            decoded_tokens += result.batch * result.decode_steps
+            forwards += 1 + result.decode_steps  # the prefill, then one per decode step
+            generated += result.tokens
+        at_load, per_forward = planned_read_bytes(spec, Checkpoint(path), model.placement, model.dtype)
+        return {
+            "decode_tok_s": decoded_tokens / decode_s,
+            "bytes_read": model.reader.stats.bytes_read,
+            "planned_bytes_read": at_load + per_forward * forwards,
+            "disk_read_bytes": process_read_bytes() - read_before,
+            "prefetch_hit_rate": model.prefetcher.hit_rate if options.prefetch == "hot" else None,
+            "generated_ids": generated,
+        }
+    finally:
+        model.close()
+
+
+def in_memory_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """The in-memory executor on job["sequences"] prompts in one batch."""
+    from shunter.model.generate import generate
+    from shunter.model.loader import load_model
+
+    read_before = process_read_bytes()
+    loaded = load_model(job["model"])
+    result = generate(loaded.model, prompts(job["sequences"], loaded.spec.vocab_size), job["new_tokens"])
+    return {
+        "decode_tok_s": result.decode_tok_s,
+        "disk_read_bytes": process_read_bytes() - read_before,
+        "generated_ids": result.tokens,
+    }
+
+
+def accelerate_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """transformers + accelerate: device_map="auto" keeps up to cpu_bytes of weights in RAM and
+    memory-maps the rest from offload_folder; batch job["sequences"]. Decode tok/s is timed with a
+    streamer: from the first generated token to the last."""
+    from transformers import AutoModelForCausalLM
+
+    read_before = process_read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(
+        job["model"],
+        dtype="auto",
+        device_map="auto",
+        max_memory={"cpu": job["cpu_bytes"]},
+        offload_folder=job["offload_folder"],
+    )
+    ids = torch.tensor(prompts(job["sequences"], model.config.vocab_size))
+    times: list[float] = []
+
+    class Clock:  # transformers calls put() with the prompt, then once per generated token
+        def put(self, _value: torch.Tensor) -> None:
+            times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    new = job["new_tokens"]
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            streamer=Clock(),
+            pad_token_id=0,
+        )
+    return {
+        "decode_tok_s": job["sequences"] * (new - 1) / (times[-1] - times[1]),
+        "disk_read_bytes": process_read_bytes() - read_before,
+        "generated_ids": out[:, PROMPT_TOKENS:].tolist(),
+    }
+
+
+WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "shunter": shunter_worker,
+    "in-memory": in_memory_worker,
+    "accelerate": accelerate_worker,
+}
+
+
+def worker_main(argv: list[str]) -> int:
+    """`python -m shunter.offload.bench JOB.json RESULT.json`: run one job, write its result."""
+    job_path, result_path = argv
+    job = json.loads(Path(job_path).read_text())
+    try:
+        result = WORKERS[job["kind"]](job)
+    except ShunterError as exc:
+        print(f"shunter: error: {exc}", file=sys.stderr)
+        return 2
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `shunter bench offload` runs. Sizes in bytes; lists are sequences in flight."""
+
+    model_dir: Path
+    cap_bytes: int  # every capped contender's cgroup: weights + KV + runtime + page cache
+    runtime_reserve_bytes: int  # of the cap, left to the Python/torch runtime; the rest is weights
+    sequences: list[int]
+    accelerate_batches: list[int]
+    sweep: list[int]
+    new_tokens: int
+    reps: int
+    warmup: int
+    work_dir: Path  # accelerate's offload folder goes here
+    max_batches: int  # the planner's search limit
+
+    @property
+    def weight_budget_bytes(self) -> int:
+        """Engine's --memory and accelerate's max_memory["cpu"]: the same weight budget for both."""
+        return self.cap_bytes - self.runtime_reserve_bytes
+
+
+def default_work_dir(model_dir: Path) -> Path:
+    """A cache directory next to the model: MODEL.shunter-bench/."""
+    return model_dir.resolve().parent / f"{model_dir.resolve().name}.shunter-bench"
+
+
+def checkpoint_bytes(checkpoint: Checkpoint) -> int:
+    """Bytes of every tensor in the checkpoint, as stored."""
+    return sum(loc.num_bytes for loc in checkpoint.locations.values())
+
+
+def check_budget_fits(spec: ModelSpec, config: BenchConfig, max_sequences: int) -> None:
+    """ShunterError naming --memory unless the engine can run max_sequences in one forward under
+    the weight budget (sized as load_offloaded sizes it), before hours of runs find out."""
+    element = torch.tensor([], dtype=spec.torch_dtype).element_size()
+    slots = PROMPT_TOKENS + config.new_tokens
+    kv = kv_cache_bytes(spec, max_sequences, slots, element)
+    activations = (
+        max_sequences * slots * spec.hidden_size * 16 * element + max_sequences * spec.vocab_size * 4
+    )
+    try:
+        plan_placement(spec, config.weight_budget_bytes, element, kv, activations)
+    except ShunterError as exc:
+        # plan_placement names the budget "--memory", which here is the cap less the reserve
+        why = str(exc).replace(f"--memory {format_bytes(config.weight_budget_bytes)}", "the budget", 1)
+        raise ShunterError(
+            f"--memory {format_bytes(config.cap_bytes)} leaves {format_bytes(config.weight_budget_bytes)} "
+            f"for the engine after --runtime-reserve, too little for {max_sequences} sequences in flight: "
+            f"{why}"
+        ) from None
+
+
+def predicted_tok_s(
+    spec: ModelSpec,
+    profile: MachineProfile,
+    sequences: int,
+    num_batches: int,
+    context_tokens: int,
+    expert_share: np.ndarray | None,
+) -> float:
+    """The planner's cost model (sim.klotski's timeline, as plan_batches predicts): decode tok/s of
+    `sequences` in `num_batches` micro-batches, hot-only prefetch of the top-k, hot-first order."""
+    times = pipeline_times(spec, profile, sequences / num_batches, context_tokens, expert_share)
+    options = klotski.PipelineOptions(
+        prefetch="hot_only", expert_order="hot_first", num_hot_experts=spec.top_k
+    )
+    return sequences / klotski.klotski_step_time(times, num_batches, options).step_s
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    return ours / theirs if ours is not None and theirs else None
+
+
+class _Runs:
+    """Jobs to run, deduplicated (the same job at the same cap is one measurement), run in rounds:
+    every job once per round, so a slow spell of the machine spreads over all contenders."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, tuple[dict[str, Any], int | None, str]] = {}
+        self.summaries: dict[str, dict[str, Any]] = {}
+
+    def add(self, job: dict[str, Any], cap_bytes: int | None, label: str) -> str:
+        key = json.dumps([job, cap_bytes], sort_keys=True)
+        self.jobs.setdefault(key, (job, cap_bytes, label))
+        return key
+
+    def run(self, reps: int, warmup: int, progress: IO[str]) -> None:
+        timed: dict[str, list[CappedRun]] = {key: [] for key in self.jobs}
+        for round_number in range(warmup + reps):
+            which = "warm-up" if round_number < warmup else f"rep {round_number - warmup + 1}/{reps}"
+            for key, (job, cap_bytes, label) in self.jobs.items():
+                run = run_capped(job, cap_bytes, f"{label} ({which})")
+                if round_number >= warmup:
+                    timed[key].append(run)
+                result = run.result
+                read = f", read {format_bytes(result['bytes_read'])}" if "bytes_read" in result else ""
+                print(
+                    f"{label:<34} {which:>9}: decode {result['decode_tok_s']:9.3f} tok/s, "
+                    f"peak {format_bytes(run.peak_cgroup_bytes)}{read}, {run.wall_s:.1f} s",
+                    file=progress,
+                    flush=True,
+                )
+        for key, runs in timed.items():
+            rates = [r.result["decode_tok_s"] for r in runs]
+            last = runs[-1].result
+            self.summaries[key] = {
+                "decode_tok_s": statistics.median(rates),
+                "decode_tok_s_reps": rates,
+                "bytes_read": last.get("bytes_read"),
+                "planned_bytes_read": last.get("planned_bytes_read"),
+                "disk_read_bytes": statistics.median(r.result["disk_read_bytes"] for r in runs),
+                "peak_cgroup_bytes": max(r.peak_cgroup_bytes for r in runs),
+                "prefetch_hit_rate": last.get("prefetch_hit_rate"),
+                "wall_s": statistics.median(r.wall_s for r in runs),
+                "generated_ids": last["generated_ids"],
+            }
+
+
+def _row(contender: str, sequences: int, batches: int | None, summary: dict[str, Any] | None) -> dict:
+    """One contender's figures (None where they do not apply); the ratios are filled in later."""
+    empty = dict.fromkeys(
+        [
+            "decode_tok_s",
+            "decode_tok_s_reps",
+            "bytes_read",
+            "planned_bytes_read",
+            "disk_read_bytes",
+            "peak_cgroup_bytes",
+            "prefetch_hit_rate",
+            "wall_s",
+            "generated_ids",
+        ]
+    )
+    return {
+        "contender": contender,
+        "description": DESCRIPTIONS[contender],
+        "sequences": sequences,
+        "batches": batches,
+        **empty,
+        **(summary or {}),
+    }
+
+
+def _add_ratios(
+    row: dict,
+    *,
+    accelerate: float | None = None,
+    accelerate_best: float | None = None,
+    predicted: float | None = None,
+    in_memory: float | None = None,
+) -> None:
+    """row's decode tok/s over each reference (None where the reference does not apply)."""
+    ours = row["decode_tok_s"]
+    row["vs_accelerate"] = _ratio(ours, accelerate)
+    row["vs_accelerate_best"] = _ratio(ours, accelerate_best)
+    row["vs_predicted"] = _ratio(ours, predicted)
+    row["vs_in_memory"] = _ratio(ours, in_memory)
+
+
+def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[str, Any]:
+    """Every contender at every number of sequences, the accelerate batch sweep and the reorder
+    sweep; the report as plain JSON values (see docs/offload.md, "Benchmarking")."""
+    path = config.model_dir
+    spec = load_spec(path)
+    checkpoint = Checkpoint(path)
+    model_size = checkpoint_bytes(checkpoint)
+    trace = _model_trace(path)
+    share = expert_share_from_trace(trace) if trace is not None else None
+    context_tokens = PROMPT_TOKENS + config.new_tokens // 2  # the mean context of a decode step
+    profile = machine_profile(spec, path, spec.torch_dtype, batch_size=1)
+    plan: BatchPlan = plan_batches(spec, profile, 1, context_tokens, share, config.max_batches)
+    planner_n = plan.num_batches
+    check_budget_fits(spec, config, max([*config.sequences, *config.sweep, planner_n]))
+    print(
+        f"model {path.name}: {format_bytes(model_size)}, cap {format_bytes(config.cap_bytes)} per "
+        f"contender ({format_bytes(config.weight_budget_bytes)} for weights); planner's n = {planner_n}",
+        file=progress,
+        flush=True,
+    )
+
+    budget = config.weight_budget_bytes
+    offload_folder = str(config.work_dir / "accelerate-offload")
+    runs = _Runs()
+
+    def engine(sequences: int, batches: int, prefetch: str, hot_first: bool, one_at_a_time: bool, label):
+        job = {
+            "kind": "shunter",
+            "model": str(path),
+            "memory_bytes": budget,
+            "new_tokens": config.new_tokens,
+            "sequences": sequences,
+            "num_batches": batches,
+            "prefetch": prefetch,
+            "hot_first": hot_first,
+            "one_at_a_time": one_at_a_time and sequences > 1,  # one sequence: the same run
+        }
+        return runs.add(job, config.cap_bytes, label)
+
+    def accelerate(batch: int) -> str:
+        job = {
+            "kind": "accelerate",
+            "model": str(path),
+            "cpu_bytes": budget,
+            "offload_folder": offload_folder,
+            "new_tokens": config.new_tokens,
+            "sequences": batch,
+        }
+        return runs.add(job, config.cap_bytes, f"accelerate batch {batch}")
+
+    # what each row measures: (contender, sequences, micro-batches, run key)
+    plans: dict[int, list[tuple[str, int | None, str]]] = {}
+    for S in config.sequences:
+        n = min(S, planner_n)
+        at = f"S={S}"
+        in_memory_job = {"kind": "in-memory", "model": str(path), "new_tokens": config.new_tokens}
+        plans[S] = [
+            ("accelerate", None, accelerate(S)),
+            ("simple", 1, engine(S, 1, "layer", False, True, f"simple {at}")),
+            ("multi-batch", n, engine(S, n, "layer", False, False, f"multi-batch {at} n={n}")),
+            ("hot-prefetch", n, engine(S, n, "hot", False, False, f"hot-prefetch {at} n={n}")),
+            ("reorder", n, engine(S, n, "hot", True, False, f"reorder {at} n={n}")),
+            ("in-memory", None, runs.add(in_memory_job | {"sequences": S}, None, f"in-memory {at}")),
+        ]
+    accelerate_keys = {b: accelerate(b) for b in config.accelerate_batches}
+    sweep_keys = {S: engine(S, S, "hot", True, False, f"reorder S={S} n={S}") for S in config.sweep}
+    planner_key = engine(planner_n, planner_n, "hot", True, False, f"reorder S={planner_n} n={planner_n}")
+    runs.run(config.reps, config.warmup, progress)
+    summary = runs.summaries
+
+    accelerate_rows = [_row("accelerate", b, None, summary[k]) for b, k in accelerate_keys.items()]
+    best_accelerate = max(accelerate_rows, key=lambda r: r["decode_tok_s"])
+    best_tok_s = best_accelerate["decode_tok_s"]
+    results = []
+    for S, measured in plans.items():
+        rows = {name: _row(name, S, batches, summary[key]) for name, batches, key in measured}
+        n = min(S, planner_n)
+        bound = predicted_tok_s(spec, profile, S, n, context_tokens, share)
+        rows["predicted"] = _row("predicted", S, n, {"decode_tok_s": bound})
+        rows = {name: rows[name] for name in ["accelerate", *LADDER, "predicted", "in-memory"]}
+        for row in rows.values():
+            _add_ratios(
+                row,
+                accelerate=rows["accelerate"]["decode_tok_s"],
+                accelerate_best=best_tok_s,
+                predicted=bound,
+                in_memory=rows["in-memory"]["decode_tok_s"],
+            )
+        ladder_ids = [rows[name]["generated_ids"] for name in LADDER]
+        in_memory_ids = rows["in-memory"]["generated_ids"]
+        results.append(
+            {
+                "sequences": S,
+                "rows": rows,
+                "tokens_equal_across_rungs": all(ids == ladder_ids[0] for ids in ladder_ids),
+                "tokens_equal_in_memory": rows["reorder"]["generated_ids"] == in_memory_ids,
+            }
+        )
+    for row in accelerate_rows:
+        _add_ratios(row, accelerate_best=best_tok_s)
+
+    def sweep_row(S: int, key: str) -> dict:
+        row = _row("reorder", S, S, summary[key])
+        bound = predicted_tok_s(spec, profile, S, S, context_tokens, share)
+        _add_ratios(row, accelerate_best=best_tok_s, predicted=bound)
+        row["predicted_tok_s"] = bound
+        return row
+
+    sweep_rows = [sweep_row(S, key) for S, key in sweep_keys.items()]
+    planner_row = sweep_row(planner_n, planner_key)
+    best_sweep = max(sweep_rows, key=lambda r: r["decode_tok_s"])
+    return {
+        "model": str(path),
+        "family": spec.family,
+        "dtype": str(spec.torch_dtype).removeprefix("torch."),
+        "model_bytes": model_size,
+        "cap_bytes": config.cap_bytes,
+        "runtime_reserve_bytes": config.runtime_reserve_bytes,
+        "weight_budget_bytes": budget,
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": config.new_tokens,
+        "reps": config.reps,
+        "warmup": config.warmup,
+        "threads": torch.get_num_threads(),
+        "planner": {
+            "num_batches": planner_n,
+            "bubble_free": plan.bubble_free,
+            "binding": plan.binding,
+            "context_tokens": context_tokens,
+            "predicted_tok_s": plan.predicted_tok_s,
+        },
+        "results": results,
+        "accelerate_batches": {"rows": accelerate_rows, "best_batch": best_accelerate["sequences"]},
+        "sweep": {
+            "rows": sweep_rows,
+            "planner_row": planner_row,
+            "best_sequences": best_sweep["sequences"],
+            "best_over_planner": best_sweep["decode_tok_s"] / planner_row["decode_tok_s"],
+        },
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

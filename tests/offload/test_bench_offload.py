@@ -1,0 +1,194 @@
+"""`shunter bench offload`: bad input is one line naming the option; a tiny run reports every
+contender with consistent ratios and equal tokens across the ladder, and leaves no cgroup behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shunter.cli import main
+from shunter.model.export import mixtral_config, random_weights, save_checkpoint
+from shunter.model.spec import spec_from_config
+from shunter.offload import bench
+
+RESERVE_BYTES = 900 * 2**20  # the runtime's share of the cap: accelerate's process peaks near 600 MiB
+WEIGHT_BUDGET_BYTES = 14_000_000  # about half the tiny model: room for 128 sequences in flight
+ROW_FIELDS = {
+    "contender",
+    "description",
+    "sequences",
+    "batches",
+    "decode_tok_s",
+    "decode_tok_s_reps",
+    "bytes_read",
+    "planned_bytes_read",
+    "disk_read_bytes",
+    "peak_cgroup_bytes",
+    "prefetch_hit_rate",
+    "wall_s",
+    "generated_ids",
+    "vs_accelerate",
+    "vs_accelerate_best",
+    "vs_predicted",
+    "vs_in_memory",
+}
+CONTENDERS = ["accelerate", "simple", "multi-batch", "hot-prefetch", "reorder", "predicted", "in-memory"]
+
+needs_cgroups = pytest.mark.skipif(
+    os.geteuid() != 0 or bench.own_memory_cgroup() is None,
+    reason="the offload benchmark needs root and the cgroup v1 memory controller",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """24 MiB fp32 Mixtral layout, mostly experts (hidden 32, 8 experts of 1024, 8 layers), so the
+    weight budget streams most experts while 128 sequences' activations still fit."""
+    config = mixtral_config(
+        vocab_size=128,
+        hidden_size=32,
+        num_layers=8,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=8,
+        top_k=2,
+        intermediate_size=1024,
+        max_position_embeddings=256,
+    )
+    weights = random_weights(spec_from_config(config), seed=0, std=0.05, router_std=0.5)
+    return save_checkpoint(config, weights, tmp_path_factory.mktemp("bench") / "tiny")
+
+
+def _bench(model: Path, *options: str) -> int:
+    return main(["bench", "offload", str(model), "--runtime-reserve", str(RESERVE_BYTES), *options])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--memory", "2GB"], "for weights after --runtime-reserve, more than the whole model (24.1 MiB)"),
+        (["--memory", str(RESERVE_BYTES)], "--memory 900.0 MiB is not above --runtime-reserve"),
+        (["--memory", "1GB", "--sequences", "0"], "--sequences: every number must be at least 1, got 0"),
+        (["--memory", "1GB", "--sweep", "1,x"], "--sweep: expected comma-separated positive integers"),
+        (["--memory", "1GB", "--new-tokens", "1"], "--new-tokens: the decode rate needs at least 2"),
+        (["--memory", "lots"], "--memory: cannot read 'lots' as a size"),
+    ],
+)
+def test_bad_input_is_one_line(tiny_model, capsys, options, message):
+    assert _bench(tiny_model, *options) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_missing_model_is_one_line(tmp_path, capsys):
+    assert main(["bench", "offload", str(tmp_path / "nothing"), "--memory", "1GB"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing: no such model directory" in err and err.count("\n") == 1
+
+
+def test_not_root(tiny_model, monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert _bench(tiny_model, "--memory", str(RESERVE_BYTES + WEIGHT_BUDGET_BYTES)) == 2
+    assert "needs root" in capsys.readouterr().err
+
+
+@needs_cgroups
+def test_budget_below_the_engines_minimum_is_one_line(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SHUNTER_CACHE_DIR", str(tmp_path))
+    assert _bench(tiny_model, "--memory", str(RESERVE_BYTES + 500_000), "--work-dir", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "--memory 900.5 MiB leaves 488.3 KiB for the engine after --runtime-reserve" in err
+    assert "is below the minimum this model needs" in err and err.count("\n") == 1
+
+
+def _assert_ratios(row: dict, reference: dict[str, float | None]) -> None:
+    for field, theirs in reference.items():
+        if theirs is None:
+            assert row[field] is None, field
+        else:
+            assert row[field] == pytest.approx(row["decode_tok_s"] / theirs), field
+
+
+@pytest.mark.slow
+@needs_cgroups
+def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_path):
+    out = tmp_path / "report.json"
+    cap_bytes = RESERVE_BYTES + WEIGHT_BUDGET_BYTES
+    command = [
+        sys.executable, "-m", "shunter.cli", "bench", "offload", str(tiny_model),
+        "--memory", str(cap_bytes), "--runtime-reserve", str(RESERVE_BYTES),
+        "--sequences", "1,2", "--sweep", "1,2", "--accelerate-batches", "1",
+        "--new-tokens", "2", "--reps", "1", "--warmup", "0",
+        "--work-dir", str(tmp_path / "work"), "--json", "--out", str(out),
+    ]  # fmt: skip
+    env = os.environ | {"SHUNTER_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert json.loads(out.read_text()) == report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "report.json", "work"]  # no temp files
+    assert "reorder S=2 n=2" in done.stderr and "rep 1/1" in done.stderr  # progress, per run
+
+    assert report["cap_bytes"] == cap_bytes and report["weight_budget_bytes"] == WEIGHT_BUDGET_BYTES
+    planner_n = report["planner"]["num_batches"]
+    best_accelerate = report["accelerate_batches"]["rows"][0]["decode_tok_s"]
+    assert report["accelerate_batches"]["best_batch"] == 1
+    assert [result["sequences"] for result in report["results"]] == [1, 2]
+    for result in report["results"]:
+        S, rows = result["sequences"], result["rows"]
+        assert list(rows) == CONTENDERS
+        for name, row in rows.items():
+            assert set(row) >= ROW_FIELDS and row["contender"] == name and row["sequences"] == S
+            assert row["decode_tok_s"] > 0
+            _assert_ratios(
+                row,
+                {
+                    "vs_accelerate": rows["accelerate"]["decode_tok_s"],
+                    "vs_accelerate_best": best_accelerate,
+                    "vs_predicted": rows["predicted"]["decode_tok_s"],
+                    "vs_in_memory": rows["in-memory"]["decode_tok_s"],
+                },
+            )
+        for name in ["simple", "multi-batch", "hot-prefetch", "reorder"]:
+            row = rows[name]
+            assert row["bytes_read"] > 0
+            assert 0 < row["peak_cgroup_bytes"] <= cap_bytes
+            assert len(row["generated_ids"]) == S and all(len(ids) == 2 for ids in row["generated_ids"])
+        # whole-layer prefetch reads exactly what the placement streams; hot-only at most that
+        for name in ["simple", "multi-batch"]:
+            assert rows[name]["bytes_read"] == rows[name]["planned_bytes_read"]
+            assert rows[name]["prefetch_hit_rate"] is None
+        for name in ["hot-prefetch", "reorder"]:
+            assert rows[name]["bytes_read"] <= rows[name]["planned_bytes_read"]
+            assert 0 <= rows[name]["prefetch_hit_rate"] <= 1
+        assert rows["reorder"]["batches"] == min(S, planner_n)
+        assert rows["accelerate"]["peak_cgroup_bytes"] <= cap_bytes
+        assert result["tokens_equal_across_rungs"] and result["tokens_equal_in_memory"]
+        ladder = {tuple(map(tuple, rows[name]["generated_ids"])) for name in CONTENDERS[1:5]}
+        assert len(ladder) == 1
+
+    sweep = report["sweep"]
+    assert [row["sequences"] for row in sweep["rows"]] == [1, 2]
+    assert sweep["planner_row"]["sequences"] == planner_n == sweep["planner_row"]["batches"]
+    for row in [*sweep["rows"], sweep["planner_row"]]:
+        assert set(row) >= ROW_FIELDS and row["contender"] == "reorder" and row["bytes_read"] > 0
+        _assert_ratios(
+            row,
+            {
+                "vs_accelerate": None,
+                "vs_accelerate_best": best_accelerate,
+                "vs_predicted": row["predicted_tok_s"],
+                "vs_in_memory": None,
+            },
+        )
+    best = max(sweep["rows"], key=lambda row: row["decode_tok_s"])
+    assert sweep["best_sequences"] == best["sequences"]
+    assert sweep["best_over_planner"] == pytest.approx(
+        best["decode_tok_s"] / sweep["planner_row"]["decode_tok_s"]
+    )
+    assert list(bench.own_memory_cgroup().glob(f"{bench.CGROUP_PREFIX}*")) == []
