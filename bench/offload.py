@@ -5,7 +5,7 @@ first) is `shunter bench offload` (shunter.offload.bench; docs/offload.md, "Benc
 script only makes the two random-weight bf16 checkpoints it is run on, once, in .bench_cache/:
 
   mixtral  3.2 GB Mixtral-like: hidden 2048, 8 experts of 3584, top-2, 8 layers
-  olmoe    3.2 GB OLMoE/Qwen3-MoE-like: hidden 2048, 64 experts of 208, top-8, 16 layers
+  olmoe    3.6 GB OLMoE/Qwen3-MoE-like: hidden 2048, 64 experts of 1024, top-8, 4 layers
 
 Needs root. Options other than these are passed to `shunter bench offload`:
 
@@ -45,19 +45,20 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             intermediate_size=3584,
         ),
     ),
-    # many small experts, as OLMoE (64 top-8) and Qwen3-MoE (128 top-8) have; GQA with 4 KV
-    # heads as Qwen3-MoE, and experts of 208 so that 16 layers stay at 3.2 GB
+    # OLMoE-1B-7B's layer (hidden 2048, 64 experts of 1024, top-8; GQA with 4 KV heads as
+    # Qwen3-MoE) with 4 of its 16 layers: 3.6 GB, experts 97% of every layer as in the original,
+    # so loading only the routed experts matters as much as it does there
     "olmoe": (
-        "olmoe-like-3g-bf16",
+        "olmoe-like-4l-bf16",
         dict(
             vocab_size=32000,
             hidden_size=2048,
-            num_layers=16,
+            num_layers=4,
             num_heads=16,
             num_kv_heads=4,
             num_experts=64,
             top_k=8,
-            intermediate_size=208,
+            intermediate_size=1024,
         ),
     ),
 }

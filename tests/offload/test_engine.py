@@ -37,6 +37,50 @@ def test_streamed_greedy_tokens_equal_the_in_memory_executor(tiny_checkpoint, fa
         model.close()
 
 
+def test_the_expert_window_bounds_what_is_held_and_keeps_the_tokens(tiny_checkpoint, monkeypatch):
+    """Hot-first pipelines hold at most 2K + 1 streamed experts whatever a batch routes to (here
+    three sequences route to every expert of a layer), with the same tokens and no deadlock;
+    the placement reserves only that window (its minimum is below the whole-layer one)."""
+    from shunter.offload import engine as engine_module
+    from shunter.offload.streamer import WeightStreamer
+
+    held = {"now": 0, "most": 0}
+
+    class CountingStreamer(WeightStreamer):
+        def _load_expert(self, layer, expert):
+            weights = super()._load_expert(layer, expert)
+            held["now"] += 1
+            held["most"] = max(held["most"], held["now"])
+            return weights
+
+        def _release_slot(self, future):
+            held["now"] -= future.exception() is None
+            super()._release_slot(future)
+
+    monkeypatch.setattr(engine_module, "WeightStreamer", CountingStreamer)
+    path = tiny_checkpoint("mixtral")
+    spec = load_spec(path)
+    expected = generate(load_model(path).model, PROMPTS, 12).tokens
+    options = PipelineOptions(2, "hot", hot_first=True)
+    window = engine_module.experts_in_flight(spec, options)
+    assert window == 2 * spec.top_k + 1 < spec.num_experts + spec.top_k
+    model = load_offloaded(path, TIGHT, options=options, sequences=3, max_slots=64)
+    try:
+        assert generate(model, PROMPTS, 12).tokens == expected
+        assert model.streamer.expert_loads > window
+        assert 0 < held["most"] <= window
+    finally:
+        model.close()
+    element = 4
+    sizes = (spec, 10**9, element, 0, 0)
+    windowed, whole = plan_placement(*sizes, in_flight_experts=window), plan_placement(*sizes)
+    expert_bytes = spec.expert_parameters() * element
+    assert (
+        whole.working_set_bytes - windowed.working_set_bytes
+        == (spec.num_experts + spec.top_k - window) * expert_bytes
+    )
+
+
 def test_fused_expert_rows_stream_from_their_byte_ranges(tiny_checkpoint):
     path = tiny_checkpoint("qwen3_moe", fused=True)
     expected = generate(load_model(path).model, PROMPTS, 8).tokens
@@ -72,7 +116,7 @@ def test_block_size_from_the_spec_matches_the_checkpoint(tiny_checkpoint):
 
 def test_a_budget_below_the_working_set_names_the_minimum(tiny_checkpoint):
     with pytest.raises(
-        ShunterError, match=r"--memory 97\.7 KiB is below the minimum this model needs, [0-9.]+ MiB"
+        ShunterError, match=r"--memory 97\.7 KiB is below the minimum this model needs, [0-9.]+ [KM]iB"
     ):
         load_offloaded(tiny_checkpoint("mixtral"), 100_000, sequences=1, max_slots=64)
 

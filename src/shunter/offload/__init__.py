@@ -8,7 +8,7 @@ import torch
 
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.spec import load_spec
-from shunter.offload.engine import OffloadedModel, PipelineOptions
+from shunter.offload.engine import OffloadedModel, PipelineOptions, experts_in_flight
 from shunter.offload.placement import OffloadPlacement, kv_cache_bytes, plan_placement
 from shunter.offload.prefetcher import CorrelationPrefetcher
 from shunter.trace.routing_trace import RoutingTrace
@@ -40,9 +40,10 @@ def load_offloaded(
     kv = kv_cache_bytes(spec, sequences, max_slots, element)
     activations = sequences * max_slots * spec.hidden_size * 16 * element + sequences * spec.vocab_size * 4
     expert_popularity = popularity(trace) if trace is not None else None
-    placement = plan_placement(spec, memory_bytes, element, kv, activations, expert_popularity)
+    options = options or PipelineOptions()
+    placement = plan_placement(
+        spec, memory_bytes, element, kv, activations, expert_popularity, experts_in_flight(spec, options)
+    )
     moe_layers = sum(spec.moe_layers)
     prefetcher = CorrelationPrefetcher(moe_layers, spec.num_experts, trace)
-    return OffloadedModel(
-        spec, checkpoint, dtype, placement, options or PipelineOptions(), prefetcher, use_direct_io
-    )
+    return OffloadedModel(spec, checkpoint, dtype, placement, options, prefetcher, use_direct_io)

@@ -54,6 +54,19 @@ class PipelineOptions:
     hot_first: bool = True
 
 
+def experts_in_flight(spec: ModelSpec, options: PipelineOptions) -> int:
+    """How many streamed experts the pipeline may hold at once (the placement reserves room).
+
+    Whole-layer prefetch, or experts taken in id order, may hold a whole layer plus the next
+    layer's prefetch. Hot-only prefetch taken in queue order needs only the next layer's K hot
+    experts and read-ahead for K cold ones (+1 so one cold read proceeds while all K hot wait):
+    the streamer's window then bounds memory however many experts a batch routes to."""
+    whole_layer = spec.num_experts + spec.top_k
+    if options.prefetch == "layer" or not options.hot_first:
+        return whole_layer
+    return min(whole_layer, 2 * spec.top_k + 1)
+
+
 class _RowCache:
     """The KV cache rows [first, last) of one micro-batch; the shared write position is the cache's."""
 
@@ -99,7 +112,11 @@ class OffloadedModel:
             key: pack_mlp(resident.expert(key[0], key[1], dtype), pack_linear_weight)
             for key in sorted(placement.resident_experts)
         }
-        self.streamer = WeightStreamer(spec, checkpoint, dtype, self.reader, blocks, experts)
+        window = experts_in_flight(spec, options)
+        self.streamer = WeightStreamer(
+            spec, checkpoint, dtype, self.reader, blocks, experts,
+            None if window >= spec.num_experts + spec.top_k else window,
+        )  # fmt: skip
         self.moe_layers = [i for i, moe in enumerate(spec.moe_layers) if moe]
         self.prefetcher = prefetcher or CorrelationPrefetcher(len(self.moe_layers), spec.num_experts)
         self.inv_freq, self.rope_factor = rope_inverse_frequencies(spec)
@@ -157,7 +174,8 @@ class OffloadedModel:
     def _moe_layer(self, layer, block, x, bounds, T, previous_ids, recorder, keep):
         spec, streamer, moe = self.spec, self.streamer, block.moe
         moe_index = self.moe_layers.index(layer)
-        hot = [e for e in range(spec.num_experts) if streamer.is_requested_expert(layer, e)]
+        # requested before this layer's gate (prefetched or pinned), in the order they were queued
+        hot = [e for e in self._requested_before_gate(layer) if streamer.is_requested_expert(layer, e)]
         queued: list[int] = []
         ids_parts, weight_parts = [], []
         for first, last in bounds:  # the gate, micro-batch by micro-batch; loads start at once
@@ -181,6 +199,9 @@ class OffloadedModel:
 
         applied = applied_gate_weights(gate_weights, x.dtype, spec)
         groups = {g.expert: g for g in group_tokens_by_expert(ids)}
+        for e in hot:  # predicted but unused: the prefetch missed; free its slot before waiting on others
+            if e not in groups:
+                streamer.drop_expert(layer, e)
         if self.options.hot_first:
             order = [e for e in hot if e in groups] + [e for e in queued if e in groups]
         else:
@@ -189,9 +210,6 @@ class OffloadedModel:
         for e in order:
             add_expert_output(out, x, groups[e], streamer.expert(layer, e), applied)
             streamer.drop_expert(layer, e)
-        for e in hot:  # predicted but unused: the prefetch missed
-            if e not in groups:
-                streamer.drop_expert(layer, e)
         return add_shared_experts(x, out, moe), ids_np
 
     def _queue_next(self, layer: int, ids: np.ndarray | None) -> None:
@@ -202,6 +220,15 @@ class OffloadedModel:
         self.streamer.request_block(nxt)
         if self.spec.moe_layers[nxt] and self.options.prefetch != "none":
             self._prefetch_moe_layer(nxt, ids)
+
+    def _requested_before_gate(self, layer: int) -> list[int]:
+        """This layer's pinned experts, then its prefetched ones in the order they were queued."""
+        pinned = [e for e in range(self.spec.num_experts) if (layer, e) in self.streamer.resident_experts]
+        if self.options.prefetch == "layer":
+            prefetched = list(range(self.spec.num_experts))
+        else:
+            prefetched = self._predicted.get(layer, [])
+        return list(dict.fromkeys(pinned + prefetched))
 
     def _prefetch_moe_layer(self, layer: int, previous_ids: np.ndarray | None) -> None:
         if self.options.prefetch == "layer":

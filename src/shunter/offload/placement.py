@@ -42,14 +42,19 @@ def plan_placement(
     kv_bytes: int,
     activation_bytes: int,
     expert_popularity: np.ndarray | None = None,
+    in_flight_experts: int | None = None,
 ) -> OffloadPlacement:
     """Pure function: sizes in, placement out. expert_popularity [num_moe_layers, E] ranks experts
-    for pinning (uniform when None). Raises ShunterError naming the minimum when nothing fits."""
+    for pinning (uniform when None); in_flight_experts: streamed experts held at once (the
+    pipeline's window; default a whole layer plus the next layer's K). Raises ShunterError
+    naming the minimum when nothing fits."""
     H = spec.hidden_size
     base = (spec.vocab_size * H * (1 if spec.tie_word_embeddings else 2) + H) * element_bytes
     block = [spec.block_parameters(layer) * element_bytes for layer in range(spec.num_layers)]
     expert = spec.expert_parameters() * element_bytes
-    in_flight_experts = (spec.num_experts + spec.top_k) if spec.num_moe_layers else 0
+    if in_flight_experts is None:  # a whole layer's experts plus the next layer's prefetch
+        in_flight_experts = spec.num_experts + spec.top_k
+    in_flight_experts = in_flight_experts if spec.num_moe_layers else 0
     working = 2 * max(block) + in_flight_experts * expert + activation_bytes
     minimum = base + working + kv_bytes
     if base + working <= budget_bytes < minimum:

@@ -2,11 +2,16 @@
 
 The queue order is the schedule: the pipeline requests what it needs soonest first (the cold
 experts a gate just chose), then what it needs next (the next layer's block and predicted hot
-experts). Reads release the GIL, so they overlap with compute on the main thread.
+experts). Reads release the GIL, so they overlap with compute on the main thread. With a window, at most
+`max_experts_in_flight` streamed experts are held at once: the I/O thread waits for a slot
+before reading the next one, and dropping an expert frees its slot (so memory stays bounded
+however many experts a batch routes to; the pipeline consumes experts in the order it queued
+them, so a waiting read never blocks the expert the compute thread needs).
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -34,6 +39,7 @@ class WeightStreamer:
         reader: DirectReader,
         resident_blocks: dict[int, LayerWeights],
         resident_experts: dict[tuple[int, int], MLPWeights],
+        max_experts_in_flight: int | None = None,
     ) -> None:
         self.layout = CheckpointLayout(spec, checkpoint, fetch=reader.read)
         self.dtype = dtype
@@ -43,6 +49,7 @@ class WeightStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shunter-io")
         self._inflight: dict[tuple, Future] = {}
         self.expert_loads = 0
+        self._slots = threading.Semaphore(max_experts_in_flight) if max_experts_in_flight else None
 
     def is_requested_expert(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.resident_experts or ("expert", layer, expert) in self._inflight
@@ -56,7 +63,21 @@ class WeightStreamer:
         key = ("expert", layer, expert)
         if (layer, expert) not in self.resident_experts and key not in self._inflight:
             self.expert_loads += 1
-            self._inflight[key] = self._pool.submit(self.layout.expert, layer, expert, self.dtype)
+            self._inflight[key] = self._pool.submit(self._load_expert, layer, expert)
+
+    def _load_expert(self, layer: int, expert: int) -> MLPWeights:
+        if self._slots is None:
+            return self.layout.expert(layer, expert, self.dtype)
+        self._slots.acquire()
+        try:
+            return self.layout.expert(layer, expert, self.dtype)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _release_slot(self, future: Future) -> None:
+        if self._slots is not None and future.exception() is None:
+            self._slots.release()
 
     def block(self, layer: int) -> LayerWeights:
         if layer in self.resident_blocks:
@@ -74,11 +95,18 @@ class WeightStreamer:
         self._inflight.pop(("block", layer), None)
 
     def drop_expert(self, layer: int, expert: int) -> None:
-        self._inflight.pop(("expert", layer, expert), None)
+        future = self._inflight.pop(("expert", layer, expert), None)
+        # its slot frees when the read ends (a queued read still runs: what a prefetch wastes)
+        if future is not None:
+            future.add_done_callback(self._release_slot)
 
     def drop_all(self) -> None:
         """Wait for queued reads (so no thread writes into freed state) and forget them."""
-        for future in list(self._inflight.values()):
+        futures = list(self._inflight.values())
+        for key in list(self._inflight):
+            if key[0] == "expert":  # frees the slots, so a read waiting for one can finish
+                self.drop_expert(key[1], key[2])
+        for future in futures:
             future.exception()
         self._inflight.clear()
 
