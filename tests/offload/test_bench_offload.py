@@ -159,12 +159,13 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
             assert row["bytes_read"] > 0
             assert 0 < row["peak_cgroup_bytes"] <= cap_bytes
             assert len(row["generated_ids"]) == S and all(len(ids) == 2 for ids in row["generated_ids"])
-        # whole-layer prefetch reads exactly what the placement streams; hot-only at most that
+        # whole-layer prefetch reads exactly what the placement streams; hot-only reads the
+        # expected touched experts plus what a mispredicted prefetch wastes
         for name in ["simple", "multi-batch"]:
             assert rows[name]["bytes_read"] == rows[name]["planned_bytes_read"]
             assert rows[name]["prefetch_hit_rate"] is None
         for name in ["hot-prefetch", "reorder"]:
-            assert rows[name]["bytes_read"] <= rows[name]["planned_bytes_read"]
+            assert 0.5 <= rows[name]["bytes_read"] / rows[name]["planned_bytes_read"] <= 2
             assert 0 <= rows[name]["prefetch_hit_rate"] <= 1
         assert rows["reorder"]["batches"] == min(S, planner_n)
         assert rows["accelerate"]["peak_cgroup_bytes"] <= cap_bytes
@@ -183,12 +184,14 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
                 "vs_accelerate": None,
                 "vs_accelerate_best": best_accelerate,
                 "vs_predicted": row["predicted_tok_s"],
-                "vs_in_memory": None,
+                "vs_in_memory": row["in_memory_tok_s"],
             },
         )
-    best = max(sweep["rows"], key=lambda row: row["decode_tok_s"])
+        assert (row["in_memory_tok_s"] is None) == (row is not sweep["planner_row"])
+    best = max([*sweep["rows"], sweep["planner_row"]], key=lambda row: row["decode_tok_s"])
     assert sweep["best_sequences"] == best["sequences"]
     assert sweep["best_over_planner"] == pytest.approx(
         best["decode_tok_s"] / sweep["planner_row"]["decode_tok_s"]
     )
+    assert report["best_over_accelerate_best"] == pytest.approx(best["decode_tok_s"] / best_accelerate)
     assert list(bench.own_memory_cgroup().glob(f"{bench.CGROUP_PREFIX}*")) == []

@@ -14,6 +14,7 @@ from shunter.model.spec import load_spec, spec_from_config
 from shunter.offload import planner
 from shunter.offload.planner import (
     MachineProfile,
+    expected_routing,
     explain,
     machine_profile,
     pipeline_times,
@@ -47,17 +48,19 @@ def random_profile(rng: np.random.Generator, **overrides) -> MachineProfile:
     return MachineProfile(**(fields | overrides))
 
 
-def brute_force_smallest_n(times, K: int, max_batches: int) -> int | None:
-    """Oracle: try n = 1, 2, ... and check (4)-(7) of klotski.md §7 by direct arithmetic."""
-    tokens = np.asarray(times.expert_tokens_per_batch, dtype=float)
-    order = sorted(range(len(tokens)), key=lambda e: (-tokens[e], e))  # hottest first, ties to low ids
-    hot = [e for e in order[:K] if tokens[e] > 0]
-    cold = [e for e in order[K:] if tokens[e] > 0]
-
-    def run_s(e: int, n: int) -> float:
-        return max(n * tokens[e] * times.expert_compute_s_per_token, times.expert_min_compute_s)
-
+def brute_force_smallest_n(times_at, K: int, max_batches: int) -> int | None:
+    """Oracle: try n = 1, 2, ... and check (4)-(7) of klotski.md §7 by direct arithmetic on the
+    times at that n (times_at(n))."""
     for n in range(1, max_batches + 1):
+        times = times_at(n)
+        tokens = np.asarray(times.expert_tokens_per_batch, dtype=float)
+        order = sorted(range(len(tokens)), key=lambda e: (-tokens[e], e))  # hottest first, ties to low ids
+        hot = [e for e in order[:K] if tokens[e] > 0]
+        cold = [e for e in order[K:] if tokens[e] > 0]
+
+        def run_s(e: int, n: int = n, tokens=tokens, times=times) -> float:
+            return max(n * tokens[e] * times.expert_compute_s_per_token, times.expert_min_compute_s)
+
         attention_and_gates = n * times.attention_compute_s + n * times.gate_compute_s
         hot_s = sum(run_s(e, n) for e in hot)
         cold_s = sum(run_s(e, n) for e in cold)
@@ -83,7 +86,11 @@ def test_planned_n_is_the_smallest_that_meets_every_inequality(family):
         share = rng.dirichlet(np.full(spec.num_experts, 0.5)) if rng.random() < 0.7 else None
         batch_size, context = int(rng.integers(1, 5)), int(rng.integers(1, 300))
         plan = plan_batches(spec, profile, batch_size, context, share, MAX_BATCHES)
-        expected = brute_force_smallest_n(plan.times, spec.top_k, MAX_BATCHES)
+
+        def times_at(n, profile=profile, batch_size=batch_size, context=context, share=share):
+            return pipeline_times(spec, profile, batch_size, context, share, num_batches=n)
+
+        expected = brute_force_smallest_n(times_at, spec.top_k, MAX_BATCHES)
         if expected is None:
             assert (plan.num_batches, plan.bubble_free) == (MAX_BATCHES, False)
             seen_capped = True
@@ -95,12 +102,28 @@ def test_planned_n_is_the_smallest_that_meets_every_inequality(family):
         if plan.bubble_free:
             assert all(left >= right for left, right in at_n.values())
             if plan.num_batches > 1:
-                before = bubble_free_sides(plan.times, plan.num_batches - 1, spec.top_k)
+                before = bubble_free_sides(plan.times_before, plan.num_batches - 1, spec.top_k)
                 assert not all(left >= right for left, right in before.values())
                 binding_left, binding_right = before[plan.binding]
                 assert binding_left < binding_right
         assert plan.predicted_tok_s == pytest.approx(plan.num_batches * batch_size / plan.predicted_step_s)
     assert seen_capped and seen_small  # the random inputs cover both ends
+
+
+def test_expected_routing_touches_the_experts_that_many_tokens_reach():
+    """Closed forms: 64 uniform experts, top-8: one token touches 8 of them (at least top-k);
+    1000 tokens touch all 64 (1 - (7/8)^1000 ~ 1); every micro-batch keeps its tokens x top-k pairs;
+    without num_batches it is the plain expectation."""
+    share = np.full(64, 1 / 64)
+    one = expected_routing(share, 1, 8, num_batches=1)
+    assert np.count_nonzero(one) == 8 and one.sum() == pytest.approx(8)
+    many = expected_routing(share, 4, 8, num_batches=250)
+    assert np.count_nonzero(many) == 64 and many.sum() == pytest.approx(32)
+    # 2 tokens: expected touched = 64 (1 - (7/8)^2) = 15 of the most popular (ties: lowest ids)
+    skewed = np.linspace(2, 1, 64)
+    two = expected_routing(skewed / skewed.sum(), 1, 8, num_batches=2)
+    assert np.flatnonzero(two).tolist() == list(range(15))
+    assert expected_routing(share, 3, 8, None) == pytest.approx(np.full(64, 3 * 8 / 64))
 
 
 def test_pipeline_times_from_the_profile_and_the_spec():

@@ -4,22 +4,79 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
-from shunter.model.spec import load_spec
+from shunter.model.spec import ModelSpec, load_spec
 from shunter.offload.engine import OffloadedModel, PipelineOptions, experts_in_flight
 from shunter.offload.placement import OffloadPlacement, kv_cache_bytes, plan_placement
 from shunter.offload.prefetcher import CorrelationPrefetcher
 from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.stats import popularity
 
-__all__ = ["OffloadPlacement", "OffloadedModel", "PipelineOptions", "load_offloaded", "model_bytes"]
+__all__ = [
+    "OffloadPlacement",
+    "OffloadedModel",
+    "PipelineOptions",
+    "load_offloaded",
+    "model_bytes",
+    "most_sequences_that_fit",
+    "offload_placement",
+]
 
 
 def model_bytes(checkpoint: Checkpoint, element_bytes: int) -> int:
     """Bytes of every weight once converted to the compute dtype."""
     return sum(loc.num_bytes // loc.dtype.itemsize * element_bytes for loc in checkpoint.locations.values())
+
+
+def offload_placement(
+    spec: ModelSpec,
+    memory_bytes: int,
+    element_bytes: int,
+    options: PipelineOptions,
+    sequences: int,
+    max_slots: int,
+    expert_popularity: np.ndarray | None = None,
+) -> OffloadPlacement:
+    """What load_offloaded places under `memory_bytes` (weights + KV cache + working buffers);
+    ShunterError naming the minimum when it cannot fit."""
+    kv = kv_cache_bytes(spec, sequences, max_slots, element_bytes)
+    activations = (
+        sequences * max_slots * spec.hidden_size * 16 * element_bytes + sequences * spec.vocab_size * 4
+    )
+    return plan_placement(
+        spec,
+        memory_bytes,
+        element_bytes,
+        kv,
+        activations,
+        expert_popularity,
+        experts_in_flight(spec, options),
+    )
+
+
+def most_sequences_that_fit(
+    spec: ModelSpec,
+    memory_bytes: int,
+    element_bytes: int,
+    options: PipelineOptions,
+    max_slots: int,
+    limit: int,
+) -> int:
+    """The largest number of sequences in flight (<= limit) whose KV cache and buffers fit beside
+    the weights in flight (Klotski's memory constraint on n); 0 when not even one does."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            offload_placement(spec, memory_bytes, element_bytes, options, middle, max_slots)
+            low = middle
+        except ShunterError:
+            high = middle - 1
+    return low
 
 
 def load_offloaded(
@@ -37,12 +94,10 @@ def load_offloaded(
     dtype = dtype or spec.torch_dtype
     element = torch.tensor([], dtype=dtype).element_size()
     checkpoint = Checkpoint(model_dir)
-    kv = kv_cache_bytes(spec, sequences, max_slots, element)
-    activations = sequences * max_slots * spec.hidden_size * 16 * element + sequences * spec.vocab_size * 4
-    expert_popularity = popularity(trace) if trace is not None else None
     options = options or PipelineOptions()
-    placement = plan_placement(
-        spec, memory_bytes, element, kv, activations, expert_popularity, experts_in_flight(spec, options)
+    expert_popularity = popularity(trace) if trace is not None else None
+    placement = offload_placement(
+        spec, memory_bytes, element, options, sequences, max_slots, expert_popularity
     )
     moe_layers = sum(spec.moe_layers)
     prefetcher = CorrelationPrefetcher(moe_layers, spec.num_experts, trace)

@@ -45,8 +45,9 @@ from shunter.model.checkpoint import Checkpoint, TensorLocation
 from shunter.model.loader import TRACE_FILE
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.weights import CheckpointLayout
-from shunter.offload.engine import OffloadedModel
-from shunter.offload.placement import OffloadPlacement, kv_cache_bytes, plan_placement
+from shunter.offload import most_sequences_that_fit, offload_placement
+from shunter.offload.engine import OffloadedModel, PipelineOptions
+from shunter.offload.placement import OffloadPlacement
 from shunter.offload.planner import (
     BatchPlan,
     MachineProfile,
@@ -222,13 +223,19 @@ class _ByteCounter:
 
 
 def planned_read_bytes(
-    spec: ModelSpec, checkpoint: Checkpoint, placement: OffloadPlacement, dtype: torch.dtype
+    spec: ModelSpec,
+    checkpoint: Checkpoint,
+    placement: OffloadPlacement,
+    dtype: torch.dtype,
+    touched_experts: float | None = None,
 ) -> tuple[int, int]:
     """(bytes read once at load: embeddings, head and what the placement pins; bytes streamed per
-    forward: every layer block and expert it leaves on disk), in checkpoint bytes.
+    forward), in checkpoint bytes.
 
-    The streamed figure is exact for whole-layer prefetch; with hot-only prefetch an expert no
-    token picks is not read, so it is an upper bound there."""
+    A forward streams every layer block the placement leaves on disk and, per MoE layer, either
+    every expert it leaves on disk (touched_experts None: whole-layer prefetch, exact) or the
+    expected `touched_experts` of them, at the layer's mean streamed expert size (hot-only
+    prefetch; a mispredicted prefetch adds to what is read)."""
     counter = _ByteCounter()
     layout = CheckpointLayout(spec, checkpoint, fetch=counter)
     embed = layout.embed(dtype)
@@ -242,11 +249,26 @@ def planned_read_bytes(
     for layer in range(spec.num_layers):
         if layer not in placement.resident_blocks:
             layout.layer(layer, dtype, False)
-        if spec.moe_layers[layer]:
-            for expert in range(spec.num_experts):
-                if (layer, expert) not in placement.resident_experts:
-                    layout.expert(layer, expert, dtype)
+        if not spec.moe_layers[layer]:
+            continue
+        before = counter.bytes
+        streamed = [e for e in range(spec.num_experts) if (layer, e) not in placement.resident_experts]
+        for expert in streamed:
+            layout.expert(layer, expert, dtype)
+        if touched_experts is not None and streamed:
+            layer_bytes = counter.bytes - before
+            # touched experts are spread over resident and streamed ones alike
+            counter.bytes = before + round(
+                layer_bytes / spec.num_experts * min(touched_experts, spec.num_experts)
+            )
     return at_load, counter.bytes
+
+
+def expected_touched_experts(share: np.ndarray, top_k: int, tokens: int) -> float:
+    """Experts of one layer that `tokens` tokens are expected to touch, each picking top_k with
+    probability min(1, top_k * share_e) for expert e (share [E] sums to 1)."""
+    per_token = np.minimum(1.0, top_k * share)
+    return float((1.0 - (1.0 - per_token) ** tokens).sum())
 
 
 def process_read_bytes() -> int:
@@ -288,18 +310,29 @@ def shunter_worker(job: dict[str, Any]) -> dict[str, Any]:
         trace=_model_trace(path),
     )
     try:
-        decode_s, decoded_tokens, forwards, generated = 0.0, 0, 0, []
+        decode_s, decoded_tokens, generated = 0.0, 0, []
+        planned = 0
+        whole_layers = options.prefetch == "layer"
+        share = np.full(spec.num_experts, 1.0 / spec.num_experts)
+        checkpoint = Checkpoint(path)
+
+        def streamed_per_forward(tokens: int) -> int:
+            touched = None if whole_layers else expected_touched_experts(share, spec.top_k, tokens)
+            return planned_read_bytes(spec, checkpoint, model.placement, model.dtype, touched)[1]
+
         for group in groups:
             result = generate(model, group, job["new_tokens"])
             decode_s += result.decode_s
             decoded_tokens += result.batch * result.decode_steps
-            forwards += 1 + result.decode_steps  # the prefill, then one per decode step
+            # the prefill (every prompt token), then one forward per decode step (one per sequence)
+            planned += streamed_per_forward(len(group) * PROMPT_TOKENS)
+            planned += result.decode_steps * streamed_per_forward(len(group))
             generated += result.tokens
-        at_load, per_forward = planned_read_bytes(spec, Checkpoint(path), model.placement, model.dtype)
+        at_load, _ = planned_read_bytes(spec, checkpoint, model.placement, model.dtype)
         return {
             "decode_tok_s": decoded_tokens / decode_s,
             "bytes_read": model.reader.stats.bytes_read,
-            "planned_bytes_read": at_load + per_forward * forwards,
+            "planned_bytes_read": at_load + planned,
             "disk_read_bytes": process_read_bytes() - read_before,
             "prefetch_hit_rate": model.prefetcher.hit_rate if options.prefetch == "hot" else None,
             "generated_ids": generated,
@@ -421,25 +454,35 @@ def checkpoint_bytes(checkpoint: Checkpoint) -> int:
     return sum(loc.num_bytes for loc in checkpoint.locations.values())
 
 
-def check_budget_fits(spec: ModelSpec, config: BenchConfig, max_sequences: int) -> None:
-    """ShunterError naming --memory unless the engine can run max_sequences in one forward under
-    the weight budget (sized as load_offloaded sizes it), before hours of runs find out."""
+SHUNTER_OPTIONS = PipelineOptions(1, "hot", hot_first=True)  # the reorder rung: what Shunter runs
+
+
+def budget_shortfall(
+    spec: ModelSpec, config: BenchConfig, sequences: int, options: PipelineOptions
+) -> str | None:
+    """Why the engine cannot run `sequences` in one forward with `options` under the weight
+    budget (sized exactly as load_offloaded sizes it), or None when it can."""
     element = torch.tensor([], dtype=spec.torch_dtype).element_size()
-    slots = PROMPT_TOKENS + config.new_tokens
-    kv = kv_cache_bytes(spec, max_sequences, slots, element)
-    activations = (
-        max_sequences * slots * spec.hidden_size * 16 * element + max_sequences * spec.vocab_size * 4
-    )
     try:
-        plan_placement(spec, config.weight_budget_bytes, element, kv, activations)
+        offload_placement(
+            spec, config.weight_budget_bytes, element, options, sequences, PROMPT_TOKENS + config.new_tokens
+        )
     except ShunterError as exc:
-        # plan_placement names the budget "--memory", which here is the cap less the reserve
-        why = str(exc).replace(f"--memory {format_bytes(config.weight_budget_bytes)}", "the budget", 1)
+        # offload_placement names the budget "--memory", which here is the cap less the reserve
+        return str(exc).replace(f"--memory {format_bytes(config.weight_budget_bytes)}", "the budget", 1)
+    return None
+
+
+def check_budget_fits(spec: ModelSpec, config: BenchConfig, max_sequences: int) -> None:
+    """ShunterError naming --memory unless Shunter's pipeline can run max_sequences in one forward
+    under the weight budget, before hours of runs find out."""
+    why = budget_shortfall(spec, config, max_sequences, SHUNTER_OPTIONS)
+    if why is not None:
         raise ShunterError(
             f"--memory {format_bytes(config.cap_bytes)} leaves {format_bytes(config.weight_budget_bytes)} "
             f"for the engine after --runtime-reserve, too little for {max_sequences} sequences in flight: "
             f"{why}"
-        ) from None
+        )
 
 
 def predicted_tok_s(
@@ -452,7 +495,9 @@ def predicted_tok_s(
 ) -> float:
     """The planner's cost model (sim.klotski's timeline, as plan_batches predicts): decode tok/s of
     `sequences` in `num_batches` micro-batches, hot-only prefetch of the top-k, hot-first order."""
-    times = pipeline_times(spec, profile, sequences / num_batches, context_tokens, expert_share)
+    times = pipeline_times(
+        spec, profile, sequences / num_batches, context_tokens, expert_share, num_batches=num_batches
+    )
     options = klotski.PipelineOptions(
         prefetch="hot_only", expert_order="hot_first", num_hot_experts=spec.top_k
     )
@@ -560,7 +605,13 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     share = expert_share_from_trace(trace) if trace is not None else None
     context_tokens = PROMPT_TOKENS + config.new_tokens // 2  # the mean context of a decode step
     profile = machine_profile(spec, path, spec.torch_dtype, batch_size=1)
-    plan: BatchPlan = plan_batches(spec, profile, 1, context_tokens, share, config.max_batches)
+    # Klotski's planner is bounded by memory too: no more sequences than the budget holds
+    element = torch.tensor([], dtype=spec.torch_dtype).element_size()
+    slots = PROMPT_TOKENS + config.new_tokens
+    fits = most_sequences_that_fit(
+        spec, config.weight_budget_bytes, element, SHUNTER_OPTIONS, slots, config.max_batches
+    )
+    plan: BatchPlan = plan_batches(spec, profile, 1, context_tokens, share, max(fits, 1))
     planner_n = plan.num_batches
     check_budget_fits(spec, config, max([*config.sequences, *config.sweep, planner_n]))
     print(
@@ -573,8 +624,15 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     budget = config.weight_budget_bytes
     offload_folder = str(config.work_dir / "accelerate-offload")
     runs = _Runs()
+    skipped: dict[str, str] = {}  # run key -> why that rung cannot run under the cap
 
     def engine(sequences: int, batches: int, prefetch: str, hot_first: bool, one_at_a_time: bool, label):
+        in_flight = 1 if one_at_a_time else sequences
+        why = budget_shortfall(spec, config, in_flight, PipelineOptions(batches, prefetch, hot_first))
+        if why is not None:  # this rung needs more memory than the cap leaves: a row without a run
+            print(f"{label}: not run, {why}", file=progress, flush=True)
+            skipped[label] = why
+            return label
         job = {
             "kind": "shunter",
             "model": str(path),
@@ -616,6 +674,12 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     accelerate_keys = {b: accelerate(b) for b in config.accelerate_batches}
     sweep_keys = {S: engine(S, S, "hot", True, False, f"reorder S={S} n={S}") for S in config.sweep}
     planner_key = engine(planner_n, planner_n, "hot", True, False, f"reorder S={planner_n} n={planner_n}")
+    # the compute ceiling at the planner's n: the same sequences with every weight in memory
+    planner_in_memory_key = runs.add(
+        {"kind": "in-memory", "model": str(path), "new_tokens": config.new_tokens, "sequences": planner_n},
+        None,
+        f"in-memory S={planner_n}",
+    )
     runs.run(config.reps, config.warmup, progress)
     summary = runs.summaries
 
@@ -624,7 +688,9 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     best_tok_s = best_accelerate["decode_tok_s"]
     results = []
     for S, measured in plans.items():
-        rows = {name: _row(name, S, batches, summary[key]) for name, batches, key in measured}
+        rows = {name: _row(name, S, batches, summary.get(key)) for name, batches, key in measured}
+        for name, _, key in measured:
+            rows[name]["not_run"] = skipped.get(key)
         n = min(S, planner_n)
         bound = predicted_tok_s(spec, profile, S, n, context_tokens, share)
         rows["predicted"] = _row("predicted", S, n, {"decode_tok_s": bound})
@@ -637,7 +703,9 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
                 predicted=bound,
                 in_memory=rows["in-memory"]["decode_tok_s"],
             )
-        ladder_ids = [rows[name]["generated_ids"] for name in LADDER]
+        ladder_ids = [
+            rows[name]["generated_ids"] for name in LADDER if rows[name]["generated_ids"] is not None
+        ]
         in_memory_ids = rows["in-memory"]["generated_ids"]
         results.append(
             {
@@ -650,16 +718,18 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     for row in accelerate_rows:
         _add_ratios(row, accelerate_best=best_tok_s)
 
-    def sweep_row(S: int, key: str) -> dict:
+    def sweep_row(S: int, key: str, in_memory: float | None = None) -> dict:
         row = _row("reorder", S, S, summary[key])
         bound = predicted_tok_s(spec, profile, S, S, context_tokens, share)
-        _add_ratios(row, accelerate_best=best_tok_s, predicted=bound)
+        _add_ratios(row, accelerate_best=best_tok_s, predicted=bound, in_memory=in_memory)
         row["predicted_tok_s"] = bound
+        row["in_memory_tok_s"] = in_memory
         return row
 
     sweep_rows = [sweep_row(S, key) for S, key in sweep_keys.items()]
-    planner_row = sweep_row(planner_n, planner_key)
-    best_sweep = max(sweep_rows, key=lambda r: r["decode_tok_s"])
+    planner_row = sweep_row(planner_n, planner_key, summary[planner_in_memory_key]["decode_tok_s"])
+    # the planner's n is a point of the sweep too: is any n in the list better than it?
+    best_sweep = max([*sweep_rows, planner_row], key=lambda r: r["decode_tok_s"])
     return {
         "model": str(path),
         "family": spec.family,
@@ -688,6 +758,8 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
             "best_sequences": best_sweep["sequences"],
             "best_over_planner": best_sweep["decode_tok_s"] / planner_row["decode_tok_s"],
         },
+        # each at its own best: Shunter's best point of the sweep over accelerate's best batch
+        "best_over_accelerate_best": best_sweep["decode_tok_s"] / best_tok_s,
     }
 
 

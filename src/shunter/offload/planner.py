@@ -375,10 +375,13 @@ def pipeline_times(
     batch_size: int,
     context_tokens: int,
     expert_share: np.ndarray | None = None,
+    num_batches: int | None = None,
 ) -> PipelineTimes:
     """Per-layer times of one decode step with micro-batches of `batch_size` sequences, each with
     `context_tokens` cached tokens; pure. expert_share [E]: share of routed (token, choice) pairs
-    per expert (uniform when None; any scale, it is normalised).
+    per expert (uniform when None; any scale, it is normalised). With num_batches, only the
+    experts the step's n * batch_size tokens are expected to touch get tokens (see
+    `expected_routing`): one token of a 64-expert top-8 model loads 8 experts, not 64.
 
     Mapped onto the engine: every layer is timed like its MoE layers; every block and expert is
     read from disk (weights the placement pins only make loads shorter, so the n is an upper
@@ -398,7 +401,7 @@ def pipeline_times(
     return PipelineTimes(
         attention_compute_s=tokens * attention_s_per_token,
         gate_compute_s=tokens * profile.gate_s_per_token,
-        expert_tokens_per_batch=tokens * spec.top_k * share,
+        expert_tokens_per_batch=expected_routing(share, tokens, spec.top_k, num_batches),
         expert_compute_s_per_token=profile.expert_s_per_token,
         expert_min_compute_s=profile.expert_min_s,
         attention_transfer_s=block_bytes(spec, element) / profile.read_bytes_s,
@@ -408,6 +411,27 @@ def pipeline_times(
         kv_load_s=0.0,
         kv_store_s=0.0,
     )
+
+
+def expected_routing(share: np.ndarray, tokens: int, top_k: int, num_batches: int | None) -> np.ndarray:
+    """[E] routed (token, choice) pairs per expert for one micro-batch of `tokens` tokens.
+
+    Without num_batches: the expectation, tokens * top_k * share (every expert with a share
+    gets a fraction of a token). With it: the step's n * tokens tokens each pick top_k experts,
+    expert e with probability min(1, top_k * share_e) per token, so it is touched with
+    probability 1 - (1 - p_e)^(n tokens); the expected count m of touched experts (rounded, at
+    least top_k) most popular ones share the micro-batch's tokens * top_k pairs in proportion.
+    """
+    pairs = tokens * top_k * share
+    if num_batches is None:
+        return pairs
+    per_token = np.minimum(1.0, top_k * share)
+    touched = float((1.0 - (1.0 - per_token) ** (num_batches * tokens)).sum())
+    count = min(share.shape[0], max(top_k, round(touched)))
+    keep = np.argsort(-share, kind="stable")[:count]
+    routed = np.zeros_like(share)
+    routed[keep] = share[keep] / share[keep].sum() * tokens * top_k
+    return routed
 
 
 @dataclass(frozen=True)
@@ -425,6 +449,7 @@ class BatchPlan:
     bubble_free: bool
     binding: str
     times: PipelineTimes
+    times_before: PipelineTimes | None  # at n - 1 (which experts a step touches depends on n)
     profile: MachineProfile
     num_hot_experts: int
     batch_size: int
@@ -448,10 +473,15 @@ def plan_batches(
     prefetches; pure. max_batches bounds the search (and the prediction's cost)."""
     if batch_size < 1 or max_batches < 1:
         raise ValueError("batch_size and max_batches must be at least 1")
-    times = pipeline_times(spec, profile, batch_size, context_tokens, expert_share)
+
+    def times_at(n: int) -> PipelineTimes:
+        return pipeline_times(spec, profile, batch_size, context_tokens, expert_share, num_batches=n)
+
     K = spec.top_k
-    found = smallest_bubble_free_batches(times, K, max_batches)
+    found = smallest_bubble_free_batches(times_at, K, max_batches)
     n = found.num_batches if found.num_batches is not None else max_batches
+    times = times_at(n)
+    times_before = times_at(n - 1) if n > 1 else None
     options = klotski.PipelineOptions(prefetch="hot_only", expert_order="hot_first", num_hot_experts=K)
     step = klotski_step_time(times, n, options)
     return BatchPlan(
@@ -459,6 +489,7 @@ def plan_batches(
         bubble_free=found.num_batches is not None,
         binding=found.binding,
         times=times,
+        times_before=times_before,
         profile=profile,
         num_hot_experts=K,
         batch_size=batch_size,
@@ -523,7 +554,7 @@ def explain(plan: BatchPlan, sequences_given: int | None = None) -> str:
         f"Inequalities, per layer, at n = {n}" + (f" and n = {n - 1}:" if n > 1 else ":"),
     ]
     at_n = bubble_free_sides(t, n, K)
-    before = bubble_free_sides(t, n - 1, K) if n > 1 else None
+    before = bubble_free_sides(plan.times_before, n - 1, K) if plan.times_before is not None else None
     for key, (left, right) in INEQUALITIES.items():
         lines.append(f"  ({key}) {left} >= {right}")
         row = "        " + _sides(f"n={n}", *at_n[key])
@@ -560,10 +591,10 @@ def plan_as_dict(plan: BatchPlan) -> dict:
     times = dataclasses.asdict(plan.times)
     times["expert_tokens_per_batch"] = [float(x) for x in plan.times.expert_tokens_per_batch]
 
-    def sides(n: int) -> dict[str, dict[str, float]]:
+    def sides(times: PipelineTimes, n: int) -> dict[str, dict[str, float]]:
         return {
             key: {"left_s": left, "right_s": right}
-            for key, (left, right) in bubble_free_sides(plan.times, n, plan.num_hot_experts).items()
+            for key, (left, right) in bubble_free_sides(times, n, plan.num_hot_experts).items()
         }
 
     return {
@@ -580,6 +611,8 @@ def plan_as_dict(plan: BatchPlan) -> dict:
         "expert_bytes": plan.expert_bytes,
         "profile": dataclasses.asdict(plan.profile),
         "times": times,
-        "inequalities_at_n": sides(plan.num_batches),
-        "inequalities_at_n_minus_1": sides(plan.num_batches - 1) if plan.num_batches > 1 else None,
+        "inequalities_at_n": sides(plan.times, plan.num_batches),
+        "inequalities_at_n_minus_1": (
+            sides(plan.times_before, plan.num_batches - 1) if plan.times_before is not None else None
+        ),
     }

@@ -27,6 +27,7 @@ expected wasted transfer (1 - p) * K * tIO_E follows the hot experts on the weig
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -283,7 +284,7 @@ def bubble_free_sides(
 
 
 def smallest_bubble_free_batches(
-    times: PipelineTimes, num_hot_experts: int = 2, max_batches: int = 4096
+    times: PipelineTimes | Callable[[int], PipelineTimes], num_hot_experts: int = 2, max_batches: int = 4096
 ) -> BubbleFreeBatches:
     """Smallest n >= 1 with no bubble at the four points of klotski.md §7:
 
@@ -295,12 +296,14 @@ def smallest_bubble_free_batches(
     tc_hotE and tc_Ei are the hot and cold experts' runs over the tokens of all n batches (so the
     left sides grow with n); Q are the experts with tokens that are not hot. The paper leaves the
     KV cache out (its tc_A includes loading it); when kv_load_s > 0 the n batches' KV crosses the
-    same link, so n * kv_load_s joins the right sides of (5)-(7).
+    same link, so n * kv_load_s joins the right sides of (5)-(7). `times` may depend on n (a
+    function of it), when which experts a step touches does.
     """
     binding_first: dict[str, int] = {}
     for n in range(1, max_batches + 1):
+        at_n = times(n) if callable(times) else times
         checks = {
-            key: left >= right for key, (left, right) in bubble_free_sides(times, n, num_hot_experts).items()
+            key: left >= right for key, (left, right) in bubble_free_sides(at_n, n, num_hot_experts).items()
         }
         for key, ok in checks.items():
             if ok and key not in binding_first:
