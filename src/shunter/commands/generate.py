@@ -20,7 +20,7 @@ from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.executor import InMemoryModel
 from shunter.model.generate import SamplingParams, generate
-from shunter.model.loader import DTYPE_NAMES, TRACE_FILE, load_model, resolve_model_dir
+from shunter.model.loader import DTYPE_NAMES, TRACE_FILE, load_model, model_trace, resolve_model_dir
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.tokenizer import Tokenizer
 from shunter.offload import OffloadedModel, PipelineOptions, load_offloaded, model_bytes
@@ -211,8 +211,7 @@ def _open_model(
             )
         return load_model(path, args.dtype).model, None
     # a model directory that carries its own routing trace (the built-in model does) seeds the prefetcher
-    own_trace = path / TRACE_FILE
-    trace = load_trace(args.trace) if args.trace else (load_trace(own_trace) if own_trace.is_file() else None)
+    trace = load_trace(args.trace) if args.trace else model_trace(path)
     if trace is not None and trace.num_experts != spec.num_experts:
         raise ShunterError(
             f"{args.trace}: trace has {trace.num_experts} experts, the model {spec.num_experts}"

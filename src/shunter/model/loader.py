@@ -14,6 +14,7 @@ from shunter.model.layers import pack_linear_weight
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.tokenizer import Tokenizer
 from shunter.model.weights import load_weights, pack_for_cpu
+from shunter.trace.routing_trace import RoutingTrace, load_trace
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,6 +30,12 @@ class LoadedModel:
 DEFAULT_MODEL = "shunter-tiny"
 BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "builtin"
 TRACE_FILE = "routing-trace.npz"  # a built-in model's held-out routing trace, beside its weights
+
+
+def model_trace(model_dir: Path) -> RoutingTrace | None:
+    """The routing trace a model directory carries beside its weights (the built-in one does)."""
+    path = Path(model_dir) / TRACE_FILE
+    return load_trace(path) if path.is_file() else None
 
 
 def default_trace_path() -> Path:

@@ -42,7 +42,7 @@ import torch
 
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint, TensorLocation
-from shunter.model.loader import TRACE_FILE
+from shunter.model.loader import model_trace
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.weights import CheckpointLayout
 from shunter.offload import most_sequences_that_fit, offload_placement
@@ -51,13 +51,13 @@ from shunter.offload.placement import OffloadPlacement
 from shunter.offload.planner import (
     BatchPlan,
     MachineProfile,
+    expected_touched_experts,
     expert_share_from_trace,
     machine_profile,
     pipeline_times,
     plan_batches,
+    predicted_step,
 )
-from shunter.sim import klotski
-from shunter.trace.routing_trace import load_trace
 from shunter.units import format_bytes
 
 PROMPT_TOKENS = 16
@@ -264,13 +264,6 @@ def planned_read_bytes(
     return at_load, counter.bytes
 
 
-def expected_touched_experts(share: np.ndarray, top_k: int, tokens: int) -> float:
-    """Experts of one layer that `tokens` tokens are expected to touch, each picking top_k with
-    probability min(1, top_k * share_e) for expert e (share [E] sums to 1)."""
-    per_token = np.minimum(1.0, top_k * share)
-    return float((1.0 - (1.0 - per_token) ** tokens).sum())
-
-
 def process_read_bytes() -> int:
     """Bytes this process has fetched from storage (/proc/self/io read_bytes): O_DIRECT reads,
     page faults of memory-mapped files and readahead alike."""
@@ -284,58 +277,46 @@ def process_read_bytes() -> int:
 # the workers: each runs in its own process and returns a JSON-able dict
 
 
-def _model_trace(model_dir: Path):
-    """The model directory's own routing trace (seeds the prefetcher), as `generate` uses it."""
-    path = model_dir / TRACE_FILE
-    return load_trace(path) if path.is_file() else None
-
-
 def shunter_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """The offload engine on job["sequences"] prompts: all in one forward, or one at a time."""
+    """The offload engine on job["sequences"] prompts in one forward."""
     from shunter.model.generate import generate
     from shunter.offload import PipelineOptions, load_offloaded
 
     path = Path(job["model"])
     spec = load_spec(path)
     sequence_prompts = prompts(job["sequences"], spec.vocab_size)
-    groups = [[p] for p in sequence_prompts] if job["one_at_a_time"] else [sequence_prompts]
     options = PipelineOptions(job["num_batches"], job["prefetch"], job["hot_first"])
     read_before = process_read_bytes()
     model: OffloadedModel = load_offloaded(
         path,
         job["memory_bytes"],
         options=options,
-        sequences=len(groups[0]),
+        sequences=len(sequence_prompts),
         max_slots=PROMPT_TOKENS + job["new_tokens"],
-        trace=_model_trace(path),
+        trace=model_trace(path),
     )
     try:
-        decode_s, decoded_tokens, generated = 0.0, 0, []
-        planned = 0
-        whole_layers = options.prefetch == "layer"
-        share = np.full(spec.num_experts, 1.0 / spec.num_experts)
+        result = generate(model, sequence_prompts, job["new_tokens"])
         checkpoint = Checkpoint(path)
+        share = np.full(spec.num_experts, 1.0 / spec.num_experts)
 
         def streamed_per_forward(tokens: int) -> int:
-            touched = None if whole_layers else expected_touched_experts(share, spec.top_k, tokens)
+            touched = (
+                None if options.prefetch == "layer" else expected_touched_experts(share, spec.top_k, tokens)
+            )
             return planned_read_bytes(spec, checkpoint, model.placement, model.dtype, touched)[1]
 
-        for group in groups:
-            result = generate(model, group, job["new_tokens"])
-            decode_s += result.decode_s
-            decoded_tokens += result.batch * result.decode_steps
-            # the prefill (every prompt token), then one forward per decode step (one per sequence)
-            planned += streamed_per_forward(len(group) * PROMPT_TOKENS)
-            planned += result.decode_steps * streamed_per_forward(len(group))
-            generated += result.tokens
         at_load, _ = planned_read_bytes(spec, checkpoint, model.placement, model.dtype)
+        # the prefill (every prompt token), then one forward per decode step (a token per sequence)
+        planned = streamed_per_forward(len(sequence_prompts) * PROMPT_TOKENS)
+        planned += result.decode_steps * streamed_per_forward(len(sequence_prompts))
         return {
-            "decode_tok_s": decoded_tokens / decode_s,
+            "decode_tok_s": result.decode_tok_s,
             "bytes_read": model.reader.stats.bytes_read,
             "planned_bytes_read": at_load + planned,
             "disk_read_bytes": process_read_bytes() - read_before,
             "prefetch_hit_rate": model.prefetcher.hit_rate if options.prefetch == "hot" else None,
-            "generated_ids": generated,
+            "generated_ids": result.tokens,
         }
     finally:
         model.close()
@@ -493,15 +474,12 @@ def predicted_tok_s(
     context_tokens: int,
     expert_share: np.ndarray | None,
 ) -> float:
-    """The planner's cost model (sim.klotski's timeline, as plan_batches predicts): decode tok/s of
-    `sequences` in `num_batches` micro-batches, hot-only prefetch of the top-k, hot-first order."""
+    """The planner's cost model (as plan_batches predicts): decode tok/s of `sequences` in
+    `num_batches` micro-batches."""
     times = pipeline_times(
         spec, profile, sequences / num_batches, context_tokens, expert_share, num_batches=num_batches
     )
-    options = klotski.PipelineOptions(
-        prefetch="hot_only", expert_order="hot_first", num_hot_experts=spec.top_k
-    )
-    return sequences / klotski.klotski_step_time(times, num_batches, options).step_s
+    return sequences / predicted_step(times, num_batches, spec.top_k).step_s
 
 
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
@@ -601,7 +579,7 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     spec = load_spec(path)
     checkpoint = Checkpoint(path)
     model_size = checkpoint_bytes(checkpoint)
-    trace = _model_trace(path)
+    trace = model_trace(path)
     share = expert_share_from_trace(trace) if trace is not None else None
     context_tokens = PROMPT_TOKENS + config.new_tokens // 2  # the mean context of a decode step
     profile = machine_profile(spec, path, spec.torch_dtype, batch_size=1)
@@ -626,17 +604,12 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     runs = _Runs()
     skipped: dict[str, str] = {}  # run key -> why that rung cannot run under the cap
 
-    def engine(sequences: int, batches: int, prefetch: str, hot_first: bool, one_at_a_time: bool, label):
-        in_flight = 1 if one_at_a_time else sequences
-        why = budget_shortfall(spec, config, in_flight, PipelineOptions(batches, prefetch, hot_first))
+    def engine(sequences: int, batches: int, prefetch: str, hot_first: bool, label: str) -> str:
+        why = budget_shortfall(spec, config, sequences, PipelineOptions(batches, prefetch, hot_first))
         if why is not None:  # this rung needs more memory than the cap leaves: a row without a run
             print(f"{label}: not run, {why}", file=progress, flush=True)
             skipped[label] = why
             return label
-        if one_at_a_time:
-            # one sequence at a time runs S identical one-sequence generations back to back: its
-            # decode rate is the one-sequence run's (measured once), only S times longer
-            sequences = 1
         job = {
             "kind": "shunter",
             "model": str(path),
@@ -646,7 +619,6 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
             "num_batches": batches,
             "prefetch": prefetch,
             "hot_first": hot_first,
-            "one_at_a_time": False,
         }
         return runs.add(job, config.cap_bytes, label)
 
@@ -669,15 +641,17 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
         in_memory_job = {"kind": "in-memory", "model": str(path), "new_tokens": config.new_tokens}
         plans[S] = [
             ("accelerate", None, accelerate(S)),
-            ("simple", 1, engine(S, 1, "layer", False, True, f"simple {at}")),
-            ("multi-batch", n, engine(S, n, "layer", False, False, f"multi-batch {at} n={n}")),
-            ("hot-prefetch", n, engine(S, n, "hot", False, False, f"hot-prefetch {at} n={n}")),
-            ("reorder", n, engine(S, n, "hot", True, False, f"reorder {at} n={n}")),
+            # one sequence at a time runs S identical one-sequence generations back to back: its
+            # decode rate is the one-sequence run's (measured once), only S times longer
+            ("simple", 1, engine(1, 1, "layer", False, f"simple {at}")),
+            ("multi-batch", n, engine(S, n, "layer", False, f"multi-batch {at} n={n}")),
+            ("hot-prefetch", n, engine(S, n, "hot", False, f"hot-prefetch {at} n={n}")),
+            ("reorder", n, engine(S, n, "hot", True, f"reorder {at} n={n}")),
             ("in-memory", None, runs.add(in_memory_job | {"sequences": S}, None, f"in-memory {at}")),
         ]
     accelerate_keys = {b: accelerate(b) for b in config.accelerate_batches}
-    sweep_keys = {S: engine(S, S, "hot", True, False, f"reorder S={S} n={S}") for S in config.sweep}
-    planner_key = engine(planner_n, planner_n, "hot", True, False, f"reorder S={planner_n} n={planner_n}")
+    sweep_keys = {S: engine(S, S, "hot", True, f"reorder S={S} n={S}") for S in config.sweep}
+    planner_key = engine(planner_n, planner_n, "hot", True, f"reorder S={planner_n} n={planner_n}")
     # the compute ceiling at the planner's n: the same sequences with every weight in memory
     planner_in_memory_key = runs.add(
         {"kind": "in-memory", "model": str(path), "new_tokens": config.new_tokens, "sequences": planner_n},

@@ -311,7 +311,11 @@ def profile_cache_path(
     spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, batch_size: int = 1
 ) -> Path:
     """Where `machine_profile` keeps this key's profile: one small JSON file per key."""
-    digest = hashlib.sha256(json.dumps(profile_key(spec, model_dir, dtype, batch_size)).encode()).hexdigest()
+    return _cache_path(profile_key(spec, model_dir, dtype, batch_size))
+
+
+def _cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     return cache_dir() / f"offload-profile-{digest[:16]}.json"
 
 
@@ -336,7 +340,7 @@ def machine_profile(
     """This machine's profile for the model: from the cache when present (unless `refresh`), else
     measured and saved. A corrupt cache file is measured over, not trusted."""
     key = profile_key(spec, model_dir, dtype, batch_size)
-    path = profile_cache_path(spec, model_dir, dtype, batch_size)
+    path = _cache_path(key)
     if not refresh:
         cached = read_cached_profile(path, key)
         if cached is not None:
@@ -413,6 +417,13 @@ def pipeline_times(
     )
 
 
+def expected_touched_experts(share: np.ndarray, top_k: int, tokens: float) -> float:
+    """Experts of one layer that `tokens` tokens are expected to touch, each picking top_k with
+    probability min(1, top_k * share_e) for expert e (share [E] sums to 1)."""
+    per_token = np.minimum(1.0, top_k * share)
+    return float((1.0 - (1.0 - per_token) ** tokens).sum())
+
+
 def expected_routing(share: np.ndarray, tokens: int, top_k: int, num_batches: int | None) -> np.ndarray:
     """[E] routed (token, choice) pairs per expert for one micro-batch of `tokens` tokens.
 
@@ -425,8 +436,7 @@ def expected_routing(share: np.ndarray, tokens: int, top_k: int, num_batches: in
     pairs = tokens * top_k * share
     if num_batches is None:
         return pairs
-    per_token = np.minimum(1.0, top_k * share)
-    touched = float((1.0 - (1.0 - per_token) ** (num_batches * tokens)).sum())
+    touched = expected_touched_experts(share, top_k, num_batches * tokens)
     count = min(share.shape[0], max(top_k, round(touched)))
     keep = np.argsort(-share, kind="stable")[:count]
     routed = np.zeros_like(share)
@@ -461,6 +471,15 @@ class BatchPlan:
     expert_bytes: int
 
 
+def predicted_step(times: PipelineTimes, num_batches: int, num_hot_experts: int) -> klotski.PipelineResult:
+    """One step of the engine's default pipeline in the simulator: hot-only prefetch of the
+    num_hot_experts predicted experts, hot experts first."""
+    options = klotski.PipelineOptions(
+        prefetch="hot_only", expert_order="hot_first", num_hot_experts=num_hot_experts
+    )
+    return klotski_step_time(times, num_batches, options)
+
+
 def plan_batches(
     spec: ModelSpec,
     profile: MachineProfile,
@@ -482,8 +501,7 @@ def plan_batches(
     n = found.num_batches if found.num_batches is not None else max_batches
     times = times_at(n)
     times_before = times_at(n - 1) if n > 1 else None
-    options = klotski.PipelineOptions(prefetch="hot_only", expert_order="hot_first", num_hot_experts=K)
-    step = klotski_step_time(times, n, options)
+    step = predicted_step(times, n, K)
     return BatchPlan(
         num_batches=n,
         bubble_free=found.num_batches is not None,
@@ -508,13 +526,6 @@ INEQUALITIES = {
     "6": ("n (tc_A + tc_G) + tc_hotE", "tIO_G + (K + 1) tIO_E"),
     "7": ("n (tc_A + tc_G) + tc_hotE + sum_Q tc_E", "tIO_G + (K + |Q|) tIO_E + tIO_A"),
 }
-
-
-def cold_expert_count(times: PipelineTimes, num_hot_experts: int) -> int:
-    """|Q|: experts with routed tokens that are not among the K hot ones."""
-    tokens = np.asarray(times.expert_tokens_per_batch, dtype=np.float64)
-    hot = {int(e) for e in times.hot_experts(min(num_hot_experts, times.num_experts)) if tokens[e] > 0}
-    return sum(1 for e in np.flatnonzero(tokens > 0) if int(e) not in hot)
 
 
 def format_seconds(seconds: float) -> str:
@@ -547,7 +558,7 @@ def explain(plan: BatchPlan, sequences_given: int | None = None) -> str:
         f"  disk read         {format_bytes(p.read_bytes_s)}/s (O_DIRECT, converted to {p.dtype})",
         f"Per layer, one {per_batch} at {plan.context_tokens} cached tokens:",
         f"  tc_A {format_seconds(t.attention_compute_s)}, tc_G {format_seconds(t.gate_compute_s)}; "
-        f"K = {K} hot experts prefetched, |Q| = {cold_expert_count(t, K)} cold experts expected",
+        f"K = {K} hot experts prefetched, |Q| = {len(t.hot_and_cold(K)[1])} cold experts expected",
         f"  tIO_A {format_seconds(t.attention_transfer_s)} (block {format_bytes(plan.block_bytes)}), "
         f"tIO_G 0 (the router comes with the block), "
         f"tIO_E {format_seconds(t.expert_transfer_s)} (expert {format_bytes(plan.expert_bytes)})",

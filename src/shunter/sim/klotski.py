@@ -83,6 +83,13 @@ class PipelineTimes:
         tokens = np.asarray(self.expert_tokens_per_batch, dtype=np.float64)
         return np.argsort(-tokens, kind="stable")[:count]
 
+    def hot_and_cold(self, count: int) -> tuple[list[int], list[int]]:
+        """(hot, cold): the `count` hot experts that get tokens, then every other expert with tokens."""
+        tokens = np.asarray(self.expert_tokens_per_batch, dtype=np.float64)
+        hot = [int(e) for e in self.hot_experts(min(count, self.num_experts)) if tokens[e] > 0]
+        cold = [int(e) for e in np.flatnonzero(tokens > 0) if int(e) not in hot]
+        return hot, cold
+
     def pure_compute_s(self, num_batches: int, expert_order: ExpertOrder = "hot_first") -> float:
         """Every compute op of a step back to back: what the step takes with free transfers."""
         tokens = np.asarray(self.expert_tokens_per_batch, dtype=np.float64)
@@ -141,9 +148,7 @@ def pipeline_ops(times: PipelineTimes, num_batches: int, options: PipelineOption
         raise ValueError("num_batches must be >= 1")
     n, K = num_batches, min(options.num_hot_experts, times.num_experts)
     tokens = np.asarray(times.expert_tokens_per_batch, dtype=np.float64)
-    used = np.flatnonzero(tokens > 0)
-    hot = [int(e) for e in times.hot_experts(K) if tokens[e] > 0]
-    cold = [int(e) for e in used if int(e) not in hot]
+    hot, cold = times.hot_and_cold(K)
     wasted_s = (1.0 - options.prefetch_accuracy) * K * times.expert_transfer_s
     ops: list[Op] = []
     last_weight: str | None = None  # the weight stream is FIFO: each transfer after the previous
@@ -265,8 +270,7 @@ def bubble_free_sides(
     n = num_batches
     tokens = np.asarray(times.expert_tokens_per_batch, dtype=np.float64)
     K = min(num_hot_experts, times.num_experts)
-    hot = [int(e) for e in times.hot_experts(K) if tokens[e] > 0]
-    cold = [int(e) for e in np.flatnonzero(tokens > 0) if int(e) not in hot]
+    hot, cold = times.hot_and_cold(K)
     front = n * (times.attention_compute_s + times.gate_compute_s)
     hot_s = sum(times.expert_run_s(n * tokens[e]) for e in hot)
     cold_s = sum(times.expert_run_s(n * tokens[e]) for e in cold)
