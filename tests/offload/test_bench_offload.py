@@ -3,6 +3,7 @@ contender with consistent ratios and equal tokens across the ladder, and leaves 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -35,9 +36,12 @@ ROW_FIELDS = {
     "vs_accelerate",
     "vs_accelerate_best",
     "vs_predicted",
+    "vs_bound",
     "vs_in_memory",
 }
-CONTENDERS = ["accelerate", "simple", "multi-batch", "hot-prefetch", "reorder", "predicted", "in-memory"]
+CONTENDERS = [
+    "accelerate", "simple", "multi-batch", "hot-prefetch", "reorder", "predicted", "bound", "in-memory"
+]  # fmt: skip
 
 needs_cgroups = pytest.mark.skipif(
     os.geteuid() != 0 or bench.own_memory_cgroup() is None,
@@ -151,6 +155,7 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
                     "vs_accelerate": rows["accelerate"]["decode_tok_s"],
                     "vs_accelerate_best": best_accelerate,
                     "vs_predicted": rows["predicted"]["decode_tok_s"],
+                    "vs_bound": rows["bound"]["decode_tok_s"],
                     "vs_in_memory": rows["in-memory"]["decode_tok_s"],
                 },
             )
@@ -172,6 +177,7 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
             assert 0.5 <= rows[name]["bytes_read"] / rows[name]["planned_bytes_read"] <= 2
             assert 0 <= rows[name]["prefetch_hit_rate"] <= 1
         assert rows["reorder"]["batches"] == min(S, planner_n)
+        assert rows["bound"]["decode_tok_s"] >= rows["predicted"]["decode_tok_s"]
         assert rows["accelerate"]["peak_cgroup_bytes"] <= cap_bytes
         assert result["tokens_equal_across_rungs"] and result["tokens_equal_in_memory"]
         ladder = {tuple(map(tuple, rows[name]["generated_ids"])) for name in CONTENDERS[2:5]}
@@ -189,6 +195,7 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
                 "vs_accelerate": None,
                 "vs_accelerate_best": best_accelerate,
                 "vs_predicted": row["predicted_tok_s"],
+                "vs_bound": row["bound_tok_s"],
                 "vs_in_memory": row["in_memory_tok_s"],
             },
         )
@@ -200,3 +207,35 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
     )
     assert report["best_over_accelerate_best"] == pytest.approx(best["decode_tok_s"] / best_accelerate)
     assert list(bench.own_memory_cgroup().glob(f"{bench.CGROUP_PREFIX}*")) == []
+
+
+@needs_cgroups
+def test_a_run_past_its_time_limit_is_killed_with_its_cgroup(tiny_model, tmp_path):
+    job = {"kind": "in-memory", "model": str(tiny_model), "new_tokens": 2, "sequences": 1}
+    with pytest.raises(bench.RunTimedOut, match=r"in-memory: no result within 0.05 s; killed"):
+        bench.run_capped(job, None, "in-memory", timeout_s=0.05)  # Python alone takes longer to start
+    assert list(bench.own_memory_cgroup().glob(f"{bench.CGROUP_PREFIX}*")) == []
+
+
+def test_a_timed_out_job_is_reported_and_not_run_again(monkeypatch):
+    calls: list[str] = []
+
+    def fake_run_capped(job, cap_bytes, label, timeout_s=None):
+        calls.append(label)
+        if job["kind"] == "slow":
+            raise bench.RunTimedOut(f"{label}: no result within {timeout_s:g} s; killed")
+        result = {"decode_tok_s": 2.0, "disk_read_bytes": 0, "generated_ids": [[1]]}
+        return bench.CappedRun(result, peak_cgroup_bytes=1, wall_s=0.1)
+
+    monkeypatch.setattr(bench, "run_capped", fake_run_capped)
+    runs = bench._Runs()
+    slow, fast = runs.add({"kind": "slow"}, 1, "slow"), runs.add({"kind": "fast"}, 1, "fast")
+    progress = io.StringIO()
+    runs.run(reps=3, warmup=1, progress=progress, timeout_s=60)
+    assert calls.count("slow (warm-up)") == 1 and not any(c.startswith("slow (rep") for c in calls)
+    assert sum(c.startswith("fast") for c in calls) == 4
+    assert runs.summaries[slow] == {"not_run": "timed out: no result within 60 s (warm-up), not run again"}
+    assert runs.summaries[fast]["decode_tok_s"] == 2.0
+    assert "slow" in progress.getvalue() and "timed out" in progress.getvalue()
+    row = bench._row("accelerate", 8, None, runs.summaries[slow])
+    assert row["decode_tok_s"] is None and row["not_run"].startswith("timed out")

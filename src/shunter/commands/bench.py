@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
@@ -133,6 +134,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "planner's n (default 1,2,4,8,16,32,64)",
     )
     offload.add_argument(
+        "--run-timeout",
+        type=float,
+        default=offload_bench.DEFAULT_RUN_TIMEOUT_S,
+        help="seconds one run may take before it is killed and its contender reported as timed out, "
+        f"not run again (default {offload_bench.DEFAULT_RUN_TIMEOUT_S:g}; 0: no limit)",
+    )
+    offload.add_argument(
         "--work-dir",
         default=None,
         help="where accelerate's offload folder goes (default: MODEL.shunter-bench/ next to the model)",
@@ -208,6 +216,8 @@ def offload_config(args: argparse.Namespace) -> offload_bench.BenchConfig:
         raise ShunterError(f"--new-tokens: the decode rate needs at least 2, got {args.new_tokens}")
     if args.reps < 1 or args.warmup < 0:
         raise ShunterError("--reps must be at least 1 and --warmup at least 0")
+    if not (args.run_timeout >= 0 and math.isfinite(args.run_timeout)):
+        raise ShunterError(f"--run-timeout: expected seconds >= 0 (0: no limit), got {args.run_timeout:g}")
     sequences = parse_sequence_list(args.sequences, "--sequences")
     accelerate_batches = parse_sequence_list(args.accelerate_batches, "--accelerate-batches")
     sweep = parse_sequence_list(args.sweep, "--sweep")
@@ -254,6 +264,7 @@ def offload_config(args: argparse.Namespace) -> offload_bench.BenchConfig:
         warmup=args.warmup,
         work_dir=work_dir,
         max_batches=MAX_PLANNED_BATCHES,
+        run_timeout_s=args.run_timeout or None,
     )
 
 
@@ -351,6 +362,7 @@ TABLE_NAMES = {
     "hot-prefetch": "hot-prefetch",
     "reorder": "reorder (Shunter)",
     "predicted": "predicted (planner)",
+    "bound": "bound (overlapped)",
     "in-memory": "in-memory (no cap)",
 }
 
@@ -358,6 +370,7 @@ TABLE_NAMES = {
 def _offload_rows(rows: list[dict], names: list[str]) -> None:
     print(
         f"  {'contender':<26} {'seqs':>4} {'n':>3} {'decode tok/s':>12} {'x accel':>8} {'x pred':>7} "
+        f"{'x bound':>7} "
         f"{'x in-mem':>8} {'read':>10} {'planned':>10} {'peak':>10} {'hits':>5}"
     )
     for name, row in zip(names, rows, strict=True):
@@ -371,6 +384,7 @@ def _offload_rows(rows: list[dict], names: list[str]) -> None:
         print(
             f"  {name:<26} {row['sequences']:>4} {row['batches'] or '-':>3} {row['decode_tok_s']:>12.3f} "
             f"{_times(row['vs_accelerate']):>8} {_times(row['vs_predicted']):>7} "
+            f"{_times(row['vs_bound']):>7} "
             f"{_times(row['vs_in_memory']):>8} {_size(row['bytes_read']):>10} "
             f"{_size(row['planned_bytes_read']):>10} {_size(row['peak_cgroup_bytes']):>10} "
             f"{'-' if hits is None else f'{hits:.2f}':>5}"
@@ -400,7 +414,11 @@ def print_offload_table(report: dict) -> None:
         in_memory = "yes" if result["tokens_equal_in_memory"] else "NO"
         print(f"  tokens equal across the ladder: {equal}; reorder = in-memory: {in_memory}")
     batches = report["accelerate_batches"]
-    rates = ", ".join(f"batch {row['sequences']} {row['decode_tok_s']:.3f}" for row in batches["rows"])
+    rates = ", ".join(
+        f"batch {row['sequences']} "
+        + ("timed out" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.3f}")
+        for row in batches["rows"]
+    )
     print(f"\naccelerate, decode tok/s by batch: {rates}; best batch {batches['best_batch']}")
     sweep = report["sweep"]
     print("\nsweep: the reorder rung at one sequence per micro-batch")
@@ -408,12 +426,13 @@ def print_offload_table(report: dict) -> None:
     names = [f"reorder, {row['sequences']} seq" for row in sweep["rows"]]
     names.append(f"reorder, planner's n = {sweep['planner_row']['sequences']}")
     _offload_rows(rows, names)
+    in_memory = sweep["planner_row"]["in_memory_tok_s"]
     print(
         f"  best of the sweep and the planner's n ({sweep['best_sequences']} sequences) / planner's n: "
-        f"{sweep['best_over_planner']:.2f}x; in memory at the planner's n "
-        f"{sweep['planner_row']['in_memory_tok_s']:.3f} tok/s"
+        f"{_times(sweep['best_over_planner'])}; in memory at the planner's n "
+        + ("-" if in_memory is None else f"{in_memory:.3f} tok/s")
     )
     print(
-        f"each at its best: Shunter {max(r['decode_tok_s'] for r in rows):.3f} tok/s over accelerate's best "
-        f"batch: {report['best_over_accelerate_best']:.2f}x"
+        "each at its best: Shunter's best of the sweep over accelerate's best batch: "
+        f"{_times(report['best_over_accelerate_best'])}"
     )

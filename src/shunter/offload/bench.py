@@ -66,6 +66,7 @@ MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 CGROUP_PREFIX = "shunter-bench-"
 # the cgroup counts the Python and torch runtime and the page cache of its shared libraries too
 DEFAULT_RUNTIME_RESERVE_BYTES = 768 * 2**20
+DEFAULT_RUN_TIMEOUT_S = 1200.0  # a run past 20 minutes is thrashing, not measuring
 LADDER = ("simple", "multi-batch", "hot-prefetch", "reorder")
 DESCRIPTIONS = {
     "accelerate": "transformers + accelerate, disk offload",
@@ -74,6 +75,7 @@ DESCRIPTIONS = {
     "hot-prefetch": "+ hot-only prefetch (correlation table)",
     "reorder": "+ hot-first expert order (= Shunter)",
     "predicted": "planner's prediction (reorder rung, measured profile)",
+    "bound": "bound: disk reads and compute of a step fully overlapped (measured profile)",
     "in-memory": "in-memory executor, uncapped",
 }
 
@@ -162,6 +164,10 @@ def _remove_cgroup(group: Path) -> None:
         time.sleep(0.02)
 
 
+class RunTimedOut(ShunterError):
+    """A worker ran past its time limit and was killed (a contender thrashing under the cap)."""
+
+
 @dataclass(frozen=True)
 class CappedRun:
     result: dict[str, Any]  # what the worker wrote
@@ -169,9 +175,12 @@ class CappedRun:
     wall_s: float  # the process, start to exit
 
 
-def run_capped(job: dict[str, Any], cap_bytes: int | None, label: str) -> CappedRun:
+def run_capped(
+    job: dict[str, Any], cap_bytes: int | None, label: str, timeout_s: float | None = None
+) -> CappedRun:
     """Run one job in a fresh worker process in a fresh memory cgroup capped at cap_bytes, with the
-    page cache dropped first. ShunterError (the worker's output tail on stderr) when it fails."""
+    page cache dropped first. ShunterError (the worker's output tail on stderr) when it fails;
+    RunTimedOut when it runs past timeout_s (the worker is killed with the cgroup)."""
     with tempfile.TemporaryDirectory(prefix="shunter-bench-") as scratch:
         job_path, result_path = Path(scratch) / "job.json", Path(scratch) / "result.json"
         job_path.write_text(json.dumps(job))
@@ -185,7 +194,12 @@ def run_capped(job: dict[str, Any], cap_bytes: int | None, label: str) -> Capped
                     f.write(str(os.getpid()))
 
             started = time.perf_counter()
-            done = subprocess.run(argv, preexec_fn=enter, capture_output=True, text=True)
+            try:
+                done = subprocess.run(
+                    argv, preexec_fn=enter, capture_output=True, text=True, timeout=timeout_s
+                )
+            except subprocess.TimeoutExpired:
+                raise RunTimedOut(f"{label}: no result within {timeout_s:g} s; killed") from None
             wall_s = time.perf_counter() - started
             peak = int((group / "memory.max_usage_in_bytes").read_text())
             oom_kills = _oom_kills(group)
@@ -418,6 +432,7 @@ class BenchConfig:
     warmup: int
     work_dir: Path  # accelerate's offload folder goes here
     max_batches: int  # the planner's search limit
+    run_timeout_s: float | None = None  # a run past this is killed and its contender marked timed out
 
     @property
     def weight_budget_bytes(self) -> int:
@@ -473,17 +488,25 @@ def predicted_tok_s(
     num_batches: int,
     context_tokens: int,
     expert_share: np.ndarray | None,
-) -> float:
-    """The planner's cost model (as plan_batches predicts): decode tok/s of `sequences` in
-    `num_batches` micro-batches."""
+) -> tuple[float, float]:
+    """The planner's cost model at `sequences` in `num_batches` micro-batches: (the predicted decode
+    tok/s, as plan_batches predicts it; the bound: the same step's disk reads and compute fully
+    overlapped, sequences / max(compute, reads), which no schedule on this profile beats)."""
     times = pipeline_times(
         spec, profile, sequences / num_batches, context_tokens, expert_share, num_batches=num_batches
     )
-    return sequences / predicted_step(times, num_batches, spec.top_k).step_s
+    step = predicted_step(times, num_batches, spec.top_k)
+    return sequences / step.step_s, sequences / max(step.compute_s, step.link_busy_s)
 
 
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
     return ours / theirs if ours is not None and theirs else None
+
+
+def _fastest(rows: list[dict]) -> dict | None:
+    """The row with the highest decode tok/s among those that ran (None when none did)."""
+    ran = [row for row in rows if row["decode_tok_s"] is not None]
+    return max(ran, key=lambda row: row["decode_tok_s"]) if ran else None
 
 
 class _Runs:
@@ -499,12 +522,22 @@ class _Runs:
         self.jobs.setdefault(key, (job, cap_bytes, label))
         return key
 
-    def run(self, reps: int, warmup: int, progress: IO[str]) -> None:
+    def run(self, reps: int, warmup: int, progress: IO[str], timeout_s: float | None = None) -> None:
+        """Every job warmup + reps times. A job that runs past timeout_s is recorded as timed out
+        and not run again (a contender thrashing under the cap would take hours per round)."""
         timed: dict[str, list[CappedRun]] = {key: [] for key in self.jobs}
+        timed_out: dict[str, str] = {}
         for round_number in range(warmup + reps):
             which = "warm-up" if round_number < warmup else f"rep {round_number - warmup + 1}/{reps}"
             for key, (job, cap_bytes, label) in self.jobs.items():
-                run = run_capped(job, cap_bytes, f"{label} ({which})")
+                if key in timed_out:
+                    continue
+                try:
+                    run = run_capped(job, cap_bytes, f"{label} ({which})", timeout_s)
+                except RunTimedOut:
+                    timed_out[key] = f"timed out: no result within {timeout_s:g} s ({which}), not run again"
+                    print(f"{label:<34} {which:>9}: {timed_out[key]}", file=progress, flush=True)
+                    continue
                 if round_number >= warmup:
                     timed[key].append(run)
                 result = run.result
@@ -515,7 +548,11 @@ class _Runs:
                     file=progress,
                     flush=True,
                 )
+        for key, why in timed_out.items():
+            self.summaries[key] = {"not_run": why}
         for key, runs in timed.items():
+            if key in timed_out:
+                continue
             rates = [r.result["decode_tok_s"] for r in runs]
             last = runs[-1].result
             self.summaries[key] = {
@@ -562,6 +599,7 @@ def _add_ratios(
     accelerate: float | None = None,
     accelerate_best: float | None = None,
     predicted: float | None = None,
+    bound: float | None = None,
     in_memory: float | None = None,
 ) -> None:
     """row's decode tok/s over each reference (None where the reference does not apply)."""
@@ -569,6 +607,7 @@ def _add_ratios(
     row["vs_accelerate"] = _ratio(ours, accelerate)
     row["vs_accelerate_best"] = _ratio(ours, accelerate_best)
     row["vs_predicted"] = _ratio(ours, predicted)
+    row["vs_bound"] = _ratio(ours, bound)
     row["vs_in_memory"] = _ratio(ours, in_memory)
 
 
@@ -658,27 +697,29 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
         None,
         f"in-memory S={planner_n}",
     )
-    runs.run(config.reps, config.warmup, progress)
+    runs.run(config.reps, config.warmup, progress, config.run_timeout_s)
     summary = runs.summaries
 
     accelerate_rows = [_row("accelerate", b, None, summary[k]) for b, k in accelerate_keys.items()]
-    best_accelerate = max(accelerate_rows, key=lambda r: r["decode_tok_s"])
-    best_tok_s = best_accelerate["decode_tok_s"]
+    best_accelerate = _fastest(accelerate_rows)
+    best_tok_s = best_accelerate["decode_tok_s"] if best_accelerate else None
     results = []
     for S, measured in plans.items():
         rows = {name: _row(name, S, batches, summary.get(key)) for name, batches, key in measured}
         for name, _, key in measured:
-            rows[name]["not_run"] = skipped.get(key)
+            rows[name]["not_run"] = skipped.get(key) or rows[name].get("not_run")
         n = min(S, planner_n)
-        bound = predicted_tok_s(spec, profile, S, n, context_tokens, share)
-        rows["predicted"] = _row("predicted", S, n, {"decode_tok_s": bound})
-        rows = {name: rows[name] for name in ["accelerate", *LADDER, "predicted", "in-memory"]}
+        predicted, bound = predicted_tok_s(spec, profile, S, n, context_tokens, share)
+        rows["predicted"] = _row("predicted", S, n, {"decode_tok_s": predicted})
+        rows["bound"] = _row("bound", S, n, {"decode_tok_s": bound})
+        rows = {name: rows[name] for name in ["accelerate", *LADDER, "predicted", "bound", "in-memory"]}
         for row in rows.values():
             _add_ratios(
                 row,
                 accelerate=rows["accelerate"]["decode_tok_s"],
                 accelerate_best=best_tok_s,
-                predicted=bound,
+                predicted=predicted,
+                bound=bound,
                 in_memory=rows["in-memory"]["decode_tok_s"],
             )
         ladder_ids = [
@@ -698,17 +739,19 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
         _add_ratios(row, accelerate_best=best_tok_s)
 
     def sweep_row(S: int, key: str, in_memory: float | None = None) -> dict:
-        row = _row("reorder", S, S, summary[key])
-        bound = predicted_tok_s(spec, profile, S, S, context_tokens, share)
-        _add_ratios(row, accelerate_best=best_tok_s, predicted=bound, in_memory=in_memory)
-        row["predicted_tok_s"] = bound
+        row = _row("reorder", S, S, summary.get(key))
+        row["not_run"] = skipped.get(key) or row.get("not_run")
+        predicted, bound = predicted_tok_s(spec, profile, S, S, context_tokens, share)
+        _add_ratios(row, accelerate_best=best_tok_s, predicted=predicted, bound=bound, in_memory=in_memory)
+        row["predicted_tok_s"] = predicted
+        row["bound_tok_s"] = bound
         row["in_memory_tok_s"] = in_memory
         return row
 
     sweep_rows = [sweep_row(S, key) for S, key in sweep_keys.items()]
-    planner_row = sweep_row(planner_n, planner_key, summary[planner_in_memory_key]["decode_tok_s"])
+    planner_row = sweep_row(planner_n, planner_key, summary[planner_in_memory_key].get("decode_tok_s"))
     # the planner's n is a point of the sweep too: is any n in the list better than it?
-    best_sweep = max([*sweep_rows, planner_row], key=lambda r: r["decode_tok_s"])
+    best_sweep = _fastest([*sweep_rows, planner_row])
     return {
         "model": str(path),
         "family": spec.family,
@@ -730,15 +773,20 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
             "predicted_tok_s": plan.predicted_tok_s,
         },
         "results": results,
-        "accelerate_batches": {"rows": accelerate_rows, "best_batch": best_accelerate["sequences"]},
+        "accelerate_batches": {
+            "rows": accelerate_rows,
+            "best_batch": best_accelerate["sequences"] if best_accelerate else None,
+        },
         "sweep": {
             "rows": sweep_rows,
             "planner_row": planner_row,
-            "best_sequences": best_sweep["sequences"],
-            "best_over_planner": best_sweep["decode_tok_s"] / planner_row["decode_tok_s"],
+            "best_sequences": best_sweep["sequences"] if best_sweep else None,
+            "best_over_planner": _ratio(
+                best_sweep and best_sweep["decode_tok_s"], planner_row["decode_tok_s"]
+            ),
         },
         # each at its own best: Shunter's best point of the sweep over accelerate's best batch
-        "best_over_accelerate_best": best_sweep["decode_tok_s"] / best_tok_s,
+        "best_over_accelerate_best": _ratio(best_sweep and best_sweep["decode_tok_s"], best_tok_s),
     }
 
 
