@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from shunter.cli import main
@@ -78,3 +79,16 @@ def test_small_run_reports_every_strategy_and_cleans_up(tmp_path):
         assert entry["predicted_s"] > 0
     assert layer["schedule_over_bound"] == pytest.approx(layer["strategies"]["scheduled"]["over_bound"])
     assert _namespaces() == before
+
+
+def test_calibration_line_recovers_startup_and_efficiency():
+    from shunter.dist.a2a import fit_startup_and_efficiency
+
+    fluid = np.array([0.25, 0.5, 1.0])
+    efficiency, startup = fit_startup_and_efficiency(fluid, 0.03 + fluid / 0.8)
+    assert efficiency == pytest.approx(0.8) and startup == pytest.approx(0.03)
+    # a line that would start before zero is fitted through the origin: slope = sum(f m) / sum(f f)
+    measured = np.array([0.2, 0.6, 1.3])
+    efficiency, startup = fit_startup_and_efficiency(fluid, measured)
+    assert startup == 0.0
+    assert efficiency == pytest.approx((fluid @ fluid) / (fluid @ measured))

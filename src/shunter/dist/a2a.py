@@ -47,6 +47,8 @@ from shunter.trace.routing_trace import load_trace
 BANDWIDTH_VARIABLE = "SHUNTER_CLUSTER_BANDWIDTHS"  # bytes/s per host, set by `shunter cluster run`
 DEFAULT_ROW_BYTES = 4096 * 2  # one Mixtral-sized hidden state in bf16
 ELEMENT = torch.float32  # rows are opaque bytes on the wire; fp32 is what every backend moves
+CALIBRATION_SCALES = (1, 2, 4)  # probe sizes of each calibration pattern, in probe units
+CALIBRATION_REPS = 5
 
 
 @dataclass(frozen=True)
@@ -168,24 +170,32 @@ def _fit_pattern(
     bandwidth: np.ndarray,
     group,
 ) -> tuple[float, float]:
-    """(efficiency, startup_s) with measured = startup_s + fluid_s(rows) / efficiency, fitted on
-    rows = pattern x unit_rows and x 4 unit_rows (median of 4 after a warm-up each: the fit takes a
-    difference of two times, so their noise counts double)."""
+    """(efficiency, startup_s) with measured = startup_s + fluid_s(rows) / efficiency, a least-squares
+    line through rows = pattern x 1, 2 and 4 unit_rows (median of CALIBRATION_REPS after a warm-up
+    each). Two sizes made the line a difference of two noisy times: one retransmission timeout in
+    either swung the efficiency by 20% between runs. A negative startup is fitted again as 0."""
     measured, fluid = [], []
-    for scale in (unit_rows, 4 * unit_rows):
-        rows = pattern * scale
+    for scale in CALIBRATION_SCALES:
+        rows = pattern * scale * unit_rows
         chunk = torch.empty(int(rows[rank].sum()), 1, dtype=ELEMENT)
         schedule = schedule_all_to_all(rows * 4.0, bandwidth) if strategy == "scheduled" else None
         times = []
-        for _ in range(5):
+        for _ in range(1 + CALIBRATION_REPS):
             dist.barrier(group)
             started = time.perf_counter()
             exchange(chunk, rows, strategy, schedule=schedule, group=group)
             times += _slowest([time.perf_counter() - started], group)
         measured.append(float(np.median(times[1:])))
         fluid.append(fluid_s(rows))
-    efficiency = (fluid[1] - fluid[0]) / max(measured[1] - measured[0], 1e-9)
-    return efficiency, max(measured[0] - fluid[0] / efficiency, 0.0)
+    return fit_startup_and_efficiency(np.array(fluid), np.array(measured))
+
+
+def fit_startup_and_efficiency(fluid_s: np.ndarray, measured_s: np.ndarray) -> tuple[float, float]:
+    """(efficiency, startup_s >= 0) of the least-squares line measured = startup + fluid / efficiency."""
+    slope, startup = np.polyfit(fluid_s, measured_s, 1)
+    if startup < 0:  # through the origin instead
+        slope, startup = float(fluid_s @ measured_s / (fluid_s @ fluid_s)), 0.0
+    return 1.0 / max(float(slope), 1e-9), float(startup)
 
 
 def time_exchanges(

@@ -1,0 +1,108 @@
+"""Markdown tables of `shunter bench offload --json` reports, as docs/benchmarks.md shows them.
+
+.venv/bin/python bench/offload_tables.py offload-mixtral.json [offload-olmoe.json ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+
+
+def _size(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.1f} GiB"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _rate(row: dict[str, Any]) -> str:
+    if row["decode_tok_s"] is None:
+        return f"not run: {row.get('not_run') or 'no result'}"
+    reps = row.get("decode_tok_s_reps")
+    spread = f" ({min(reps):.3f}-{max(reps):.3f})" if reps else ""
+    return f"{row['decode_tok_s']:.3f}{spread}"
+
+
+def _read(row: dict[str, Any]) -> str:
+    if row["bytes_read"] is None:
+        return "-"
+    return f"{_size(row['bytes_read'])} / {_size(row['planned_bytes_read'])}"
+
+
+def _hits(row: dict[str, Any]) -> str:
+    return "-" if row["prefetch_hit_rate"] is None else f"{row['prefetch_hit_rate']:.2f}"
+
+
+HEADER = (
+    "| S | n | contender | decode tok/s (min-max) | vs accelerate | vs bound | vs predicted "
+    "| read / planned | peak | hits |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _line(row: dict[str, Any], name: str | None = None) -> str:
+    first = f"| {row['sequences']} | {row['batches'] or '-'} | {name or row['contender']} | {_rate(row)} "
+    if row["decode_tok_s"] is None:
+        return first + "|||||||"
+    return (
+        first + f"| {_times(row.get('vs_accelerate'))} | {_times(row.get('vs_bound'))} "
+        f"| {_times(row.get('vs_predicted'))} | {_read(row)} | {_size(row['peak_cgroup_bytes'])} "
+        f"| {_hits(row)} |"
+    )
+
+
+def tables(report: dict[str, Any]) -> str:
+    planner = report["planner"]
+    budget_mib = report["weight_budget_bytes"] / 2**20
+    free = "bubble free" if planner["bubble_free"] else "not bubble free"
+    out = [
+        f"Cap {report['cap_bytes'] / 1e9:.2f} GB ({report['cap_bytes'] / GIB:.2f} GiB) per contender, model "
+        f"{report['model_bytes'] / 1e9:.2f} GB; weight budget {budget_mib:.0f} MiB; "
+        f"{report['new_tokens']} new tokens; median of {report['reps']} after {report['warmup']} warm-up. "
+        f"Planner: n = {planner['num_batches']} ({free}, "
+        f"({planner['binding']}) binds).",
+        "",
+        HEADER,
+    ]
+    for result in report["results"]:
+        out += [_line(row) for row in result["rows"].values()]
+        out.append(
+            f"| {result['sequences']} | | tokens equal across the ladder / reorder = in-memory | "
+            f"{result['tokens_equal_across_rungs']} / {result['tokens_equal_in_memory']} |||||||"
+        )
+    out += ["", "Accelerate by batch and the sweep (reorder rung, one sequence per micro-batch):", "", HEADER]
+    out += [_line(row, "accelerate") for row in report["accelerate_batches"]["rows"]]
+    sweep = report["sweep"]
+    out += [_line(row, "reorder (sweep)") for row in sweep["rows"]]
+    out.append(_line(sweep["planner_row"], "reorder at the planner's n"))
+    planner_row = sweep["planner_row"]
+    in_memory = planner_row.get("in_memory_tok_s")
+    out += [
+        "",
+        f"At the planner's n: predicted {planner_row.get('predicted_tok_s') or 0:.2f} tok/s, bound "
+        f"{planner_row.get('bound_tok_s') or 0:.2f}, in memory "
+        + ("-" if in_memory is None else f"{in_memory:.2f}")
+        + f". Best of the sweep / planner's n: {_times(sweep['best_over_planner'])} (best at "
+        f"{sweep['best_sequences']}); best over accelerate's best batch "
+        f"({report['accelerate_batches']['best_batch']}): {_times(report.get('best_over_accelerate_best'))}.",
+    ]
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    for path in argv:
+        report = json.loads(Path(path).read_text())
+        print(f"### {Path(report['model']).name}\n\n{tables(report)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
