@@ -67,7 +67,9 @@ def check_environment() -> None:
         raise ShunterError("shunter cluster run needs root (network namespaces and tc); run it with sudo")
     for tool, package in (("ip", "iproute2"), ("tc", "iproute2"), ("sysctl", "procps")):
         if shutil.which(tool) is None:
-            raise ShunterError(f"`{tool}` not found on PATH: install {package} (e.g. apt-get install {package})")
+            raise ShunterError(
+                f"`{tool}` not found on PATH: install {package} (e.g. apt-get install {package})"
+            )
 
 
 def parse_host_bandwidths(text: str, num_hosts: int, field: str = "--bandwidth") -> list[float]:
