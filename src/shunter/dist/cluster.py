@@ -50,8 +50,6 @@ BURST_TIME_S = 0.004
 BURST_MIN_BYTES = 64 * 1024
 # tbf's queue: packets waiting longer than this are dropped, as a switch's shallow buffer would.
 QUEUE_LATENCY_S = 0.05
-# Set in every emulated host's namespace (see _create).
-HOST_SYSCTLS = ("net.ipv4.tcp_slow_start_after_idle=0",)
 # After SIGTERM, a rank's process group gets this long before SIGKILL.
 TERM_WAIT_S = 5.0
 
@@ -61,14 +59,13 @@ _counter = itertools.count()
 
 
 def check_environment() -> None:
-    """Raise ShunterError unless this process can make namespaces and shape links: root, `ip`, `tc`,
-    `sysctl`."""
+    """Raise ShunterError unless this process can make namespaces and shape links: root, `ip`, `tc`."""
     if os.geteuid() != 0:
         raise ShunterError("shunter cluster run needs root (network namespaces and tc); run it with sudo")
-    for tool, package in (("ip", "iproute2"), ("tc", "iproute2"), ("sysctl", "procps")):
+    for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             raise ShunterError(
-                f"`{tool}` not found on PATH: install {package} (e.g. apt-get install {package})"
+                f"`{tool}` not found on PATH: install iproute2 (e.g. apt-get install iproute2)"
             )
 
 
@@ -272,10 +269,6 @@ class EmulatedCluster:
             run_net_tool(["ip", "-n", namespace, "addr", "add", f"{self.addresses[host]}/24", "dev", inside])
             run_net_tool(["ip", "-n", namespace, "link", "set", inside, "up"])
             run_net_tool(["ip", "-n", namespace, "link", "set", "lo", "up"])
-            # A rank's connection to a peer idles between the schedule rounds that use it; Linux then
-            # restarts TCP from its initial window (tcp_slow_start_after_idle), a default datacenter
-            # hosts commonly turn off. Per namespace: the machine's own setting is left alone.
-            run_net_tool(["ip", "netns", "exec", namespace, "sysctl", "-q", "-w", *HOST_SYSCTLS])
             rate = self.bandwidth_bytes_s[host]
             self._shape(namespace, inside, rate, 0.0)  # what host i sends
             # What host i receives. The delay goes here, past the veth, and not on the sender's own

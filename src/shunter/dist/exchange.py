@@ -9,9 +9,8 @@ Strategies:
 - "all_to_all": one `all_to_all_single` with split sizes. Every flow starts at once and the
   transport shares the ports (the baseline every expert-parallel runtime uses).
 - "scheduled": Shunter's schedule (`shunter.plan.schedule.schedule_all_to_all`) executed round by
-  round: with gloo every receive of every round is posted first, then each round's sends of this
-  rank, and the round's sends and receives finish before the next round's sends start (NCCL:
-  each round's operations posted together with `batch_isend_irecv`). A transfer the planner split over
+  round: each round's sends and receives of this rank are posted together with
+  `batch_isend_irecv` and finished before the next round. A transfer the planner split over
   several rounds is split at row boundaries in proportion to its bytes.
 - "random_order": each sender sends its flows one at a time in a random order (the simulator's
   seeded `sender_queues`, the same on every rank); receivers accept them as they come (Aurora's
@@ -161,30 +160,13 @@ def _copy_local(send: torch.Tensor, recv: torch.Tensor, rows: np.ndarray, rank: 
 def _run_rounds(
     send: torch.Tensor, recv: torch.Tensor, rounds: RankRounds, group: dist.ProcessGroup | None
 ) -> None:
-    # The tag is the round, so a pair split over several rounds never confuses its pieces.
-    def receive(r: int, t: Transfer) -> dist.Work:
-        return dist.irecv(recv[t.start : t.stop], t.peer, group=group, tag=r)
-
-    def post(r: int, t: Transfer) -> dist.Work:
-        return dist.isend(send[t.start : t.stop], t.peer, group=group, tag=r)
-
-    if dist.get_backend(group) != "gloo":
-        # NCCL runs a pair's operations in order on one stream: a receive posted ahead would
-        # block the send before it, so each round is posted and finished as one group.
-        for r, (sends, receives) in enumerate(zip(rounds.sends, rounds.receives, strict=True)):
-            ops = [dist.P2POp(dist.irecv, recv[t.start : t.stop], t.peer, group, r) for t in receives]
-            ops += [dist.P2POp(dist.isend, send[t.start : t.stop], t.peer, group, r) for t in sends]
-            for work in dist.batch_isend_irecv(ops) if ops else []:
+    # The tag is the round: a pair split over several rounds never confuses its pieces.
+    for r, (sends, receives) in enumerate(zip(rounds.sends, rounds.receives, strict=True)):
+        ops = [_op(dist.irecv, recv, t, r, group) for t in receives]
+        ops += [_op(dist.isend, send, t, r, group) for t in sends]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        return
-    # gloo: every round's receives are posted before the first send. A gloo transfer moves only
-    # after its receiver's "ready" notice reaches the sender; posted at the start of its round,
-    # that notice would queue behind the data already filling the receiver's own port (up to the
-    # shaper's queue delay), and every round would start that much late.
-    pending = [[receive(r, t) for t in receives] for r, receives in enumerate(rounds.receives)]
-    for r, sends in enumerate(rounds.sends):
-        for work in [post(r, t) for t in sends] + pending[r]:  # then this rank's ports are free
-            work.wait()
 
 
 def _run_random_order(
@@ -208,3 +190,9 @@ def _run_random_order(
         dist.isend(send[send_offsets[peer] : send_offsets[peer + 1]], peer, group=group, tag=0).wait()
     for work in pending:
         work.wait()
+
+
+def _op(
+    fn, buffer: torch.Tensor, transfer: Transfer, tag: int, group: dist.ProcessGroup | None
+) -> dist.P2POp:
+    return dist.P2POp(fn, buffer[transfer.start : transfer.stop], transfer.peer, group, tag)
