@@ -206,3 +206,20 @@ def test_bf16_streaming_with_prepacked_resident_weights_equals_in_memory(tiny_ch
         assert model.streamer.expert_loads > 0
     finally:
         model.close()
+
+
+def test_prefetch_takes_the_whole_layer_once_the_tokens_touch_every_expert(tiny_checkpoint):
+    """Hot-only prefetch loads the K hot experts, or every expert in predicted order once a
+    forward's tokens are expected to touch them all: E (1 - (1 - K/E)^tokens) rounds to E."""
+    path = tiny_checkpoint("mixtral")
+    spec = load_spec(path)
+    E, K = spec.num_experts, spec.top_k
+    model = load_offloaded(
+        path, TIGHT, options=PipelineOptions(2, "hot", hot_first=True), sequences=3, max_slots=64
+    )
+    try:
+        first_all = next(t for t in range(1, 1000) if round(E * (1 - (1 - K / E) ** t)) >= E)
+        assert model.prefetch_count(None) == K and model.prefetch_count(1) == K
+        assert model.prefetch_count(first_all - 1) == K and model.prefetch_count(first_all) == E
+    finally:
+        model.close()

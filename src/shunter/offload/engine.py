@@ -37,6 +37,7 @@ from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights, pack_layer, pack_mlp
 from shunter.offload.disk import DirectReader
 from shunter.offload.placement import OffloadPlacement
+from shunter.offload.planner import expected_touched_experts
 from shunter.offload.prefetcher import CorrelationPrefetcher
 from shunter.offload.streamer import WeightStreamer
 from shunter.trace.routing_trace import RoutingRecorder
@@ -148,7 +149,7 @@ class OffloadedModel:
         h = F.embedding(batch.tokens, self.embed)
         streamer.request_block(0)
         if spec.moe_layers[0] and self.options.prefetch != "none":
-            self._prefetch_moe_layer(0, None)
+            self._prefetch_moe_layer(0, None, B * T)
         previous_ids: np.ndarray | None = None
         for layer in range(spec.num_layers):
             block = streamer.block(layer)
@@ -219,7 +220,7 @@ class OffloadedModel:
             return
         self.streamer.request_block(nxt)
         if self.spec.moe_layers[nxt] and self.options.prefetch != "none":
-            self._prefetch_moe_layer(nxt, ids)
+            self._prefetch_moe_layer(nxt, ids, None if ids is None else ids.shape[0])
 
     def _requested_before_gate(self, layer: int) -> list[int]:
         """This layer's pinned experts, then its prefetched ones in the order they were queued."""
@@ -230,12 +231,24 @@ class OffloadedModel:
             prefetched = self._predicted.get(layer, [])
         return list(dict.fromkeys(pinned + prefetched))
 
-    def _prefetch_moe_layer(self, layer: int, previous_ids: np.ndarray | None) -> None:
+    def prefetch_count(self, tokens: int | None) -> int:
+        """How many predicted experts hot-only prefetch loads before the gate: the top-k hot ones
+        (Klotski), or the whole layer in predicted order when the forward's tokens are expected
+        to touch every expert (uniform routing, rounded). Then no prefetch can miss, and reading
+        the cold experts while attention runs keeps the I/O thread busy instead of idle until
+        the gate names them; the window still bounds what is held."""
+        E, K = self.spec.num_experts, self.spec.top_k
+        if tokens is None:
+            return K
+        touched = expected_touched_experts(np.full(E, 1.0 / E), K, tokens)
+        return E if round(touched) >= E else K
+
+    def _prefetch_moe_layer(self, layer: int, previous_ids: np.ndarray | None, tokens: int | None) -> None:
         if self.options.prefetch == "layer":
             experts = list(range(self.spec.num_experts))
         else:
             moe_index = self.moe_layers.index(layer)
-            experts = self.prefetcher.predict(moe_index, previous_ids, self.spec.top_k)
+            experts = self.prefetcher.predict(moe_index, previous_ids, self.prefetch_count(tokens))
             self._predicted[layer] = experts
         for e in experts:
             self.streamer.request_expert(layer, e)
