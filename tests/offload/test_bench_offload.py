@@ -68,6 +68,12 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_checkpoint(config, weights, tmp_path_factory.mktemp("bench") / "tiny")
 
 
+def _run_cgroups(pid: int) -> list[Path]:
+    """The run cgroups process `pid` made that still exist (a benchmark running beside the tests
+    has its own, named after its pid)."""
+    return list(bench.own_memory_cgroup().glob(f"{bench.CGROUP_PREFIX}{pid}-*"))
+
+
 def _bench(model: Path, *options: str) -> int:
     return main(["bench", "offload", str(model), "--runtime-reserve", str(RESERVE_BYTES), *options])
 
@@ -131,7 +137,11 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
         "--work-dir", str(tmp_path / "work"), "--json", "--out", str(out),
     ]  # fmt: skip
     env = os.environ | {"SHUNTER_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        stdout, stderr = proc.communicate(timeout=300)
+    done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert json.loads(out.read_text()) == report
@@ -206,7 +216,7 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
         best["decode_tok_s"] / sweep["planner_row"]["decode_tok_s"]
     )
     assert report["best_over_accelerate_best"] == pytest.approx(best["decode_tok_s"] / best_accelerate)
-    assert list(bench.own_memory_cgroup().glob(f"{bench.CGROUP_PREFIX}*")) == []
+    assert _run_cgroups(proc.pid) == []
 
 
 @needs_cgroups
@@ -214,7 +224,7 @@ def test_a_run_past_its_time_limit_is_killed_with_its_cgroup(tiny_model, tmp_pat
     job = {"kind": "in-memory", "model": str(tiny_model), "new_tokens": 2, "sequences": 1}
     with pytest.raises(bench.RunTimedOut, match=r"in-memory: no result within 0.05 s; killed"):
         bench.run_capped(job, None, "in-memory", timeout_s=0.05)  # Python alone takes longer to start
-    assert list(bench.own_memory_cgroup().glob(f"{bench.CGROUP_PREFIX}*")) == []
+    assert _run_cgroups(os.getpid()) == []
 
 
 def test_a_timed_out_job_is_reported_and_not_run_again(monkeypatch):
