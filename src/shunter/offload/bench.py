@@ -481,7 +481,7 @@ def check_budget_fits(spec: ModelSpec, config: BenchConfig, max_sequences: int) 
         )
 
 
-def predicted_tok_s(
+def predicted_and_bound_tok_s(
     spec: ModelSpec,
     profile: MachineProfile,
     sequences: int,
@@ -581,6 +581,7 @@ def _row(contender: str, sequences: int, batches: int | None, summary: dict[str,
             "prefetch_hit_rate",
             "wall_s",
             "generated_ids",
+            "not_run",
         ]
     )
     return {
@@ -698,7 +699,8 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
         f"in-memory S={planner_n}",
     )
     runs.run(config.reps, config.warmup, progress, config.run_timeout_s)
-    summary = runs.summaries
+    # a rung that cannot fit under the cap is a row that says why, as a timed-out run is
+    summary = runs.summaries | {key: {"not_run": why} for key, why in skipped.items()}
 
     accelerate_rows = [_row("accelerate", b, None, summary[k]) for b, k in accelerate_keys.items()]
     best_accelerate = _fastest(accelerate_rows)
@@ -706,10 +708,8 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     results = []
     for S, measured in plans.items():
         rows = {name: _row(name, S, batches, summary.get(key)) for name, batches, key in measured}
-        for name, _, key in measured:
-            rows[name]["not_run"] = skipped.get(key) or rows[name].get("not_run")
         n = min(S, planner_n)
-        predicted, bound = predicted_tok_s(spec, profile, S, n, context_tokens, share)
+        predicted, bound = predicted_and_bound_tok_s(spec, profile, S, n, context_tokens, share)
         rows["predicted"] = _row("predicted", S, n, {"decode_tok_s": predicted})
         rows["bound"] = _row("bound", S, n, {"decode_tok_s": bound})
         rows = {name: rows[name] for name in ["accelerate", *LADDER, "predicted", "bound", "in-memory"]}
@@ -740,8 +740,7 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
 
     def sweep_row(S: int, key: str, in_memory: float | None = None) -> dict:
         row = _row("reorder", S, S, summary.get(key))
-        row["not_run"] = skipped.get(key) or row.get("not_run")
-        predicted, bound = predicted_tok_s(spec, profile, S, S, context_tokens, share)
+        predicted, bound = predicted_and_bound_tok_s(spec, profile, S, S, context_tokens, share)
         _add_ratios(row, accelerate_best=best_tok_s, predicted=predicted, bound=bound, in_memory=in_memory)
         row["predicted_tok_s"] = predicted
         row["bound_tok_s"] = bound
