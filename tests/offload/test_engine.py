@@ -10,8 +10,8 @@ from shunter.errors import ShunterError
 from shunter.model import generate, load_model
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.spec import load_spec
-from shunter.offload import PipelineOptions, load_offloaded
-from shunter.offload.disk import DirectReader
+from shunter.offload import PipelineOptions, disk, load_offloaded
+from shunter.offload.disk import DirectReader, HostBufferPool
 from shunter.offload.placement import kv_cache_bytes, plan_placement
 from shunter.offload.prefetcher import CorrelationPrefetcher
 from tests.tiny_models import FAMILIES
@@ -26,7 +26,8 @@ TIGHT = 1_900_000  # bytes: above the tiny models' minimum working set, far belo
     ids=["simple", "klotski"],
 )
 @pytest.mark.parametrize("family", FAMILIES)
-def test_streamed_greedy_tokens_equal_the_in_memory_executor(tiny_checkpoint, family, options):
+def test_streamed_greedy_tokens_equal_the_in_memory_executor(tiny_checkpoint, family, options, monkeypatch):
+    monkeypatch.setattr(disk, "POOLED_MIN_BYTES", 0)  # every streamed tensor in a reused buffer
     path = tiny_checkpoint(family)
     expected = generate(load_model(path).model, PROMPTS, 12).tokens
     model = load_offloaded(path, TIGHT, options=options, sequences=3, max_slots=64)
@@ -99,6 +100,25 @@ def test_direct_reads_equal_safetensors_reads(tiny_checkpoint):
     assert reader.stats.bytes_read == sum(
         checkpoint.location(n).num_bytes for n in list(checkpoint.names())[:12]
     )
+    reader.close()
+
+
+def test_pooled_reads_equal_safetensors_reads_and_reuse_only_freed_buffers(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(disk, "POOLED_MIN_BYTES", 0)
+    checkpoint = Checkpoint(tiny_checkpoint("mixtral"))
+    reader, pool = DirectReader(), HostBufferPool()
+    name = max(checkpoint.names(), key=lambda n: checkpoint.location(n).num_bytes)
+    first = reader.read(checkpoint.location(name), allocate=pool.take)
+    second = reader.read(checkpoint.location(name), allocate=pool.take)
+    assert torch.equal(first, checkpoint.read(name)) and torch.equal(second, checkpoint.read(name))
+    assert first.data_ptr() != second.data_ptr()  # both alive: two buffers
+    footprint, address = pool.allocated_bytes, second.untyped_storage().data_ptr()
+    del second  # its buffer comes back, and the next read of that size lands in it
+    third = reader.read(checkpoint.location(name), allocate=pool.take)
+    assert third.untyped_storage().data_ptr() == address and pool.allocated_bytes == footprint
+    assert torch.equal(third, checkpoint.read(name))
+    joined = pool.empty((2, *first.shape), first.dtype)  # a joined tensor (gate_up) lives in the pool too
+    assert joined.untyped_storage().data_ptr() % 4096 == 0 and pool.allocated_bytes > footprint
     reader.close()
 
 

@@ -92,10 +92,12 @@ class CheckpointLayout:
         spec: ModelSpec,
         checkpoint: Checkpoint,
         fetch: Callable[[TensorLocation], torch.Tensor] | None = None,
+        empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
     ) -> None:
         """`fetch` reads a byte range of the checkpoint (the offload engine reads with O_DIRECT);
-        by default tensors are read through safetensors."""
-        self.spec, self.ckpt, self.fetch = spec, checkpoint, fetch
+        by default tensors are read through safetensors. `empty(shape, dtype)` makes the tensors
+        that join two read ones (gate and up into gate_up); the engine hands out reused buffers."""
+        self.spec, self.ckpt, self.fetch, self.empty = spec, checkpoint, fetch, empty
 
     def layer_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}."
@@ -116,6 +118,12 @@ class CheckpointLayout:
         if self.spec.family == "mixtral":
             return p + "w1.weight", p + "w3.weight", p + "w2.weight"
         return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
+
+    def concat_rows(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        if self.empty is None:
+            return torch.cat([first, second])
+        shape = (first.shape[0] + second.shape[0], *first.shape[1:])
+        return torch.cat([first, second], out=self.empty(shape, first.dtype))
 
     def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.fetch is None:
@@ -186,7 +194,7 @@ class CheckpointLayout:
         gate = self.read(prefix + "gate_proj.weight", (intermediate, H), dtype)
         up = self.read(prefix + "up_proj.weight", (intermediate, H), dtype)
         down = self.read(prefix + "down_proj.weight", (H, intermediate), dtype)
-        return MLPWeights(torch.cat([gate, up]), down)
+        return MLPWeights(self.concat_rows(gate, up), down)
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype) -> MLPWeights:
         """One routed expert's weights, from either layout."""
@@ -201,7 +209,7 @@ class CheckpointLayout:
         gate = self.read(gate_name, (eI, H), dtype)
         up = self.read(up_name, (eI, H), dtype)
         down = self.read(down_name, (H, eI), dtype)
-        return MLPWeights(torch.cat([gate, up]), down)
+        return MLPWeights(self.concat_rows(gate, up), down)
 
     def moe(self, layer: int, dtype: torch.dtype, with_experts: bool = True) -> MoEWeights:
         """The MoE block of `layer`; with_experts=False leaves the routed experts out (streamed)."""

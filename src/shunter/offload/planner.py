@@ -45,7 +45,8 @@ from shunter.model.layers import (
 from shunter.model.loader import DTYPE_NAMES
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, MLPWeights
-from shunter.offload.disk import DirectReader
+from shunter.offload.disk import DirectReader, HostBufferPool
+from shunter.offload.streamer import streaming_layout
 from shunter.sim import klotski
 from shunter.sim.klotski import (
     PipelineTimes,
@@ -57,7 +58,7 @@ from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.stats import popularity
 from shunter.units import format_bytes
 
-PROFILE_VERSION = 2  # part of the cache key: a change in how profiles are measured re-measures
+PROFILE_VERSION = 3  # part of the cache key: a change in how profiles are measured re-measures
 CACHE_DIR_VARIABLE = "SHUNTER_CACHE_DIR"
 # what the profile times (decode: one new token per sequence); two contexts give the KV slope,
 # three token counts the expert's line
@@ -238,12 +239,11 @@ def measure_compute(spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype,
 def measure_read_bytes_s(spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype) -> float:
     """Compute-dtype bytes per second of the checkpoint's real experts, read one after another with
     DirectReader (no page cache) and converted to `dtype`, as the streamer's one I/O thread does in
-    steady state: a window of 2K+1 experts stays alive (as the pipeline holds them), so reads land
-    in memory the allocator reuses. Freeing each expert at once instead hands its pages back and
-    makes every read fault in fresh ones, which measured 0.6-0.7 GB/s here against 1.3-1.9 GB/s
-    with a window, on the same disk."""
+    steady state: into the same reused buffers, with a window of 2K+1 experts alive (as the
+    pipeline holds them). Reading into fresh memory instead faults in every page, which measured
+    0.6-0.7 GB/s here against 1.3-1.9 GB/s into reused memory, on the same disk."""
     reader = DirectReader()
-    layout = CheckpointLayout(spec, checkpoint, fetch=reader.read)
+    layout = streaming_layout(spec, checkpoint, reader, HostBufferPool())
     experts = [(layer, e) for layer in _moe_layers(spec) for e in range(spec.num_experts)]
     expert_bytes = spec.expert_parameters() * torch.tensor([], dtype=dtype).element_size()
     window: list[MLPWeights] = []

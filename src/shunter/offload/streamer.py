@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import torch
 
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights
-from shunter.offload.disk import DirectReader
+from shunter.offload.disk import DirectReader, HostBufferPool
 
 BlockKey = tuple[str, int]  # ("block", layer)
 ExpertKey = tuple[str, int, int]  # ("expert", layer, expert)
+
+
+def streaming_layout(
+    spec: ModelSpec, checkpoint: Checkpoint, reader: DirectReader, buffers: HostBufferPool
+) -> CheckpointLayout:
+    """The checkpoint read as the streamer reads it: O_DIRECT into reused buffers."""
+    return CheckpointLayout(
+        spec, checkpoint, fetch=partial(reader.read, allocate=buffers.take), empty=buffers.empty
+    )
 
 
 class WeightStreamer:
@@ -41,12 +51,17 @@ class WeightStreamer:
         resident_experts: dict[tuple[int, int], MLPWeights],
         max_experts_in_flight: int | None = None,
     ) -> None:
-        self.layout = CheckpointLayout(spec, checkpoint, fetch=reader.read)
+        self.buffers = HostBufferPool()
+        self.layout = streaming_layout(spec, checkpoint, reader, self.buffers)
         self.dtype = dtype
         self.reader = reader
         self.resident_blocks = resident_blocks
         self.resident_experts = resident_experts
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shunter-io")
+        # one intra-op thread for the I/O thread's own copies: torch's thread count is per thread,
+        # and the default team would take the compute threads' cores
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="shunter-io", initializer=torch.set_num_threads, initargs=(1,)
+        )
         self._inflight: dict[tuple, Future] = {}
         self.expert_loads = 0
         self._slots = threading.Semaphore(max_experts_in_flight) if max_experts_in_flight else None
