@@ -24,6 +24,7 @@ from shunter.model.loader import DTYPE_NAMES, TRACE_FILE, load_model, model_trac
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.tokenizer import Tokenizer
 from shunter.offload import OffloadedModel, PipelineOptions, load_offloaded, model_bytes
+from shunter.offload.device import resolve_device
 from shunter.offload.planner import (
     BatchPlan,
     expert_share_from_trace,
@@ -57,6 +58,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--memory",
         help="memory budget for weights + KV cache (e.g. 512MiB); a model larger "
         "than this streams its weights from disk with the offload engine",
+    )
+    p.add_argument(
+        "--host-memory",
+        default="0",
+        help="host RAM for weights the device does not hold (offload; e.g. 8GiB): the most popular "
+        "experts first, then layer blocks, stream to the device from RAM instead of disk (pinned for a "
+        "GPU). On a CPU the device is host RAM, so this only adds room. Default 0",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the offload engine computes: cpu (default), cuda, cuda:N, or auto (a GPU when usable)",
     )
     p.add_argument(
         "--batches",
@@ -153,7 +166,10 @@ def run(args: argparse.Namespace) -> int:
         stats["plan"] = None  # in memory: the planner is not used
     if isinstance(model, OffloadedModel):
         stats |= {
+            "device": str(model.device.device),
             "memory_budget_bytes": model.placement.budget_bytes,
+            "host_memory_budget_bytes": model.placement.host_budget_bytes,
+            "host_tier_bytes": model.placement.host_bytes,
             "bytes_read": model.reader.stats.bytes_read,
             "prefetch_hit_rate": model.prefetcher.hit_rate,
             "batches": model.options.num_batches,
@@ -200,6 +216,8 @@ def _open_model(
     engine; with the planner's choice when it ran (--batches auto or --explain, offload only)."""
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else spec.torch_dtype
     budget = None if args.memory is None else parse_bytes(args.memory, "--memory")
+    host_budget = parse_bytes(args.host_memory, "--host-memory")
+    device = resolve_device(args.device)
     # in memory only with room to spare: the KV cache and activations need their share too
     element_bytes = torch.tensor([], dtype=dtype).element_size()
     if budget is None or model_bytes(Checkpoint(path), element_bytes) <= budget // 2:
@@ -208,6 +226,11 @@ def _open_model(
                 "shunter: the model runs in memory (it fits --memory, or none was given), "
                 "so the offload planner is not used and --batches does not apply",
                 file=sys.stderr,
+            )
+        if device.type != "cpu":
+            raise ShunterError(
+                f"--device {args.device}: the in-memory executor runs on the CPU; with --memory below the "
+                "model's size the offload engine computes on the GPU"
             )
         return load_model(path, args.dtype).model, None
     # a model directory that carries its own routing trace (the built-in model does) seeds the prefetcher
@@ -234,5 +257,8 @@ def _open_model(
             file=sys.stderr,
         )
     options = PipelineOptions(num_batches=num_batches)
-    model = load_offloaded(path, budget, dtype, options, sequences=args.batch, max_slots=slots, trace=trace)
+    model = load_offloaded(
+        path, budget, dtype, options, sequences=args.batch, max_slots=slots, trace=trace,
+        device=device, host_memory_bytes=host_budget,
+    )  # fmt: skip
     return model, plan

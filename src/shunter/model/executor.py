@@ -70,6 +70,9 @@ class Batch:
     key_valid: torch.Tensor
     start: int
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.tokens.to(device), self.positions.to(device), self.key_valid.to(device), self.start)
+
     @property
     def new_valid(self) -> torch.Tensor:
         """[B*T] bool: which of this forward's tokens are real."""

@@ -6,6 +6,7 @@ device) is the caller's business.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -271,6 +272,23 @@ def pack_for_cpu(weights: ModelWeights, pack: Callable[[torch.Tensor], torch.Ten
         pack_layer(layer, pack)
     weights.lm_head = pack(weights.lm_head)
     return weights
+
+
+def map_tensors(weights, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A copy of a weights container (dataclass, list or tensor) with fn applied to every tensor;
+    None fields stay None. Where weights live is the caller's business: this moves them."""
+    if isinstance(weights, torch.Tensor):
+        return fn(weights)
+    if isinstance(weights, list):
+        return [map_tensors(w, fn) for w in weights]
+    if dataclasses.is_dataclass(weights):
+        changes = {
+            f.name: map_tensors(getattr(weights, f.name), fn)
+            for f in dataclasses.fields(weights)
+            if getattr(weights, f.name) is not None
+        }
+        return dataclasses.replace(weights, **changes)
+    raise TypeError(f"not a weights container: {type(weights).__name__}")
 
 
 def pack_layer(layer: LayerWeights, pack: Callable[[torch.Tensor], torch.Tensor]) -> LayerWeights:

@@ -10,6 +10,7 @@ import torch
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.spec import ModelSpec, load_spec
+from shunter.offload.device import ComputeDevice
 from shunter.offload.engine import OffloadedModel, PipelineOptions, experts_in_flight
 from shunter.offload.placement import OffloadPlacement, kv_cache_bytes, plan_placement
 from shunter.offload.prefetcher import CorrelationPrefetcher
@@ -17,6 +18,7 @@ from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.stats import popularity
 
 __all__ = [
+    "ComputeDevice",
     "OffloadPlacement",
     "OffloadedModel",
     "PipelineOptions",
@@ -40,9 +42,11 @@ def offload_placement(
     sequences: int,
     max_slots: int,
     expert_popularity: np.ndarray | None = None,
+    host_memory_bytes: int = 0,
 ) -> OffloadPlacement:
-    """What load_offloaded places under `memory_bytes` (weights + KV cache + working buffers);
-    ShunterError naming the minimum when it cannot fit."""
+    """What load_offloaded places under `memory_bytes` of the compute device (weights + KV cache +
+    working buffers) and `host_memory_bytes` of host RAM; ShunterError naming the minimum when it
+    cannot fit."""
     kv = kv_cache_bytes(spec, sequences, max_slots, element_bytes)
     activations = (
         sequences * max_slots * spec.hidden_size * 16 * element_bytes + sequences * spec.vocab_size * 4
@@ -55,6 +59,7 @@ def offload_placement(
         activations,
         expert_popularity,
         experts_in_flight(spec, options),
+        host_memory_bytes,
     )
 
 
@@ -88,8 +93,12 @@ def load_offloaded(
     max_slots: int = 2048,
     trace: RoutingTrace | None = None,
     use_direct_io: bool = True,
+    device: ComputeDevice | torch.device | str = "cpu",
+    host_memory_bytes: int = 0,
 ) -> OffloadedModel:
-    """Open a checkpoint for streaming under `memory_bytes` (weights + KV cache + working buffers)."""
+    """Open a checkpoint for streaming under `memory_bytes` of the compute device (weights + KV
+    cache + working buffers), with `host_memory_bytes` of host RAM holding weights the device
+    does not (the host tier)."""
     spec = load_spec(model_dir)
     dtype = dtype or spec.torch_dtype
     element = torch.tensor([], dtype=dtype).element_size()
@@ -97,8 +106,10 @@ def load_offloaded(
     options = options or PipelineOptions()
     expert_popularity = popularity(trace) if trace is not None else None
     placement = offload_placement(
-        spec, memory_bytes, element, options, sequences, max_slots, expert_popularity
+        spec, memory_bytes, element, options, sequences, max_slots, expert_popularity, host_memory_bytes
     )
     moe_layers = sum(spec.moe_layers)
     prefetcher = CorrelationPrefetcher(moe_layers, spec.num_experts, trace)
-    return OffloadedModel(spec, checkpoint, dtype, placement, options, prefetcher, use_direct_io)
+    if not isinstance(device, ComputeDevice):
+        device = ComputeDevice(device)
+    return OffloadedModel(spec, checkpoint, dtype, placement, options, prefetcher, use_direct_io, device)

@@ -35,6 +35,7 @@ from shunter.model.layers import (
 )
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights, pack_layer, pack_mlp
+from shunter.offload.device import ComputeDevice
 from shunter.offload.disk import DirectReader
 from shunter.offload.placement import OffloadPlacement
 from shunter.offload.planner import expected_touched_experts
@@ -96,35 +97,39 @@ class OffloadedModel:
         options: PipelineOptions,
         prefetcher: CorrelationPrefetcher | None = None,
         use_direct_io: bool = True,
+        device: ComputeDevice | None = None,
     ) -> None:
         self.spec, self.dtype, self.placement, self.options = spec, dtype, placement, options
+        self.device = device = device or ComputeDevice()
         self.reader = DirectReader(use_direct_io)
         resident = CheckpointLayout(spec, checkpoint, fetch=self.reader.read)
-        self.embed = resident.embed(dtype)
-        self.final_norm = resident.final_norm(dtype)
+        self.embed = device.place(resident.embed(dtype))
+        self.final_norm = device.place(resident.final_norm(dtype))
         # resident weights are read once, so they take the prepacked fast layout (bf16 on CPU);
         # streamed ones would pay the reorder on every load and stay plain
-        self.lm_head = pack_linear_weight(resident.lm_head(dtype, self.embed))
+        self.lm_head = pack_linear_weight(device.place(resident.lm_head(dtype, self.embed)))
         blocks: dict[int, LayerWeights] = {
-            i: pack_layer(resident.layer(i, dtype, False), pack_linear_weight)
+            i: pack_layer(device.place(resident.layer(i, dtype, False)), pack_linear_weight)
             for i in sorted(placement.resident_blocks)
         }
         experts: dict[tuple[int, int], MLPWeights] = {
-            key: pack_mlp(resident.expert(key[0], key[1], dtype), pack_linear_weight)
+            key: pack_mlp(device.place(resident.expert(key[0], key[1], dtype)), pack_linear_weight)
             for key in sorted(placement.resident_experts)
         }
         window = experts_in_flight(spec, options)
         self.streamer = WeightStreamer(
             spec, checkpoint, dtype, self.reader, blocks, experts,
             None if window >= spec.num_experts + spec.top_k else window,
+            device, placement.host_blocks, placement.host_experts,
         )  # fmt: skip
         self.moe_layers = [i for i, moe in enumerate(spec.moe_layers) if moe]
         self.prefetcher = prefetcher or CorrelationPrefetcher(len(self.moe_layers), spec.num_experts)
-        self.inv_freq, self.rope_factor = rope_inverse_frequencies(spec)
+        inv_freq, self.rope_factor = rope_inverse_frequencies(spec)
+        self.inv_freq = inv_freq.to(device.device)
         self._predicted: dict[int, list[int]] = {}
 
     def new_cache(self, batch: int, max_slots: int) -> KVCache:
-        return KVCache(self.spec, batch, max_slots, self.dtype)
+        return KVCache(self.spec, batch, max_slots, self.dtype, self.device.device)
 
     def close(self) -> None:
         self.streamer.close()
@@ -138,13 +143,15 @@ class OffloadedModel:
         recorder: RoutingRecorder | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V]) in fp32, equal to InMemoryModel.forward's."""
+        """Logits [B, T, V] (or [B, 1, V]) in fp32 on the compute device, equal to
+        InMemoryModel.forward's."""
         spec, streamer = self.spec, self.streamer
         B, T = batch.tokens.shape
         n = max(1, min(self.options.num_batches, B))
         bounds = [(B * k // n, B * (k + 1) // n) for k in range(n)]
+        keep = batch.start_recording(recorder)  # on the host, as the recorder keeps it
+        batch = batch.to(self.device.device)
         rotary, mask = batch.attention_inputs(spec, self.inv_freq, self.rope_factor, self.dtype)
-        keep = batch.start_recording(recorder)
 
         h = F.embedding(batch.tokens, self.embed)
         streamer.request_block(0)
@@ -189,9 +196,9 @@ class OffloadedModel:
                     streamer.request_expert(layer, e)
                     queued.append(e)
         ids, gate_weights = torch.cat(ids_parts), torch.cat(weight_parts)
-        ids_np = ids.numpy()
+        ids_np = self.device.to_host(ids).numpy()
         if recorder is not None:
-            recorder.record(layer, ids, gate_weights, keep)
+            recorder.record(layer, self.device.to_host(ids), self.device.to_host(gate_weights), keep)
         if layer in self._predicted:
             self.prefetcher.score(self._predicted.pop(layer), ids_np)
         self.prefetcher.observe(moe_index, previous_ids, ids_np)

@@ -1,10 +1,14 @@
-"""What stays resident under a memory budget, and what streams from disk (Klotski §6.1, on one tier).
+"""What stays on the compute device, what waits in host RAM, and what streams from disk (Klotski §6.1).
 
-Always resident: embeddings, the final norm and LM head. The streaming working set is reserved
-next: two layer blocks (the one computing and the next one loading) and the experts one layer can
-have in flight (all its experts, plus the next layer's predicted hot ones), the KV cache and the
-activations. Whatever budget is left pins whole layer blocks first (they are needed by every
-token), then experts, most popular first.
+Device tier (--memory): always resident are embeddings, the final norm and LM head. The streaming
+working set is reserved next: two layer blocks (the one computing and the next one loading) and
+the experts one layer can have in flight (all its experts, plus the next layer's predicted hot
+ones), the KV cache and the activations. Whatever budget is left pins whole layer blocks first
+(they are needed by every token), then experts, most popular first.
+
+Host tier (--host-memory): of what the device does not hold, experts first, most popular first
+(most of a MoE's bytes, each needed by few tokens), then layer blocks. They stream to the device
+from RAM instead of disk. On a CPU the device is host RAM, so the host tier only adds room.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ class OffloadPlacement:
     kv_cache_bytes: int
     pinned_bytes: int
     budget_bytes: int
+    host_blocks: frozenset[int] = frozenset()
+    host_experts: frozenset[tuple[int, int]] = frozenset()
+    host_bytes: int = 0  # weights the host tier holds
+    host_budget_bytes: int = 0
 
 
 def kv_cache_bytes(spec: ModelSpec, sequences: int, slots: int, element_bytes: int) -> int:
@@ -43,11 +51,13 @@ def plan_placement(
     activation_bytes: int,
     expert_popularity: np.ndarray | None = None,
     in_flight_experts: int | None = None,
+    host_budget_bytes: int = 0,
 ) -> OffloadPlacement:
     """Pure function: sizes in, placement out. expert_popularity [num_moe_layers, E] ranks experts
     for pinning (uniform when None); in_flight_experts: streamed experts held at once (the
-    pipeline's window; default a whole layer plus the next layer's K). Raises ShunterError
-    naming the minimum when nothing fits."""
+    pipeline's window; default a whole layer plus the next layer's K); host_budget_bytes: room
+    in host RAM for weights the device does not hold. Raises ShunterError naming the minimum
+    when nothing fits."""
     H = spec.hidden_size
     base = (spec.vocab_size * H * (1 if spec.tie_word_embeddings else 2) + H) * element_bytes
     block = [spec.block_parameters(layer) * element_bytes for layer in range(spec.num_layers)]
@@ -94,6 +104,28 @@ def plan_placement(
         resident_experts.append((layer, e))
         spare -= expert
     pinned = sum(block[layer] for layer in resident_blocks) + expert * len(resident_experts)
+    host_experts, host_blocks, host_spare = [], [], host_budget_bytes
+    on_device = set(resident_experts)
+    for _, layer, e in ranked:
+        if expert > host_spare:
+            break
+        if (layer, e) not in on_device:
+            host_experts.append((layer, e))
+            host_spare -= expert
+    for layer in range(spec.num_layers):
+        if layer not in resident_blocks and block[layer] <= host_spare:
+            host_blocks.append(layer)
+            host_spare -= block[layer]
     return OffloadPlacement(
-        frozenset(resident_blocks), frozenset(resident_experts), base, working, kv_bytes, pinned, budget_bytes
+        frozenset(resident_blocks),
+        frozenset(resident_experts),
+        base,
+        working,
+        kv_bytes,
+        pinned,
+        budget_bytes,
+        frozenset(host_blocks),
+        frozenset(host_experts),
+        host_budget_bytes - host_spare,
+        host_budget_bytes,
     )

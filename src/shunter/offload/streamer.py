@@ -7,6 +7,10 @@ experts). Reads release the GIL, so they overlap with compute on the main thread
 before reading the next one, and dropping an expert frees its slot (so memory stays bounded
 however many experts a batch routes to; the pipeline consumes experts in the order it queued
 them, so a waiting read never blocks the expert the compute thread needs).
+
+Tiers: resident weights are on the compute device already; host-tier weights wait in host RAM
+(pinned for a GPU) and only cross to the device; the rest is read from disk into reused host
+buffers and then crosses. On a CPU "crossing" is nothing: the host buffer is the weight.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights
+from shunter.offload.device import ComputeDevice, Uploaded
 from shunter.offload.disk import DirectReader, HostBufferPool
 
 BlockKey = tuple[str, int]  # ("block", layer)
@@ -50,13 +55,21 @@ class WeightStreamer:
         resident_blocks: dict[int, LayerWeights],
         resident_experts: dict[tuple[int, int], MLPWeights],
         max_experts_in_flight: int | None = None,
+        device: ComputeDevice | None = None,
+        host_blocks: frozenset[int] = frozenset(),
+        host_experts: frozenset[tuple[int, int]] = frozenset(),
     ) -> None:
-        self.buffers = HostBufferPool()
+        """resident_*: weights already on the compute device; host_*: what the host tier holds
+        (read here, once)."""
+        self.device = device or ComputeDevice()
+        self.buffers = HostBufferPool(pin_memory=self.device.pin_memory)
         self.layout = streaming_layout(spec, checkpoint, reader, self.buffers)
         self.dtype = dtype
         self.reader = reader
         self.resident_blocks = resident_blocks
         self.resident_experts = resident_experts
+        self.host_blocks = {layer: self.layout.layer(layer, dtype, False) for layer in sorted(host_blocks)}
+        self.host_experts = {key: self.layout.expert(*key, dtype) for key in sorted(host_experts)}
         # one intra-op thread for the I/O thread's own copies: torch's thread count is per thread,
         # and the default team would take the compute threads' cores
         self._pool = ThreadPoolExecutor(
@@ -72,7 +85,7 @@ class WeightStreamer:
     def request_block(self, layer: int) -> None:
         key = ("block", layer)
         if layer not in self.resident_blocks and key not in self._inflight:
-            self._inflight[key] = self._pool.submit(self.layout.layer, layer, self.dtype, False)
+            self._inflight[key] = self._pool.submit(self._load_block, layer)
 
     def request_expert(self, layer: int, expert: int) -> None:
         key = ("expert", layer, expert)
@@ -80,14 +93,21 @@ class WeightStreamer:
             self.expert_loads += 1
             self._inflight[key] = self._pool.submit(self._load_expert, layer, expert)
 
-    def _load_expert(self, layer: int, expert: int) -> MLPWeights:
-        if self._slots is None:
-            return self.layout.expert(layer, expert, self.dtype)
-        self._slots.acquire()
+    def _load_block(self, layer: int) -> Uploaded[LayerWeights]:
+        host = self.host_blocks.get(layer)
+        return self.device.upload(host if host is not None else self.layout.layer(layer, self.dtype, False))
+
+    def _load_expert(self, layer: int, expert: int) -> Uploaded[MLPWeights]:
+        if self._slots is not None:
+            self._slots.acquire()
         try:
-            return self.layout.expert(layer, expert, self.dtype)
+            host = self.host_experts.get((layer, expert))
+            return self.device.upload(
+                host if host is not None else self.layout.expert(layer, expert, self.dtype)
+            )
         except BaseException:
-            self._slots.release()
+            if self._slots is not None:
+                self._slots.release()
             raise
 
     def _release_slot(self, future: Future) -> None:
@@ -98,13 +118,13 @@ class WeightStreamer:
         if layer in self.resident_blocks:
             return self.resident_blocks[layer]
         self.request_block(layer)
-        return self._inflight[("block", layer)].result()
+        return self.device.ready(self._inflight[("block", layer)].result())
 
     def expert(self, layer: int, expert: int) -> MLPWeights:
         if (layer, expert) in self.resident_experts:
             return self.resident_experts[(layer, expert)]
         self.request_expert(layer, expert)
-        return self._inflight[("expert", layer, expert)].result()
+        return self.device.ready(self._inflight[("expert", layer, expert)].result())
 
     def drop_block(self, layer: int) -> None:
         self._inflight.pop(("block", layer), None)
