@@ -56,7 +56,11 @@ class ComputeDevice:
         self.device = torch.device(device)
         self.copies = self.device.type != "cpu" if copies is None else copies
         self._module = torch.get_device_module(self.device.type) if self.copies else None
-        self._copy_stream = self._module.Stream() if self._module is not None else None
+        self._copy_stream = None
+        if self._module is not None:  # on the device's own stream: cuda:1 copies on cuda:1
+            self._copy_stream = (
+                self._module.Stream(self.device) if self.device.type == "cuda" else self._module.Stream()
+            )
 
     @property
     def pin_memory(self) -> bool:
@@ -67,7 +71,8 @@ class ComputeDevice:
         """Resident weights: moved once, synchronously, at load time."""
         if not self.copies:
             return weights
-        return map_tensors(weights, lambda t: t.to(self.device, copy=True))
+        # a tensor already there (a tied LM head is the embedding) is not copied twice
+        return map_tensors(weights, lambda t: t.to(self.device, copy=t.device.type == "cpu"))
 
     def upload(self, weights: W) -> Uploaded[W]:
         """On the I/O thread: copy weights to the device on the copy stream. Returns once the copy
@@ -85,7 +90,11 @@ class ComputeDevice:
         """On the compute thread: the weights, usable by kernels queued on the current stream."""
         if uploaded.event is None or self._module is None:
             return uploaded.weights
-        stream = self._module.current_stream()
+        stream = (
+            self._module.current_stream(self.device)
+            if self.device.type == "cuda"
+            else self._module.current_stream()
+        )
         stream.wait_event(uploaded.event)
         if self.device.type == "cuda":
             map_tensors(uploaded.weights, lambda t: t.record_stream(stream) or t)
