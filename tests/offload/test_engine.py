@@ -228,6 +228,28 @@ def test_bf16_streaming_with_prepacked_resident_weights_equals_in_memory(tiny_ch
         model.close()
 
 
+def test_blocks_packed_as_they_stream_keep_the_tokens(tiny_checkpoint, monkeypatch):
+    """From PACK_BLOCK_MIN_BATCHES micro-batches on, streamed blocks take the prepacked layout;
+    oracle: the in-memory executor, whose resident weights are prepacked too (bf16)."""
+    from shunter.offload import engine
+
+    monkeypatch.setattr(engine, "PACK_BLOCK_MIN_BATCHES", 3)
+    path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
+    expected = generate(load_model(path).model, PROMPTS, 10).tokens
+    # 800 kB: two of the three blocks fit beside the working set, so one streams
+    model = load_offloaded(path, 800_000, options=PipelineOptions(3, "hot"), sequences=3, max_slots=64)
+    try:
+        assert generate(model, PROMPTS, 10).tokens == expected
+        streamed = [
+            layer for layer in range(model.spec.num_layers) if layer not in model.streamer.resident_blocks
+        ]
+        assert streamed and model._pack_blocks
+        packed = model.streamer._load_block(streamed[0], True).weights.attention.q
+        assert packed.is_mkldnn == load_model(path).model.weights.lm_head.is_mkldnn
+    finally:
+        model.close()
+
+
 def test_prefetch_takes_the_whole_layer_once_the_tokens_touch_every_expert(tiny_checkpoint):
     """Hot-only prefetch loads the K hot experts, or every expert in predicted order once a
     forward's tokens are expected to touch them all: E (1 - (1 - K/E)^tokens) rounds to E."""

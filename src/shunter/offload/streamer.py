@@ -22,8 +22,9 @@ from functools import partial
 import torch
 
 from shunter.model.checkpoint import Checkpoint
+from shunter.model.layers import pack_linear_weight
 from shunter.model.spec import ModelSpec
-from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights
+from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights, map_tensors, pack_layer
 from shunter.offload.device import ComputeDevice, Uploaded
 from shunter.offload.disk import DirectReader, HostBufferPool
 
@@ -82,10 +83,12 @@ class WeightStreamer:
     def is_requested_expert(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.resident_experts or ("expert", layer, expert) in self._inflight
 
-    def request_block(self, layer: int) -> None:
+    def request_block(self, layer: int, pack: bool = False) -> None:
+        """pack: reorder its projections into the CPU's fast layout once, on the I/O thread (worth
+        it when many micro-batches use the block; on a CPU device only)."""
         key = ("block", layer)
         if layer not in self.resident_blocks and key not in self._inflight:
-            self._inflight[key] = self._pool.submit(self._load_block, layer)
+            self._inflight[key] = self._pool.submit(self._load_block, layer, pack and not self.device.copies)
 
     def request_expert(self, layer: int, expert: int) -> None:
         key = ("expert", layer, expert)
@@ -93,9 +96,12 @@ class WeightStreamer:
             self.expert_loads += 1
             self._inflight[key] = self._pool.submit(self._load_expert, layer, expert)
 
-    def _load_block(self, layer: int) -> Uploaded[LayerWeights]:
+    def _load_block(self, layer: int, pack: bool) -> Uploaded[LayerWeights]:
         host = self.host_blocks.get(layer)
-        return self.device.upload(host if host is not None else self.layout.layer(layer, self.dtype, False))
+        block = host if host is not None else self.layout.layer(layer, self.dtype, False)
+        if pack:  # a copy: a host-tier block stays plain for the next forward
+            block = pack_layer(map_tensors(block, lambda t: t), pack_linear_weight)
+        return self.device.upload(block)
 
     def _load_expert(self, layer: int, expert: int) -> Uploaded[MLPWeights]:
         if self._slots is not None:
