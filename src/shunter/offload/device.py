@@ -56,11 +56,9 @@ class ComputeDevice:
         self.device = torch.device(device)
         self.copies = self.device.type != "cpu" if copies is None else copies
         self._module = torch.get_device_module(self.device.type) if self.copies else None
-        self._copy_stream = None
-        if self._module is not None:  # on the device's own stream: cuda:1 copies on cuda:1
-            self._copy_stream = (
-                self._module.Stream(self.device) if self.device.type == "cuda" else self._module.Stream()
-            )
+        # torch.cuda's stream calls name the device (cuda:1 copies on cuda:1); torch.cpu's take none
+        self._on_device = (self.device,) if self.device.type == "cuda" else ()
+        self._copy_stream = self._module.Stream(*self._on_device) if self._module is not None else None
 
     @property
     def pin_memory(self) -> bool:
@@ -90,11 +88,7 @@ class ComputeDevice:
         """On the compute thread: the weights, usable by kernels queued on the current stream."""
         if uploaded.event is None or self._module is None:
             return uploaded.weights
-        stream = (
-            self._module.current_stream(self.device)
-            if self.device.type == "cuda"
-            else self._module.current_stream()
-        )
+        stream = self._module.current_stream(*self._on_device)
         stream.wait_event(uploaded.event)
         if self.device.type == "cuda":
             map_tensors(uploaded.weights, lambda t: t.record_stream(stream) or t)

@@ -84,12 +84,8 @@ class DirectReader:
         begin = (loc.start // ALIGNMENT) * ALIGNMENT if direct else loc.start
         end = _round_up(loc.end) if direct else loc.end
         length = end - begin
-        if allocate is not None:
-            storage, shift = allocate(length), 0
-        else:  # one allocation with room to start the read at a page-aligned address inside it
-            storage = torch.empty(length + ALIGNMENT, dtype=torch.uint8)
-            shift = (-storage.data_ptr()) % ALIGNMENT if direct else 0
-        target = memoryview(storage.numpy())[shift : shift + length]
+        storage = (allocate or aligned_empty)(length)
+        target = memoryview(storage.numpy())
         got = 0
         try:
             while got < length:
@@ -107,7 +103,7 @@ class DirectReader:
         if not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, begin, length, os.POSIX_FADV_DONTNEED)
         self.stats.add(loc.num_bytes, got, time.perf_counter() - started)
-        first = shift + loc.start - begin
+        first = loc.start - begin
         return storage[first : first + loc.num_bytes].view(loc.dtype).view(loc.shape)
 
     def close(self) -> None:
@@ -115,6 +111,14 @@ class DirectReader:
             for fd, _ in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+def aligned_empty(nbytes: int, pin_memory: bool = False) -> torch.Tensor:
+    """A fresh uint8 tensor of nbytes at a page-aligned address (one allocation, with room to
+    start inside it at a page boundary)."""
+    fresh = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, pin_memory=pin_memory)
+    shift = (-fresh.data_ptr()) % ALIGNMENT
+    return fresh[shift : shift + nbytes]
 
 
 class HostBufferPool:
@@ -137,9 +141,7 @@ class HostBufferPool:
     def take(self, nbytes: int) -> torch.Tensor:
         """A uint8 tensor of nbytes at a page-aligned address; its memory comes back on free."""
         if nbytes < self.min_bytes:
-            fresh = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, pin_memory=self.pin_memory)
-            shift = (-fresh.data_ptr()) % ALIGNMENT
-            return fresh[shift : shift + nbytes]
+            return aligned_empty(nbytes, self.pin_memory)
         capacity = -(-nbytes // POOL_GRANULE) * POOL_GRANULE
         with self._lock:
             free = self._free.get(capacity)
