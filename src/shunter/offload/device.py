@@ -93,6 +93,3 @@ class ComputeDevice:
         if self.device.type == "cuda":
             map_tensors(uploaded.weights, lambda t: t.record_stream(stream) or t)
         return uploaded.weights
-
-    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if tensor.device.type == "cpu" else tensor.cpu()

@@ -203,9 +203,9 @@ class OffloadedModel:
                     streamer.request_expert(layer, e)
                     queued.append(e)
         ids, gate_weights = torch.cat(ids_parts), torch.cat(weight_parts)
-        ids_np = self.device.to_host(ids).numpy()
+        ids_np = ids.cpu().numpy()  # .cpu() is the tensor itself on a CPU
         if recorder is not None:
-            recorder.record(layer, self.device.to_host(ids), self.device.to_host(gate_weights), keep)
+            recorder.record(layer, ids.cpu(), gate_weights.cpu(), keep)
         if layer in self._predicted:
             self.prefetcher.score(self._predicted.pop(layer), ids_np)
         self.prefetcher.observe(moe_index, previous_ids, ids_np)
