@@ -49,6 +49,7 @@ def main() -> int:
     if unknown:
         p.error(f"--rungs: unknown {', '.join(unknown)}; choose from {', '.join(RUNGS)}")
     rates: dict[str, list[float]] = {r: [] for r in rungs}
+    runs: dict[str, list[dict]] = {r: [] for r in rungs}  # each run's result, less its tokens
     for round_number in range(args.warmup + args.reps):
         for rung in rungs:
             prefetch, hot_first = RUNGS[rung]
@@ -61,13 +62,16 @@ def main() -> int:
             tok_s = run.result["decode_tok_s"]
             which = "warm-up" if round_number < args.warmup else f"rep {round_number - args.warmup + 1}"
             read_gib = run.result["bytes_read"] / 2**30
+            disk, busy = run.result["decode_disk_bytes_s"], run.result["decode_io_busy"]
             print(
-                f"{rung:<13} {which:>8}: {tok_s:8.3f} tok/s, read {read_gib:.1f} GiB",
+                f"{rung:<13} {which:>8}: {tok_s:8.3f} tok/s, read {read_gib:.1f} GiB, decode reads at "
+                f"{(disk or 0) / 1e9:.2f} GB/s, I/O thread busy {busy or 0:.0%}",
                 file=sys.stderr,
                 flush=True,
             )
             if round_number >= args.warmup:
                 rates[rung].append(tok_s)
+                runs[rung].append({k: v for k, v in run.result.items() if k != "generated_ids"})
     for rung in rungs:
         values = rates[rung]
         print(
@@ -81,7 +85,9 @@ def main() -> int:
             f"higher in {wins} of {len(paired)}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"sequences": args.sequences, "rates": rates}, indent=1))
+        args.json.write_text(
+            json.dumps({"sequences": args.sequences, "rates": rates, "runs": runs}, indent=1)
+        )
     return 0
 
 

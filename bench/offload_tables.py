@@ -39,20 +39,25 @@ def _hits(row: dict[str, Any]) -> str:
     return "-" if row["prefetch_hit_rate"] is None else f"{row['prefetch_hit_rate']:.2f}"
 
 
+def _disk(row: dict[str, Any]) -> str:
+    rate = row.get("decode_disk_bytes_s")
+    return "-" if rate is None else f"{rate / 1e9:.2f}"
+
+
 HEADER = (
     "| S | n | contender | decode tok/s (min-max) | vs accelerate | vs bound | vs predicted "
-    "| read / planned | peak | hits |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| read / planned | peak | hits | disk GB/s |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def _line(row: dict[str, Any], name: str | None = None) -> str:
     first = f"| {row['sequences']} | {row['batches'] or '-'} | {name or row['contender']} | {_rate(row)} "
     if row["decode_tok_s"] is None:
-        return first + "|||||||"
+        return first + "||||||||"
     return (
         first + f"| {_times(row.get('vs_accelerate'))} | {_times(row.get('vs_bound'))} "
         f"| {_times(row.get('vs_predicted'))} | {_read(row)} | {_size(row['peak_cgroup_bytes'])} "
-        f"| {_hits(row)} |"
+        f"| {_hits(row)} | {_disk(row)} |"
     )
 
 
@@ -73,7 +78,7 @@ def tables(report: dict[str, Any]) -> str:
         out += [_line(row) for row in result["rows"].values()]
         out.append(
             f"| {result['sequences']} | | tokens equal across the ladder / reorder = in-memory | "
-            f"{result['tokens_equal_across_rungs']} / {result['tokens_equal_in_memory']} |||||||"
+            f"{result['tokens_equal_across_rungs']} / {result['tokens_equal_in_memory']} ||||||||"
         )
     out += ["", "Accelerate by batch and the sweep (reorder rung, one sequence per micro-batch):", "", HEADER]
     out += [_line(row, "accelerate") for row in report["accelerate_batches"]["rows"]]
@@ -84,8 +89,10 @@ def tables(report: dict[str, Any]) -> str:
     in_memory = planner_row.get("in_memory_tok_s")
     out += [
         "",
-        f"At the planner's n: predicted {planner_row.get('predicted_tok_s') or 0:.2f} tok/s, bound "
-        f"{planner_row.get('bound_tok_s') or 0:.2f}, in memory "
+        f"At the planner's n: predicted {planner_row.get('predicted_tok_s') or 0:.2f} tok/s (profile's disk "
+        f"{(planner.get('profile_read_bytes_s') or 0) / 1e9:.2f} GB/s), bound "
+        f"{planner_row.get('bound_tok_s') or 0:.2f} at the run's disk {_disk(planner_row)} GB/s "
+        f"({planner_row.get('bound_at_profile_tok_s') or 0:.2f} at the profile's), in memory "
         + ("-" if in_memory is None else f"{in_memory:.2f}")
         + f". Best of the sweep / planner's n: {_times(sweep['best_over_planner'])} (best at "
         f"{sweep['best_sequences']}); best over accelerate's best batch "

@@ -14,8 +14,9 @@ import pytest
 
 from shunter.cli import main
 from shunter.model.export import mixtral_config, random_weights, save_checkpoint
-from shunter.model.spec import spec_from_config
+from shunter.model.spec import load_spec, spec_from_config
 from shunter.offload import bench
+from shunter.offload.planner import MachineProfile
 
 RESERVE_BYTES = 900 * 2**20  # the runtime's share of the cap: accelerate's process peaks near 600 MiB
 WEIGHT_BUDGET_BYTES = 14_000_000  # about half the tiny model: room for 128 sequences in flight
@@ -31,6 +32,8 @@ ROW_FIELDS = {
     "disk_read_bytes",
     "peak_cgroup_bytes",
     "prefetch_hit_rate",
+    "decode_disk_bytes_s",
+    "decode_io_busy",
     "wall_s",
     "generated_ids",
     "vs_accelerate",
@@ -116,6 +119,26 @@ def test_budget_below_the_engines_minimum_is_one_line(tiny_model, tmp_path, monk
     assert "is below the minimum this model needs" in err and err.count("\n") == 1
 
 
+def test_the_bound_is_reads_or_compute_whichever_takes_longer(tiny_model):
+    """Closed form: on a disk slow enough that reads bind, the bound scales with the disk rate;
+    on one fast enough that compute binds, the disk rate does not move it; the prediction always
+    uses the profile's rate."""
+    spec = load_spec(tiny_model)
+    profile = MachineProfile(
+        dtype="float32", threads=1, batch_size=1, attention_s_per_token=1e-4,
+        attention_s_per_token_per_context_token=1e-7, gate_s_per_token=1e-5, expert_s_per_token=1e-5,
+        expert_min_s=1e-5, read_bytes_s=1e8,
+    )  # fmt: skip
+    args = (spec, profile, 8, 8, 20, None)
+    predicted, at_profile = bench.predicted_and_bound_tok_s(*args)
+    assert bench.predicted_and_bound_tok_s(*args, 1e8) == (predicted, at_profile)
+    slow = [bench.predicted_and_bound_tok_s(*args, rate)[1] for rate in (1e3, 2e3)]
+    assert slow[1] == pytest.approx(2 * slow[0])
+    assert all(bench.predicted_and_bound_tok_s(*args, rate)[0] == predicted for rate in (1e3, 1e15))
+    fast = [bench.predicted_and_bound_tok_s(*args, rate)[1] for rate in (1e15, 2e15)]
+    assert fast[0] == pytest.approx(fast[1]) and fast[0] > at_profile > slow[1]
+
+
 def _assert_ratios(row: dict, reference: dict[str, float | None]) -> None:
     for field, theirs in reference.items():
         if theirs is None:
@@ -187,7 +210,11 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
             assert 0.5 <= rows[name]["bytes_read"] / rows[name]["planned_bytes_read"] <= 2
             assert 0 <= rows[name]["prefetch_hit_rate"] <= 1
         assert rows["reorder"]["batches"] == min(S, planner_n)
-        assert rows["bound"]["decode_tok_s"] >= rows["predicted"]["decode_tok_s"]
+        # the bound reads at the rate the reorder runs' own decode reads got; at the profile's
+        # rate, the rate the prediction used, it is at least the prediction
+        assert result["bound_disk_bytes_s"] == rows["reorder"]["decode_disk_bytes_s"] > 1e6
+        assert 0 < rows["reorder"]["decode_io_busy"] <= 1.05  # decode seconds exclude sampling
+        assert result["bound_at_profile_tok_s"] >= rows["predicted"]["decode_tok_s"]
         assert rows["accelerate"]["peak_cgroup_bytes"] <= cap_bytes
         assert result["tokens_equal_across_rungs"] and result["tokens_equal_in_memory"]
         ladder = {tuple(map(tuple, rows[name]["generated_ids"])) for name in CONTENDERS[2:5]}
@@ -199,6 +226,7 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
     assert sweep["planner_row"]["sequences"] == planner_n == sweep["planner_row"]["batches"]
     for row in [*sweep["rows"], sweep["planner_row"]]:
         assert set(row) >= ROW_FIELDS and row["contender"] == "reorder" and row["bytes_read"] > 0
+        assert row["decode_disk_bytes_s"] > 1e6 and row["bound_at_profile_tok_s"] >= row["predicted_tok_s"]
         _assert_ratios(
             row,
             {

@@ -413,6 +413,13 @@ def print_offload_table(report: dict) -> None:
         equal = "yes" if result["tokens_equal_across_rungs"] else "NO"
         in_memory = "yes" if result["tokens_equal_in_memory"] else "NO"
         print(f"  tokens equal across the ladder: {equal}; reorder = in-memory: {in_memory}")
+        disk = result.get("bound_disk_bytes_s")
+        if disk is not None:
+            print(
+                f"  bound reads at {disk / 1e9:.2f} GB/s, the reorder runs' own decode reads "
+                f"(at the profile's {planner['profile_read_bytes_s'] / 1e9:.2f} GB/s: "
+                f"{result['bound_at_profile_tok_s']:.3f} tok/s)"
+            )
     batches = report["accelerate_batches"]
     rates = ", ".join(
         f"batch {row['sequences']} "

@@ -32,8 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,7 +75,7 @@ DESCRIPTIONS = {
     "hot-prefetch": "+ hot-only prefetch (correlation table)",
     "reorder": "+ hot-first expert order (= Shunter)",
     "predicted": "planner's prediction (reorder rung, measured profile)",
-    "bound": "bound: disk reads and compute of a step fully overlapped (measured profile)",
+    "bound": "bound: disk reads and compute of a step fully overlapped (the run's disk rate)",
     "in-memory": "in-memory executor, uncapped",
 }
 
@@ -309,8 +309,17 @@ def shunter_worker(job: dict[str, Any]) -> dict[str, Any]:
         max_slots=PROMPT_TOKENS + job["new_tokens"],
         trace=model_trace(path),
     )
+    stats = model.reader.stats
+    at_first_step: list[tuple[int, float]] = []  # (bytes read, read seconds) when decoding starts
+
+    def mark_decode_start(_tokens: list[int | None]) -> None:
+        if not at_first_step:
+            at_first_step.append((stats.bytes_read, stats.seconds))
+
     try:
-        result = generate(model, sequence_prompts, job["new_tokens"])
+        result = generate(model, sequence_prompts, job["new_tokens"], on_step=mark_decode_start)
+        decode_bytes = stats.bytes_read - at_first_step[0][0]
+        decode_read_s = stats.seconds - at_first_step[0][1]
         checkpoint = Checkpoint(path)
         share = np.full(spec.num_experts, 1.0 / spec.num_experts)
 
@@ -329,6 +338,11 @@ def shunter_worker(job: dict[str, Any]) -> dict[str, Any]:
             "bytes_read": model.reader.stats.bytes_read,
             "planned_bytes_read": at_load + planned,
             "disk_read_bytes": process_read_bytes() - read_before,
+            # the rate this run's decode reads got from the disk: bytes over the seconds spent in
+            # them (not the idle time between them), the disk as it was during this run
+            "decode_disk_bytes_s": decode_bytes / decode_read_s if decode_read_s > 0 else None,
+            # how much of the decode the I/O thread spent reading: near 1, reads bind and it never waits
+            "decode_io_busy": decode_read_s / result.decode_s if result.decode_s > 0 else None,
             "prefetch_hit_rate": model.prefetcher.hit_rate if options.prefetch == "hot" else None,
             "generated_ids": result.tokens,
         }
@@ -488,15 +502,27 @@ def predicted_and_bound_tok_s(
     num_batches: int,
     context_tokens: int,
     expert_share: np.ndarray | None,
+    disk_bytes_s: float | None = None,
 ) -> tuple[float, float]:
     """The planner's cost model at `sequences` in `num_batches` micro-batches: (the predicted decode
     tok/s, as plan_batches predicts it; the bound: the same step's disk reads and compute fully
-    overlapped, sequences / max(compute, reads), which no schedule on this profile beats)."""
+    overlapped, sequences / max(compute, reads), which no schedule beats on this compute and disk).
+
+    The bound reads at `disk_bytes_s` when given (the rate a run's own reads got: this disk moves
+    between 0.5 and 2.5 GB/s minutes apart, so the profile's one second of reads at the start of
+    a benchmark is no bound for a run half an hour later), else at the profile's rate."""
     times = pipeline_times(
         spec, profile, sequences / num_batches, context_tokens, expert_share, num_batches=num_batches
     )
     step = predicted_step(times, num_batches, spec.top_k)
-    return sequences / step.step_s, sequences / max(step.compute_s, step.link_busy_s)
+    predicted = sequences / step.step_s
+    if disk_bytes_s is not None:
+        run_disk = replace(profile, read_bytes_s=disk_bytes_s)
+        times = pipeline_times(
+            spec, run_disk, sequences / num_batches, context_tokens, expert_share, num_batches=num_batches
+        )
+        step = predicted_step(times, num_batches, spec.top_k)
+    return predicted, sequences / max(step.compute_s, step.link_busy_s)
 
 
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
@@ -563,9 +589,16 @@ class _Runs:
                 "disk_read_bytes": statistics.median(r.result["disk_read_bytes"] for r in runs),
                 "peak_cgroup_bytes": max(r.peak_cgroup_bytes for r in runs),
                 "prefetch_hit_rate": last.get("prefetch_hit_rate"),
+                "decode_disk_bytes_s": _median_or_none(r.result.get("decode_disk_bytes_s") for r in runs),
+                "decode_io_busy": _median_or_none(r.result.get("decode_io_busy") for r in runs),
                 "wall_s": statistics.median(r.wall_s for r in runs),
                 "generated_ids": last["generated_ids"],
             }
+
+
+def _median_or_none(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def _row(contender: str, sequences: int, batches: int | None, summary: dict[str, Any] | None) -> dict:
@@ -579,6 +612,8 @@ def _row(contender: str, sequences: int, batches: int | None, summary: dict[str,
             "disk_read_bytes",
             "peak_cgroup_bytes",
             "prefetch_hit_rate",
+            "decode_disk_bytes_s",
+            "decode_io_busy",
             "wall_s",
             "generated_ids",
             "not_run",
@@ -709,7 +744,9 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     for S, measured in plans.items():
         rows = {name: _row(name, S, batches, summary.get(key)) for name, batches, key in measured}
         n = min(S, planner_n)
-        predicted, bound = predicted_and_bound_tok_s(spec, profile, S, n, context_tokens, share)
+        disk_bytes_s = rows["reorder"]["decode_disk_bytes_s"]  # the disk as Shunter's runs found it
+        predicted, bound = predicted_and_bound_tok_s(spec, profile, S, n, context_tokens, share, disk_bytes_s)
+        _, bound_at_profile = predicted_and_bound_tok_s(spec, profile, S, n, context_tokens, share)
         rows["predicted"] = _row("predicted", S, n, {"decode_tok_s": predicted})
         rows["bound"] = _row("bound", S, n, {"decode_tok_s": bound})
         rows = {name: rows[name] for name in ["accelerate", *LADDER, "predicted", "bound", "in-memory"]}
@@ -730,6 +767,8 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
             {
                 "sequences": S,
                 "rows": rows,
+                "bound_disk_bytes_s": disk_bytes_s,
+                "bound_at_profile_tok_s": bound_at_profile,
                 # the simple rung's one-sequence run is compared on the sequences it generated
                 "tokens_equal_across_rungs": all(ids == ladder_ids[-1][: len(ids)] for ids in ladder_ids),
                 "tokens_equal_in_memory": rows["reorder"]["generated_ids"] == in_memory_ids,
@@ -740,7 +779,12 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
 
     def sweep_row(S: int, key: str, in_memory: float | None = None) -> dict:
         row = _row("reorder", S, S, summary.get(key))
-        predicted, bound = predicted_and_bound_tok_s(spec, profile, S, S, context_tokens, share)
+        predicted, bound = predicted_and_bound_tok_s(
+            spec, profile, S, S, context_tokens, share, row["decode_disk_bytes_s"]
+        )
+        _, row["bound_at_profile_tok_s"] = predicted_and_bound_tok_s(
+            spec, profile, S, S, context_tokens, share
+        )
         _add_ratios(row, accelerate_best=best_tok_s, predicted=predicted, bound=bound, in_memory=in_memory)
         row["predicted_tok_s"] = predicted
         row["bound_tok_s"] = bound
@@ -770,6 +814,7 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
             "binding": plan.binding,
             "context_tokens": context_tokens,
             "predicted_tok_s": plan.predicted_tok_s,
+            "profile_read_bytes_s": profile.read_bytes_s,  # the disk rate it planned with
         },
         "results": results,
         "accelerate_batches": {
