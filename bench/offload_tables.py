@@ -61,6 +61,16 @@ def _line(row: dict[str, Any], name: str | None = None) -> str:
     )
 
 
+def _ladder_at_equal_disk(result: dict[str, Any]) -> str | None:
+    """S: each streamed rung's tok/s over its own runs' decode disk rate (GB/s), in ladder order."""
+    cells = []
+    for name in ("simple", "multi-batch", "hot-prefetch", "reorder"):
+        row = result["rows"][name]
+        rate, disk = row["decode_tok_s"], row.get("decode_disk_bytes_s")
+        cells.append(f"{name} {rate / (disk / 1e9):.2f}" if rate and disk else f"{name} -")
+    return f"- S = {result['sequences']}: " + ", ".join(cells)
+
+
 def tables(report: dict[str, Any]) -> str:
     planner = report["planner"]
     budget_mib = report["weight_budget_bytes"] / 2**20
@@ -74,12 +84,17 @@ def tables(report: dict[str, Any]) -> str:
         "",
         HEADER,
     ]
+    ladders = []
     for result in report["results"]:
         out += [_line(row) for row in result["rows"].values()]
+        ladders.append(_ladder_at_equal_disk(result))
         out.append(
             f"| {result['sequences']} | | tokens equal across the ladder / reorder = in-memory | "
             f"{result['tokens_equal_across_rungs']} / {result['tokens_equal_in_memory']} ||||||||"
         )
+    out += ["", "Median decode tok/s over the median GB/s its runs' reads got (disk swings divided out):"]
+    out.append("")
+    out += [line for line in ladders if line]
     out += ["", "Accelerate by batch and the sweep (reorder rung, one sequence per micro-batch):", "", HEADER]
     out += [_line(row, "accelerate") for row in report["accelerate_batches"]["rows"]]
     sweep = report["sweep"]
