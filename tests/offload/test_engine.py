@@ -117,8 +117,6 @@ def test_pooled_reads_equal_safetensors_reads_and_reuse_only_freed_buffers(tiny_
     third = reader.read(checkpoint.location(name), allocate=pool.take)
     assert third.untyped_storage().data_ptr() == address and pool.allocated_bytes == footprint
     assert torch.equal(third, checkpoint.read(name))
-    joined = pool.empty((2, *first.shape), first.dtype)  # a joined tensor (gate_up) lives in the pool too
-    assert joined.untyped_storage().data_ptr() % 4096 == 0 and pool.allocated_bytes > footprint
     reader.close()
 
 

@@ -285,7 +285,10 @@ def select_experts(scores: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> tupl
 
 def expert_mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
     """SwiGLU MLP: down(silu(gate x) * up x) for x [n, H]."""
-    gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
+    if w.up is None:
+        gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
+    else:
+        gate, up = linear(x, w.gate_up), linear(x, w.up)
     return linear(F.silu(gate) * up, w.down)
 
 

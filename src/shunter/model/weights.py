@@ -42,10 +42,13 @@ class AttentionWeights:
 
 @dataclass
 class MLPWeights:
-    """A SwiGLU MLP: gate and up fused into one matrix so one matmul computes both."""
+    """A SwiGLU MLP: gate and up fused into one matrix so one matmul computes both, or, when `up`
+    is given, kept apart (weights streamed from a checkpoint that stores them apart: joining them
+    would copy both on every load, on the thread that should be reading the next one)."""
 
-    gate_up: torch.Tensor  # [2I, H]: rows [0, I) gate, [I, 2I) up
+    gate_up: torch.Tensor  # [2I, H]: rows [0, I) gate, [I, 2I) up; [I, H], the gate alone, with `up`
     down: torch.Tensor  # [H, I]
+    up: torch.Tensor | None = None  # [I, H]
 
 
 @dataclass
@@ -93,12 +96,12 @@ class CheckpointLayout:
         spec: ModelSpec,
         checkpoint: Checkpoint,
         fetch: Callable[[TensorLocation], torch.Tensor] | None = None,
-        empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+        join_gate_up: bool = True,
     ) -> None:
         """`fetch` reads a byte range of the checkpoint (the offload engine reads with O_DIRECT);
-        by default tensors are read through safetensors. `empty(shape, dtype)` makes the tensors
-        that join two read ones (gate and up into gate_up); the engine hands out reused buffers."""
-        self.spec, self.ckpt, self.fetch, self.empty = spec, checkpoint, fetch, empty
+        by default tensors are read through safetensors. join_gate_up=False keeps an MLP's gate
+        and up apart where the checkpoint stores them apart (see MLPWeights)."""
+        self.spec, self.ckpt, self.fetch, self.join_gate_up = spec, checkpoint, fetch, join_gate_up
 
     def layer_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}."
@@ -120,11 +123,10 @@ class CheckpointLayout:
             return p + "w1.weight", p + "w3.weight", p + "w2.weight"
         return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
 
-    def concat_rows(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        if self.empty is None:
-            return torch.cat([first, second])
-        shape = (first.shape[0] + second.shape[0], *first.shape[1:])
-        return torch.cat([first, second], out=self.empty(shape, first.dtype))
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> MLPWeights:
+        if self.join_gate_up:
+            return MLPWeights(torch.cat([gate, up]), down)
+        return MLPWeights(gate, down, up)
 
     def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.fetch is None:
@@ -195,7 +197,7 @@ class CheckpointLayout:
         gate = self.read(prefix + "gate_proj.weight", (intermediate, H), dtype)
         up = self.read(prefix + "up_proj.weight", (intermediate, H), dtype)
         down = self.read(prefix + "down_proj.weight", (H, intermediate), dtype)
-        return MLPWeights(self.concat_rows(gate, up), down)
+        return self.swiglu(gate, up, down)
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype) -> MLPWeights:
         """One routed expert's weights, from either layout."""
@@ -210,7 +212,7 @@ class CheckpointLayout:
         gate = self.read(gate_name, (eI, H), dtype)
         up = self.read(up_name, (eI, H), dtype)
         down = self.read(down_name, (H, eI), dtype)
-        return MLPWeights(self.concat_rows(gate, up), down)
+        return self.swiglu(gate, up, down)
 
     def moe(self, layer: int, dtype: torch.dtype, with_experts: bool = True) -> MoEWeights:
         """The MoE block of `layer`; with_experts=False leaves the routed experts out (streamed)."""
@@ -312,4 +314,6 @@ def pack_layer(layer: LayerWeights, pack: Callable[[torch.Tensor], torch.Tensor]
 
 def pack_mlp(mlp: MLPWeights, pack: Callable[[torch.Tensor], torch.Tensor]) -> MLPWeights:
     mlp.gate_up, mlp.down = pack(mlp.gate_up), pack(mlp.down)
+    if mlp.up is not None:
+        mlp.up = pack(mlp.up)
     return mlp

@@ -8,7 +8,6 @@ dropped after each read with posix_fadvise(DONTNEED).
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -157,10 +156,6 @@ class HostBufferPool:
         finalizer = weakref.finalize(view, self._give_back, capacity, buffer)
         finalizer.atexit = False
         return torch.from_numpy(view)
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised tensor of shape and dtype in a pooled buffer."""
-        return self.take(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
     def _give_back(self, capacity: int, buffer: torch.Tensor) -> None:
         with self._lock:

@@ -58,7 +58,7 @@ from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.stats import popularity
 from shunter.units import format_bytes
 
-PROFILE_VERSION = 4  # part of the cache key: a change in how profiles are measured re-measures
+PROFILE_VERSION = 5  # part of the cache key: a change in how profiles are measured re-measures
 CACHE_DIR_VARIABLE = "SHUNTER_CACHE_DIR"
 # what the profile times (decode: one new token per sequence); two contexts give the KV slope,
 # three token counts the expert's line

@@ -35,10 +35,12 @@ ExpertKey = tuple[str, int, int]  # ("expert", layer, expert)
 def streaming_layout(
     spec: ModelSpec, checkpoint: Checkpoint, reader: DirectReader, buffers: HostBufferPool
 ) -> CheckpointLayout:
-    """The checkpoint read as the streamer reads it: O_DIRECT into reused buffers."""
-    return CheckpointLayout(
-        spec, checkpoint, fetch=partial(reader.read, allocate=buffers.take), empty=buffers.empty
-    )
+    """The checkpoint read as the streamer reads it: O_DIRECT into reused buffers, gate and up
+    left apart: joining them copied both, per expert, on the thread that should be reading (the I/O
+    thread read 88-94% of the decode with the join and 92-98% without; Mixtral-like, 8 and 128
+    sequences, 4 runs each)."""
+    fetch = partial(reader.read, allocate=buffers.take)
+    return CheckpointLayout(spec, checkpoint, fetch=fetch, join_gate_up=False)
 
 
 class WeightStreamer:
