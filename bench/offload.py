@@ -60,6 +60,21 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             intermediate_size=1024,
         ),
     ),
+    # the same with 6 layers (5.4 GB): at half its size the whole-layer rungs of the ladder
+    # (a layer's 64 experts in flight, 906 MiB) fit under the cap, which they cannot at 4 layers
+    "olmoe6": (
+        "olmoe-like-6l-bf16",
+        dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            num_layers=6,
+            num_heads=16,
+            num_kv_heads=4,
+            num_experts=64,
+            top_k=8,
+            intermediate_size=1024,
+        ),
+    ),
 }
 
 
