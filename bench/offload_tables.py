@@ -61,7 +61,7 @@ def _line(row: dict[str, Any], name: str | None = None) -> str:
     )
 
 
-def _ladder_at_equal_disk(result: dict[str, Any]) -> str | None:
+def _ladder_at_equal_disk(result: dict[str, Any]) -> str:
     """S: each streamed rung's tok/s over its own runs' decode disk rate (GB/s), in ladder order."""
     cells = []
     for name in ("simple", "multi-batch", "hot-prefetch", "reorder"):
@@ -94,7 +94,7 @@ def tables(report: dict[str, Any]) -> str:
         )
     out += ["", "Median decode tok/s over the median GB/s its runs' reads got (disk swings divided out):"]
     out.append("")
-    out += [line for line in ladders if line]
+    out += ladders
     out += ["", "Accelerate by batch and the sweep (reorder rung, one sequence per micro-batch):", "", HEADER]
     out += [_line(row, "accelerate") for row in report["accelerate_batches"]["rows"]]
     sweep = report["sweep"]

@@ -129,13 +129,16 @@ def test_the_bound_is_reads_or_compute_whichever_takes_longer(tiny_model):
         attention_s_per_token_per_context_token=1e-7, gate_s_per_token=1e-5, expert_s_per_token=1e-5,
         expert_min_s=1e-5, read_bytes_s=1e8,
     )  # fmt: skip
-    args = (spec, profile, 8, 8, 20, None)
-    predicted, at_profile = bench.predicted_and_bound_tok_s(*args)
-    assert bench.predicted_and_bound_tok_s(*args, 1e8) == (predicted, at_profile)
-    slow = [bench.predicted_and_bound_tok_s(*args, rate)[1] for rate in (1e3, 2e3)]
+
+    def at_disk(rate: float | None) -> tuple[float, float, float]:
+        return bench.model_figures_tok_s(spec, profile, 8, 8, 20, None, rate)
+
+    predicted, at_profile, _ = at_disk(None)
+    assert at_disk(1e8) == (predicted, at_profile, at_profile)
+    slow = [at_disk(rate)[1] for rate in (1e3, 2e3)]
     assert slow[1] == pytest.approx(2 * slow[0])
-    assert all(bench.predicted_and_bound_tok_s(*args, rate)[0] == predicted for rate in (1e3, 1e15))
-    fast = [bench.predicted_and_bound_tok_s(*args, rate)[1] for rate in (1e15, 2e15)]
+    assert all(at_disk(rate)[0] == predicted and at_disk(rate)[2] == at_profile for rate in (1e3, 1e15))
+    fast = [at_disk(rate)[1] for rate in (1e15, 2e15)]
     assert fast[0] == pytest.approx(fast[1]) and fast[0] > at_profile > slow[1]
 
 

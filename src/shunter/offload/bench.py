@@ -335,7 +335,7 @@ def shunter_worker(job: dict[str, Any]) -> dict[str, Any]:
         planned += result.decode_steps * streamed_per_forward(len(sequence_prompts))
         return {
             "decode_tok_s": result.decode_tok_s,
-            "bytes_read": model.reader.stats.bytes_read,
+            "bytes_read": stats.bytes_read,
             "planned_bytes_read": at_load + planned,
             "disk_read_bytes": process_read_bytes() - read_before,
             # the rate this run's decode reads got from the disk: bytes over the seconds spent in
@@ -502,27 +502,36 @@ def predicted_and_bound_tok_s(
     num_batches: int,
     context_tokens: int,
     expert_share: np.ndarray | None,
-    disk_bytes_s: float | None = None,
 ) -> tuple[float, float]:
     """The planner's cost model at `sequences` in `num_batches` micro-batches: (the predicted decode
     tok/s, as plan_batches predicts it; the bound: the same step's disk reads and compute fully
-    overlapped, sequences / max(compute, reads), which no schedule beats on this compute and disk).
-
-    The bound reads at `disk_bytes_s` when given (the rate a run's own reads got: this disk moves
-    between 0.5 and 2.5 GB/s minutes apart, so the profile's one second of reads at the start of
-    a benchmark is no bound for a run half an hour later), else at the profile's rate."""
+    overlapped, sequences / max(compute, reads), which no schedule beats on this profile)."""
     times = pipeline_times(
         spec, profile, sequences / num_batches, context_tokens, expert_share, num_batches=num_batches
     )
     step = predicted_step(times, num_batches, spec.top_k)
-    predicted = sequences / step.step_s
-    if disk_bytes_s is not None:
-        run_disk = replace(profile, read_bytes_s=disk_bytes_s)
-        times = pipeline_times(
-            spec, run_disk, sequences / num_batches, context_tokens, expert_share, num_batches=num_batches
-        )
-        step = predicted_step(times, num_batches, spec.top_k)
-    return predicted, sequences / max(step.compute_s, step.link_busy_s)
+    return sequences / step.step_s, sequences / max(step.compute_s, step.link_busy_s)
+
+
+def model_figures_tok_s(
+    spec: ModelSpec,
+    profile: MachineProfile,
+    sequences: int,
+    num_batches: int,
+    context_tokens: int,
+    expert_share: np.ndarray | None,
+    disk_bytes_s: float | None,
+) -> tuple[float, float, float]:
+    """(predicted, bound, bound at the profile's disk rate) tok/s, as predicted_and_bound_tok_s.
+    The bound reads at `disk_bytes_s`, the rate a run's own reads got (None: the profile's): this
+    disk moves between 0.5 and 2.5 GB/s minutes apart, so the profile's second of reads at the
+    start of a benchmark is no bound for a run half an hour later."""
+    args = (sequences, num_batches, context_tokens, expert_share)
+    predicted, bound_at_profile = predicted_and_bound_tok_s(spec, profile, *args)
+    if disk_bytes_s is None:
+        return predicted, bound_at_profile, bound_at_profile
+    _, bound = predicted_and_bound_tok_s(spec, replace(profile, read_bytes_s=disk_bytes_s), *args)
+    return predicted, bound, bound_at_profile
 
 
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
@@ -740,13 +749,16 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
     accelerate_rows = [_row("accelerate", b, None, summary[k]) for b, k in accelerate_keys.items()]
     best_accelerate = _fastest(accelerate_rows)
     best_tok_s = best_accelerate["decode_tok_s"] if best_accelerate else None
+
+    def model_figures(S: int, n: int, disk_bytes_s: float | None) -> tuple[float, float, float]:
+        return model_figures_tok_s(spec, profile, S, n, context_tokens, share, disk_bytes_s)
+
     results = []
     for S, measured in plans.items():
         rows = {name: _row(name, S, batches, summary.get(key)) for name, batches, key in measured}
         n = min(S, planner_n)
         disk_bytes_s = rows["reorder"]["decode_disk_bytes_s"]  # the disk as Shunter's runs found it
-        predicted, bound = predicted_and_bound_tok_s(spec, profile, S, n, context_tokens, share, disk_bytes_s)
-        _, bound_at_profile = predicted_and_bound_tok_s(spec, profile, S, n, context_tokens, share)
+        predicted, bound, bound_at_profile = model_figures(S, n, disk_bytes_s)
         rows["predicted"] = _row("predicted", S, n, {"decode_tok_s": predicted})
         rows["bound"] = _row("bound", S, n, {"decode_tok_s": bound})
         rows = {name: rows[name] for name in ["accelerate", *LADDER, "predicted", "bound", "in-memory"]}
@@ -779,12 +791,7 @@ def run_benchmark(config: BenchConfig, progress: IO[str] = sys.stderr) -> dict[s
 
     def sweep_row(S: int, key: str, in_memory: float | None = None) -> dict:
         row = _row("reorder", S, S, summary.get(key))
-        predicted, bound = predicted_and_bound_tok_s(
-            spec, profile, S, S, context_tokens, share, row["decode_disk_bytes_s"]
-        )
-        _, row["bound_at_profile_tok_s"] = predicted_and_bound_tok_s(
-            spec, profile, S, S, context_tokens, share
-        )
+        predicted, bound, row["bound_at_profile_tok_s"] = model_figures(S, S, row["decode_disk_bytes_s"])
         _add_ratios(row, accelerate_best=best_tok_s, predicted=predicted, bound=bound, in_memory=in_memory)
         row["predicted_tok_s"] = predicted
         row["bound_tok_s"] = bound
