@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from shunter.dist.cluster import parse_host_bandwidths
-from shunter.dist.exchange import STRATEGIES, Strategy, exchange, plan_exchange
+from shunter.dist.exchange import STRATEGIES, Links, Strategy, exchange, open_links, plan_exchange
 from shunter.dist.moe import contiguous_placement, rows_between_ranks
 from shunter.dist.runtime import init_from_environment, run_rank
 from shunter.errors import ShunterError
@@ -103,8 +103,12 @@ def predict_s(
     return sender_queue_time_s(traffic_bytes, sustained, "random_order", seed, calibration.latency_s)
 
 
-def calibrate(rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, group=None) -> LinkCalibration:
-    """Time each ordered pair alone (probe_bytes) and a 4-byte ping-pong between ranks 0 and 1."""
+def calibrate(
+    rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, links: Links, group=None
+) -> LinkCalibration:
+    """Time each ordered pair alone (probe_bytes) and a 4-byte ping-pong between ranks 0 and 1, then
+    fit the all-pairs and one-flow-per-port patterns (the latter sent over `links`, as the schedule
+    is)."""
     probe = torch.empty(max(probe_bytes // 4, 1), dtype=ELEMENT)
     efficiency = np.ones((world, world))
     # Twice over: the first pass warms every connection up; the second is kept.
@@ -141,11 +145,11 @@ def calibrate(rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, gr
     shift = np.roll(np.eye(world, dtype=np.int64), 1, axis=1)  # rank i -> rank i + 1
     concurrent, startup = _fit_pattern(
         rank, every_pair, probe.numel(), "all_to_all",
-        lambda rows: fair_share_time_s(rows * 4.0, bandwidth * off, 0.0), bandwidth, group,
+        lambda rows: fair_share_time_s(rows * 4.0, bandwidth * off, 0.0), bandwidth, links, group,
     )  # fmt: skip
     matching, round_startup = _fit_pattern(
         rank, shift, probe.numel(), "scheduled",
-        lambda rows: schedule_all_to_all(rows * 4.0, bandwidth * off).makespan_s, bandwidth, group,
+        lambda rows: schedule_all_to_all(rows * 4.0, bandwidth * off).makespan_s, bandwidth, links, group,
     )  # fmt: skip
     rounds = schedule_all_to_all(shift * 4.0, bandwidth).num_rounds
     return LinkCalibration(
@@ -168,6 +172,7 @@ def _fit_pattern(
     strategy: Strategy,
     fluid_s: Callable[[np.ndarray], float],
     bandwidth: np.ndarray,
+    links: Links,
     group,
 ) -> tuple[float, float]:
     """(efficiency, startup_s) with measured = startup_s + fluid_s(rows) / efficiency, a least-squares
@@ -183,7 +188,7 @@ def _fit_pattern(
         for _ in range(1 + CALIBRATION_REPS):
             dist.barrier(group)
             started = time.perf_counter()
-            exchange(chunk, rows, strategy, schedule=schedule, group=group)
+            exchange(chunk, rows, strategy, schedule=schedule, group=group, links=links)
             times += _slowest([time.perf_counter() - started], group)
         measured.append(float(np.median(times[1:])))
         fluid.append(fluid_s(rows))
@@ -205,6 +210,7 @@ def time_exchanges(
     seed: int,
     warmup: int,
     reps: int,
+    links: Links,
     group=None,
 ) -> dict[str, np.ndarray]:
     """Per strategy, [reps, 2] seconds (dispatch, combine), each the slowest rank's."""
@@ -215,11 +221,15 @@ def time_exchanges(
         for strategy in order:
             dist.barrier(group)
             started = time.perf_counter()
-            received = exchange(send, rows, strategy, schedule=schedules[0], seed=seed, group=group)
+            received = exchange(
+                send, rows, strategy, schedule=schedules[0], seed=seed, group=group, links=links
+            )
             dispatched = time.perf_counter() - started
             dist.barrier(group)
             started = time.perf_counter()
-            exchange(received, rows.T, strategy, schedule=schedules[1], seed=seed + 1, group=group)
+            exchange(
+                received, rows.T, strategy, schedule=schedules[1], seed=seed + 1, group=group, links=links
+            )
             combined = time.perf_counter() - started
             slowest = _slowest([dispatched, combined], group)
             if rep >= warmup:
@@ -267,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     placements = _placements(args.placement, trace.num_experts, world, layers)
     tokens = min(args.tokens, trace.num_tokens)
 
-    calibration = calibrate(rank, world, bandwidth, args.probe_bytes)
+    links = open_links()
+    calibration = calibrate(rank, world, bandwidth, args.probe_bytes, links)
     sustained = bandwidth * calibration.efficiency
     row_elements = args.row_bytes // 4
     row_bytes = row_elements * 4
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         send = torch.randn(int(rows[rank].sum()), row_elements, generator=torch.Generator().manual_seed(rank))
         seed = args.seed + 2 * layer
-        times = time_exchanges(send, rows, schedules, seed, args.warmup, args.reps)
+        times = time_exchanges(send, rows, schedules, seed, args.warmup, args.reps, links)
         bound = port_lower_bound_s(traffic, sustained) + port_lower_bound_s(traffic.T, sustained)
         entry: dict[str, object] = {
             "layer": int(trace.layer_indices[layer]),

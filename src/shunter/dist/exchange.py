@@ -15,6 +15,10 @@ Strategies:
 - "random_order": each sender sends its flows one at a time in a random order (the simulator's
   seeded `sender_queues`, the same on every rank); receivers accept them as they come (Aurora's
   RCS baseline).
+
+The two point-to-point strategies send over `Links`: one process group per direction between a
+pair of ranks (see `open_links`). all_to_all_single runs on the group it is given, as every peer
+runs it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,35 @@ def plan_exchange(
     [n, n] on ports bandwidth_bytes_s [n], its shortest rounds folded into one."""
     schedule = schedule_all_to_all(traffic_bytes, bandwidth_bytes_s, max_lanes_per_device)
     return merge_short_rounds(schedule, bandwidth_bytes_s, SHORT_ROUNDS_SHARE)
+
+
+@dataclass(frozen=True)
+class Links:
+    """The process groups point-to-point rows travel on: `ascending` from a lower rank to a higher
+    one, `descending` from a higher rank to a lower one.
+
+    Gloo opens one TCP connection per pair of ranks in a group and carries both directions on it.
+    Measured on the emulated cluster (4 hosts, 400/320/200/160 Mbit/s, 16 MiB each way): a pair
+    sending both ways at once on one connection moved each direction at 0.48-0.52 of the shaped
+    rate in 3-5 of the 6 pairs (which ones changes from run to run), and at 0.91-0.96 with one
+    connection per direction, as raw sockets do. A schedule's rounds pair ranks both ways, so
+    Shunter sends each direction on its own group."""
+
+    ascending: dist.ProcessGroup | None
+    descending: dist.ProcessGroup | None
+
+    def toward(self, src: int, dst: int) -> dist.ProcessGroup | None:
+        return self.ascending if src < dst else self.descending
+
+
+def open_links(group: dist.ProcessGroup | None = None) -> Links:
+    """Links over the ranks of `group` (None: the default group). Collective: every rank of the
+    group calls it, in the same order as its other group creations. With gloo, two new groups of the
+    same ranks; with other backends (NCCL gives each peer its own channels) the group both ways."""
+    if dist.get_backend(group) != "gloo":
+        return Links(group, group)
+    ranks = None if group is None else dist.get_process_group_ranks(group)
+    return Links(dist.new_group(ranks, backend="gloo"), dist.new_group(ranks, backend="gloo"))
 
 
 @dataclass(frozen=True)
@@ -116,6 +149,7 @@ def exchange(
     schedule: Schedule | None = None,
     seed: int = 0,
     group: dist.ProcessGroup | None = None,
+    links: Links | None = None,
 ) -> torch.Tensor:
     """Run one all-to-all of rows; see the module docstring for the buffer layout.
 
@@ -124,6 +158,9 @@ def exchange(
         rows [n, n] int: rows from rank i to rank j (the same array on every rank).
         schedule: the byte schedule for "scheduled" (required there, ignored otherwise).
         seed: the send order of "random_order".
+        group: the ranks taking part (None: the default group).
+        links: the groups "scheduled" and "random_order" send on (`open_links(group)`); None
+            sends both directions on `group` itself.
     Returns:
         recv [sum_i rows[i, rank], H]: rows grouped by source rank.
     """
@@ -139,12 +176,13 @@ def exchange(
         dist.all_to_all_single(recv, send, rows[:, rank].tolist(), rows[rank].tolist(), group=group)
         return recv
     _copy_local(send, recv, rows, rank)
+    links = links or Links(group, group)
     if strategy == "scheduled":
         if schedule is None:
             raise ValueError("the scheduled strategy needs a schedule")
-        _run_rounds(send, recv, rank_rounds(rank, rows_per_round(schedule, rows), rows), group)
+        _run_rounds(send, recv, rank, rank_rounds(rank, rows_per_round(schedule, rows), rows), links)
     elif strategy == "random_order":
-        _run_random_order(send, recv, rows, rank, seed, group)
+        _run_random_order(send, recv, rows, rank, seed, links)
     else:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     return recv
@@ -157,16 +195,22 @@ def _copy_local(send: torch.Tensor, recv: torch.Tensor, rows: np.ndarray, rank: 
     recv[recv_start : recv_start + count] = send[send_start : send_start + count]
 
 
-def _run_rounds(
-    send: torch.Tensor, recv: torch.Tensor, rounds: RankRounds, group: dist.ProcessGroup | None
-) -> None:
+def _run_rounds(send: torch.Tensor, recv: torch.Tensor, rank: int, rounds: RankRounds, links: Links) -> None:
     # The tag is the round: a pair split over several rounds never confuses its pieces.
     for r, (sends, receives) in enumerate(zip(rounds.sends, rounds.receives, strict=True)):
-        ops = [_op(dist.irecv, recv, t, r, group) for t in receives]
-        ops += [_op(dist.isend, send, t, r, group) for t in sends]
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+        ops = [_op(dist.irecv, recv, t, r, links.toward(t.peer, rank)) for t in receives]
+        ops += [_op(dist.isend, send, t, r, links.toward(rank, t.peer)) for t in sends]
+        for work in _post(ops):
+            work.wait()
+
+
+def _post(ops: list[dist.P2POp]) -> list:
+    """Start ops; batch_isend_irecv takes one group per call (NCCL fuses each call's ops, so a
+    round's sends and receives cannot deadlock on each other), so ops are batched per group."""
+    works = []
+    for group in dict.fromkeys(op.group for op in ops):
+        works += dist.batch_isend_irecv([op for op in ops if op.group is group])
+    return works
 
 
 def _run_random_order(
@@ -175,19 +219,20 @@ def _run_random_order(
     rows: np.ndarray,
     rank: int,
     seed: int,
-    group: dist.ProcessGroup | None,
+    links: Links,
 ) -> None:
     n = rows.shape[0]
     send_offsets = np.concatenate([[0], np.cumsum(rows[rank])])
     recv_offsets = np.concatenate([[0], np.cumsum(rows[:, rank])])
     # Every receive is posted first, so one sender at a time can never deadlock on a peer.
     pending = [
-        dist.irecv(recv[recv_offsets[i] : recv_offsets[i + 1]], i, group=group, tag=0)
+        dist.irecv(recv[recv_offsets[i] : recv_offsets[i + 1]], i, group=links.toward(i, rank), tag=0)
         for i in range(n)
         if i != rank and rows[i, rank]
     ]
     for peer in sender_queues(rows, "random_order", seed)[rank]:
-        dist.isend(send[send_offsets[peer] : send_offsets[peer + 1]], peer, group=group, tag=0).wait()
+        chunk = send[send_offsets[peer] : send_offsets[peer + 1]]
+        dist.isend(chunk, peer, group=links.toward(rank, peer), tag=0).wait()
     for work in pending:
         work.wait()
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shunter.dist.exchange import Strategy, exchange, plan_exchange
+from shunter.dist.exchange import Links, Strategy, exchange, open_links, plan_exchange
 from shunter.errors import ShunterError
 from shunter.model.layers import (
     add_shared_experts,
@@ -82,7 +82,10 @@ class ExpertParallelMoE:
         device_of_expert [E]: the rank holding each expert (an exclusive placement).
         strategy: how the all-to-alls run (`shunter.dist.exchange`).
         bandwidth_bytes_s [n]: port bandwidths the "scheduled" strategy plans for.
-        row_bytes: bytes of one token row on the wire (hidden size x element size).
+        seed: the send order of "random_order" (dispatch; combine uses seed + 1).
+        group: the ranks holding the experts (None: the default group).
+        links: the groups the point-to-point strategies send on; by default this block opens its
+            own with `open_links(group)` (collective). Blocks of one model can share one.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class ExpertParallelMoE:
         bandwidth_bytes_s: Sequence[float] | np.ndarray | None = None,
         seed: int = 0,
         group: dist.ProcessGroup | None = None,
+        links: Links | None = None,
     ) -> None:
         self.spec = spec
         self.weights = weights
@@ -112,6 +116,9 @@ class ExpertParallelMoE:
         self.local_experts = local_experts
         self.strategy = strategy
         self.seed = seed
+        if links is None and strategy != "all_to_all":
+            links = open_links(group)
+        self.links = links
         bandwidth = (
             np.ones(self.num_ranks) if bandwidth_bytes_s is None else np.asarray(bandwidth_bytes_s, float)
         )
@@ -160,12 +167,14 @@ class ExpertParallelMoE:
 
         dispatch_schedule, combine_schedule = self._schedules(rows, x.shape[1] * x.element_size())
         received = exchange(
-            x[token_index], rows, self.strategy, schedule=dispatch_schedule, seed=self.seed, group=self.group
-        )
+            x[token_index], rows, self.strategy, schedule=dispatch_schedule, seed=self.seed,
+            group=self.group, links=self.links,
+        )  # fmt: skip
         computed = self._run_local_experts(received, counts)
         returned = exchange(
-            computed, rows.T, self.strategy, schedule=combine_schedule, seed=self.seed + 1, group=self.group
-        )
+            computed, rows.T, self.strategy, schedule=combine_schedule, seed=self.seed + 1,
+            group=self.group, links=self.links,
+        )  # fmt: skip
         out = torch.zeros_like(x)
         add_weighted_rows(out, returned, token_index, slot_index, applied)
         return add_shared_experts(x, out, self.weights)
