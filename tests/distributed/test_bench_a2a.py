@@ -78,6 +78,7 @@ def test_small_run_reports_every_strategy_and_cleans_up(tmp_path):
         assert entry["median_s"] >= 0.95 * layer["lower_bound_shaped_s"]
         assert entry["predicted_s"] > 0
     assert layer["schedule_over_bound"] == pytest.approx(layer["strategies"]["scheduled"]["over_bound"])
+    assert report["calibration"]["shared_port_efficiency"] == 1.0  # two hosts: no port to share
     assert _namespaces() == before
 
 
@@ -92,3 +93,15 @@ def test_calibration_line_recovers_startup_and_efficiency():
     efficiency, startup = fit_startup_and_efficiency(fluid, measured)
     assert startup == 0.0
     assert efficiency == pytest.approx((fluid @ fluid) / (fluid @ measured))
+
+
+@pytest.mark.parametrize("world", range(2, 11))
+def test_incast_probe_meets_two_flows_at_each_receiver_and_one_per_sender(world):
+    from shunter.dist.a2a import incast_pattern
+
+    pattern = incast_pattern(world)
+    assert np.trace(pattern) == 0 and set(np.unique(pattern)) <= {0, 1}
+    assert (pattern.sum(axis=1) <= 1).all()  # random order sends one flow at a time anyway
+    received = pattern.sum(axis=0)
+    assert set(received[received > 0].tolist()) <= {2}
+    assert (received == 2).sum() == world // 3

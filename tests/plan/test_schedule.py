@@ -188,6 +188,24 @@ def test_senders_work_through_their_flows_one_at_a_time() -> None:
         assert schedule_violations(result.schedule, traffic, 1.0, require_matching=True) == []
 
 
+def test_a_shared_receiving_port_delivers_its_measured_share() -> None:
+    """Oracle: hand computation. Ranks 1 and 2 send 100 and 300 B to rank 0 at 10 B/s. As a fluid
+    both get 5 B/s until the short flow ends at 20 s, then the long one moves its last 200 B
+    alone: 40 s. Shared at 0.8, the port gives 4 B/s each until 25 s and 10 B/s alone after: 45 s.
+    A lone sender's flows never share a port, so the efficiency leaves it alone."""
+    traffic = np.array([[0, 0, 0], [100, 0, 0], [300, 0, 0]], dtype=np.float64)
+    assert simulate_baseline(traffic, 10.0, "random_order").makespan_s == pytest.approx(40.0)
+    shared = simulate_baseline(traffic, 10.0, "random_order", shared_port_efficiency=0.8)
+    assert shared.makespan_s == pytest.approx(45.0)
+    assert schedule_violations(shared.schedule, traffic, 10.0) == []
+    alone = np.array([[0, 100, 300], [0, 0, 0], [0, 0, 0]], dtype=np.float64)
+    assert simulate_baseline(
+        alone, 10.0, "random_order", shared_port_efficiency=0.5
+    ).makespan_s == pytest.approx(40.0)
+    with pytest.raises(ValueError, match="shared_port_efficiency"):
+        simulate_baseline(traffic, 10.0, "random_order", shared_port_efficiency=0.0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(2, 10), st.integers(0, 2**32 - 1))
 def test_fair_rates_are_max_min_fair(n: int, seed: int) -> None:

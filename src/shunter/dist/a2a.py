@@ -39,7 +39,7 @@ from shunter.dist.moe import contiguous_placement, rows_between_ranks
 from shunter.dist.runtime import init_from_environment, run_rank
 from shunter.errors import ShunterError
 from shunter.model.loader import default_trace_path
-from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all
+from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all, simulate_baseline
 from shunter.plan.traffic import routed_counts
 from shunter.sim.cost import fair_share_time_s, sender_queue_time_s
 from shunter.trace.routing_trace import load_trace
@@ -64,7 +64,10 @@ class LinkCalibration:
         is told so for runs with many flows per port.
     matching_efficiency, round_startup_s: the same fit for one flow per port (every rank sends to
         the next, run as a schedule): what one round of a matching schedule sustains, and what
-        starting a round costs."""
+        starting a round costs.
+    shared_port_efficiency: the same fit for two senders into one receiver (ranks r + 1 and r + 2
+        to r): the share of its port a receiver delivers while flows meet there, which is what
+        random order runs into (1.0 with fewer than 3 ranks)."""
 
     efficiency: float
     latency_s: float
@@ -72,6 +75,7 @@ class LinkCalibration:
     concurrent_startup_s: float
     matching_efficiency: float
     round_startup_s: float
+    shared_port_efficiency: float
     pair_efficiency: list[list[float]]
 
 
@@ -100,7 +104,14 @@ def predict_s(
         busy = int((schedule.round_durations_s() > 0).sum())
         rate = calibration.efficiency * calibration.matching_efficiency
         return schedule.makespan_s / rate + busy * max(calibration.round_startup_s, calibration.latency_s)
-    return sender_queue_time_s(traffic_bytes, sustained, "random_order", seed, calibration.latency_s)
+    return sender_queue_time_s(
+        traffic_bytes,
+        sustained,
+        "random_order",
+        seed,
+        calibration.latency_s,
+        calibration.shared_port_efficiency,
+    )
 
 
 def calibrate(
@@ -151,11 +162,26 @@ def calibrate(
         rank, shift, probe.numel(), "scheduled",
         lambda rows: schedule_all_to_all(rows * 4.0, bandwidth * off).makespan_s, bandwidth, links, group,
     )  # fmt: skip
+    shared = 1.0
+    if world >= 3:
+        shared, _ = _fit_pattern(
+            rank, incast_pattern(world), probe.numel(), "random_order",
+            lambda rows: simulate_baseline(rows * 4.0, bandwidth * off, "random_order").makespan_s,
+            bandwidth, links, group,
+        )  # fmt: skip
     rounds = schedule_all_to_all(shift * 4.0, bandwidth).num_rounds
     return LinkCalibration(
-        off, latency, concurrent, startup, matching, round_startup / max(rounds, 1),
+        off, latency, concurrent, startup, matching, round_startup / max(rounds, 1), min(shared, 1.0),
         efficiency.round(4).tolist(),
     )  # fmt: skip
+
+
+def incast_pattern(world: int) -> np.ndarray:
+    """[n, n] 0/1: ranks r + 1 and r + 2 each send one flow to r, for r = 0, 3, 6, ... (r + 2 < n)."""
+    pattern = np.zeros((world, world), dtype=np.int64)
+    for receiver in range(0, world - 2, 3):
+        pattern[receiver + 1, receiver] = pattern[receiver + 2, receiver] = 1
+    return pattern
 
 
 def _slowest(seconds: list[float], group) -> list[float]:

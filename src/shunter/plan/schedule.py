@@ -626,6 +626,7 @@ def simulate_baseline(
     *,
     seed: int = 0,
     record: bool = True,
+    shared_port_efficiency: float = 1.0,
 ) -> BaselineResult:
     """Makespan (and, with record, the Schedule) of an all-to-all run without a plan.
 
@@ -634,6 +635,9 @@ def simulate_baseline(
     random_order (RCS): each sender sends its flows one at a time in a random order (seeded);
         flows meeting at a receiver share it max-min fairly.
     shortest_first (SJF): as random_order, each sender's flows smallest first.
+    shared_port_efficiency (sender queues only): the share of its bandwidth a receiving port
+        delivers while two or more flows meet there (1: a fluid; TCP flows meeting at a shaped
+        port fill less of it, measured by `shunter.dist.a2a.calibrate`).
     """
     matrix = off_diagonal(traffic_bytes)
     n = matrix.shape[0]
@@ -642,8 +646,10 @@ def simulate_baseline(
         return _simulate_fair_share(matrix, bandwidth, record)
     if policy not in ("random_order", "shortest_first"):
         raise ValueError(f"unknown baseline policy {policy!r}")
+    if not 0 < shared_port_efficiency <= 1:
+        raise ValueError(f"shared_port_efficiency must be in (0, 1], got {shared_port_efficiency}")
     queues = sender_queues(matrix, policy, seed)
-    return _simulate_sender_queues(matrix, bandwidth, queues, policy, record)
+    return _simulate_sender_queues(matrix, bandwidth, queues, policy, record, shared_port_efficiency)
 
 
 def sender_queues(
@@ -734,10 +740,12 @@ def _simulate_sender_queues(
     queues: list[list[int]],
     policy: BaselinePolicy,
     record: bool,
+    shared_port_efficiency: float = 1.0,
 ) -> BaselineResult:
     """Each sender has one flow in flight. With one flow per sender, max-min fairness splits into
     one water-filling per receiver (a sender's port only caps its single flow), so a finishing flow
-    changes rates only at its own receiver and at its sender's next receiver."""
+    changes rates only at its own receiver and at its sender's next receiver. A receiver that two
+    or more flows share offers shared_port_efficiency x its bandwidth."""
     n = matrix.shape[0]
     position = np.zeros(n, dtype=np.int64)
     target = np.array([q[0] if q else -1 for q in queues], dtype=np.int64)  # -1: sender is done
@@ -751,7 +759,7 @@ def _simulate_sender_queues(
     def refill(receiver: int) -> None:
         # Water-filling at one receiver: slowest-capped senders first, the rest share what is left.
         senders = sorted(senders_at[receiver], key=lambda s: bandwidth[s])
-        capacity = float(bandwidth[receiver])
+        capacity = float(bandwidth[receiver]) * (shared_port_efficiency if len(senders) > 1 else 1.0)
         for index, s in enumerate(senders):
             rate[s] = min(float(bandwidth[s]), capacity / (len(senders) - index))
             capacity -= rate[s]

@@ -73,14 +73,23 @@ def sender_queue_time_s(
     policy: Literal["random_order", "shortest_first"],
     seed: int,
     latency_s: float,
+    shared_port_efficiency: float = 1.0,
 ) -> float:
     """Each sender sends its flows one after another (plan.schedule.sender_queues); each flow
-    waits latency_s before it moves, so the longest queue adds one latency per flow."""
+    waits latency_s before it moves, so the longest queue adds one latency per flow. A receiving
+    port two or more flows meet at delivers shared_port_efficiency x its bandwidth."""
     matrix = off_diagonal(traffic_bytes)
     if not matrix.any():
         return 0.0
     longest_queue = int((matrix > 0).sum(axis=1).max())
-    fluid = simulate_baseline(matrix, bandwidth_bytes_s, policy, seed=seed, record=False).makespan_s
+    fluid = simulate_baseline(
+        matrix,
+        bandwidth_bytes_s,
+        policy,
+        seed=seed,
+        record=False,
+        shared_port_efficiency=shared_port_efficiency,
+    ).makespan_s
     return fluid + longest_queue * latency_s
 
 
