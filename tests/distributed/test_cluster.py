@@ -20,7 +20,9 @@ import pytest
 
 from shunter.commands import cluster as cluster_command
 from shunter.dist.cluster import (
+    ALLOWED_CONGESTION_CONTROL,
     BURST_MIN_BYTES,
+    DEFAULT_CONGESTION_CONTROL,
     PREFIX,
     EmulatedCluster,
     clean_leftovers,
@@ -226,6 +228,10 @@ def test_not_root_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, capsys) ->
         (["--hosts", "2", "--bandwidth", "1Gbit/s", "--"], "COMMAND: nothing to run"),
         (["--hosts", "2", "--bandwidth", "1Gbit/s"], "COMMAND: nothing to run"),
         (["--hosts", "2", "--bandwidth", "1Gbit/s", "--latency", "soon", "--", "true"], "--latency"),
+        (
+            ["--hosts", "2", "--bandwidth", "1Gbit/s", "--congestion-control", "x; y", "--", "true"],
+            "--congestion-control: not a congestion control name: 'x; y'",
+        ),
     ],
 )
 def test_bad_arguments(argv: list[str], expected: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -258,6 +264,28 @@ def test_run_prefixes_every_rank_and_sets_torchrun_variables(unchanged_network, 
         assert line.endswith(" 29600 125000000,10000000 True"), line
     assert lines[0].split()[8] == lines[1].split()[8]  # one MASTER_ADDR
     assert sorted(err.splitlines()) == ["[host 0] to stderr", "[host 1] to stderr"]
+
+
+@needs_root
+def test_hosts_run_the_chosen_congestion_control(unchanged_network, capsys) -> None:
+    program = [sys.executable, "-c", "print(open('/proc/sys/net/ipv4/tcp_congestion_control').read().strip())"]
+    allowed = Path(ALLOWED_CONGESTION_CONTROL).read_text().split()
+    for name in [None, *allowed]:
+        chosen = [] if name is None else ["--congestion-control", name]
+        argv = ["cluster", "run", "--hosts", "2", "--bandwidth", "100Mbit/s", *chosen, "--", *program]
+        code, out, err = run_cli(argv, capsys)
+        assert code == 0, err
+        expected = name or DEFAULT_CONGESTION_CONTROL
+        assert sorted(out.splitlines()) == [f"[host 0] {expected}", f"[host 1] {expected}"]
+    code, out, err = run_cli(
+        ["cluster", "run", "--hosts", "2", "--bandwidth", "100Mbit/s", "--congestion-control", "nosuch", "--",
+         *program], capsys,
+    )  # fmt: skip
+    assert (code, out) == (2, "")
+    assert err == (
+        f"shunter: error: --congestion-control: the hosts cannot use 'nosuch' (this machine allows: "
+        f"{' '.join(allowed)}, from {ALLOWED_CONGESTION_CONTROL})\n"
+    )
 
 
 @needs_root

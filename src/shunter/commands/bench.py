@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shunter.commands.cluster import add_congestion_control_argument
 from shunter.commands.common import print_json
 from shunter.commands.generate import MAX_PLANNED_BATCHES
 from shunter.dist.a2a import DEFAULT_ROW_BYTES
@@ -83,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=16,
         help="lanes per port Shunter's schedule may use on mixed ports (default 16; 1: plain matchings)",
     )
+    add_congestion_control_argument(a2a)
     a2a.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may wait")
     a2a.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
@@ -179,12 +181,13 @@ def run_a2a(args: argparse.Namespace) -> int:
             command += ["--placement", str(placement_path)]
         # c10d warns that namespaces have no hostnames; nothing a user can act on.
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-        with EmulatedCluster(args.hosts, bandwidth) as cluster:
+        with EmulatedCluster(args.hosts, bandwidth, congestion_control=args.congestion_control) as cluster:
             # Rank output (progress, errors) goes to stderr so that --json stdout stays one object.
             status = run_on_cluster(cluster, command, port=args.port, out=sys.stderr, err=sys.stderr)
         if status != 0:
             raise ShunterError(f"the benchmark ranks failed (exit status {status}); their output is above")
         report = json.loads(result_path.read_text())
+    report["congestion_control"] = args.congestion_control
     if args.out:
         partial = Path(args.out).with_suffix(".partial")
         partial.write_text(json.dumps(report, indent=1))
@@ -320,7 +323,7 @@ def print_a2a_table(report: dict) -> None:
     calibration = report["calibration"]
     rates = ", ".join(f"{b * 8 / 1e6:g}" for b in report["bandwidth_bytes_s"])
     print(
-        f"{report['hosts']} hosts, ports {rates} Mbit/s; one flow sustains {calibration['efficiency']:.3f} "
+        f"{report['hosts']} hosts, ports {rates} Mbit/s, TCP {report.get('congestion_control', '?')}; one flow sustains {calibration['efficiency']:.3f} "
         f"of the shaped rate, all pairs at once {calibration['concurrent_efficiency']:.3f} of that after "
         f"{calibration['concurrent_startup_s'] * 1e3:.0f} ms, one flow per port "
         f"{calibration['matching_efficiency']:.3f} after {calibration['round_startup_s'] * 1e3:.1f} ms "

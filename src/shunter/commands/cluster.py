@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from shunter.dist.cluster import (
+    DEFAULT_CONGESTION_CONTROL,
     DEFAULT_GRACE_S,
     DEFAULT_PORT,
     ClusterInterrupted,
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="one-way delay between hosts, added once to every packet (a round trip takes twice it; "
         "e.g. 5ms; default 0ms); needs the kernel's netem qdisc",
     )
+    add_congestion_control_argument(run_parser)
     run_parser.add_argument(
         "--timeout",
         type=float,
@@ -80,6 +82,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clean_parser.set_defaults(func=clean)
 
 
+def add_congestion_control_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--congestion-control",
+        default=DEFAULT_CONGESTION_CONTROL,
+        metavar="NAME",
+        help=f"every host's TCP congestion control (default {DEFAULT_CONGESTION_CONTROL}: loss-based "
+        "like Linux's default; bbr stalls when queues delay its ACKs, see docs/distributed.md)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     check_environment()
     if args.hosts < 1:
@@ -96,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if not command:
         raise ShunterError("COMMAND: nothing to run; give it after `--`, e.g. -- python train.py")
     try:
-        with EmulatedCluster(args.hosts, bandwidths, latency_s) as cluster:
+        with EmulatedCluster(args.hosts, bandwidths, latency_s, args.congestion_control) as cluster:
             return run_on_cluster(cluster, command, args.port, args.timeout)
     except ClusterInterrupted as exc:
         print(f"shunter: interrupted by {exc}; stopped the ranks and removed the cluster", file=sys.stderr)

@@ -50,6 +50,13 @@ BURST_TIME_S = 0.004
 BURST_MIN_BYTES = 64 * 1024
 # tbf's queue: packets waiting longer than this are dropped, as a switch's shallow buffer would.
 QUEUE_LATENCY_S = 0.05
+# Every host's TCP congestion control. Loss-based, as Linux's default (cubic) and most clusters run;
+# cubic itself is not allowed inside namespaces on every machine, reno is. BBR sizes its window from
+# the smallest round trip it saw (~10 us on a veth), so whenever queues at busy ports delay its ACKs
+# it stalls: on 400/320/200/160 Mbit/s ports the 160 Mbit/s host sent at 0.3-0.6 of its rate while it
+# also received, and a mixed layer's scheduled dispatch took 1.21x the bound under BBR, 1.14x under reno.
+DEFAULT_CONGESTION_CONTROL = "reno"
+ALLOWED_CONGESTION_CONTROL = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
 # After SIGTERM, a rank's process group gets this long before SIGKILL.
 TERM_WAIT_S = 5.0
 
@@ -163,7 +170,8 @@ class _Signals:
 class EmulatedCluster:
     """N hosts in network namespaces behind one switch, host i's port shaped to bandwidth_bytes_s[i]
     in both directions; latency_s (one way: every packet is delayed once, on the switch port of the
-    host it goes to, so a round trip takes twice it) is added with netem when > 0.
+    host it goes to, so a round trip takes twice it) is added with netem when > 0; every host's TCP
+    runs congestion_control (see DEFAULT_CONGESTION_CONTROL).
 
     `with EmulatedCluster(...) as cluster:` creates everything (or nothing: a failed setup is rolled
     back) and removes it on the way out, on an exception, and on SIGINT/SIGTERM, which raise
@@ -172,7 +180,13 @@ class EmulatedCluster:
     Attributes, one entry per host: namespaces (names), addresses ('10.x.y.z'), interfaces (the
     host's interface name inside its namespace), bandwidth_bytes_s."""
 
-    def __init__(self, num_hosts: int, bandwidth_bytes_s: float | Sequence[float], latency_s: float = 0.0):
+    def __init__(
+        self,
+        num_hosts: int,
+        bandwidth_bytes_s: float | Sequence[float],
+        latency_s: float = 0.0,
+        congestion_control: str = DEFAULT_CONGESTION_CONTROL,
+    ):
         if not 1 <= num_hosts <= MAX_HOSTS:
             raise ShunterError(f"--hosts: need between 1 and {MAX_HOSTS} hosts, got {num_hosts}")
         rates = (
@@ -190,6 +204,9 @@ class EmulatedCluster:
         self.num_hosts = num_hosts
         self.bandwidth_bytes_s = rates
         self.latency_s = float(latency_s)
+        if not re.fullmatch(r"[a-z0-9_]+", congestion_control):
+            raise ShunterError(f"--congestion-control: not a congestion control name: {congestion_control!r}")
+        self.congestion_control = congestion_control
         self.tag = ""
         self.switch_namespace = ""
         self.bridge = ""
@@ -269,6 +286,7 @@ class EmulatedCluster:
             run_net_tool(["ip", "-n", namespace, "addr", "add", f"{self.addresses[host]}/24", "dev", inside])
             run_net_tool(["ip", "-n", namespace, "link", "set", inside, "up"])
             run_net_tool(["ip", "-n", namespace, "link", "set", "lo", "up"])
+            self._set_congestion_control(namespace)
             rate = self.bandwidth_bytes_s[host]
             self._shape(namespace, inside, rate, 0.0)  # what host i sends
             # What host i receives. The delay goes here, past the veth, and not on the sender's own
@@ -280,6 +298,20 @@ class EmulatedCluster:
         # Remembered before it exists: interrupted half way, `ip netns add` may still have made it.
         self._created.append(name)
         run_net_tool(["ip", "netns", "add", name])
+
+    def _set_congestion_control(self, namespace: str) -> None:
+        setting = f"net.ipv4.tcp_congestion_control={self.congestion_control}"
+        result = run_net_tool(["ip", "netns", "exec", namespace, "sysctl", "-qw", setting], check=False)
+        if result.returncode != 0:
+            try:
+                with open(ALLOWED_CONGESTION_CONTROL) as allowed_file:
+                    allowed = allowed_file.read().strip()
+            except OSError:
+                allowed = "unknown"
+            raise ShunterError(
+                f"--congestion-control: the hosts cannot use {self.congestion_control!r} (this machine "
+                f"allows: {allowed}, from {ALLOWED_CONGESTION_CONTROL})"
+            )
 
     def _shape(self, namespace: str, device: str, rate_bytes_s: float, latency_s: float) -> None:
         rate = f"{max(round(rate_bytes_s * 8), 1)}bit"
