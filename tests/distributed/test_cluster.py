@@ -268,7 +268,8 @@ def test_run_prefixes_every_rank_and_sets_torchrun_variables(unchanged_network, 
 
 @needs_root
 def test_hosts_run_the_chosen_congestion_control(unchanged_network, capsys) -> None:
-    program = [sys.executable, "-c", "print(open('/proc/sys/net/ipv4/tcp_congestion_control').read().strip())"]
+    read = "print(open('/proc/sys/net/ipv4/tcp_congestion_control').read().strip())"
+    program = [sys.executable, "-c", read]
     allowed = Path(ALLOWED_CONGESTION_CONTROL).read_text().split()
     for name in [None, *allowed]:
         chosen = [] if name is None else ["--congestion-control", name]

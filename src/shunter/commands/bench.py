@@ -323,7 +323,8 @@ def print_a2a_table(report: dict) -> None:
     calibration = report["calibration"]
     rates = ", ".join(f"{b * 8 / 1e6:g}" for b in report["bandwidth_bytes_s"])
     print(
-        f"{report['hosts']} hosts, ports {rates} Mbit/s, TCP {report.get('congestion_control', '?')}; one flow sustains {calibration['efficiency']:.3f} "
+        f"{report['hosts']} hosts, ports {rates} Mbit/s, TCP {report.get('congestion_control', '?')}; "
+        f"one flow sustains {calibration['efficiency']:.3f} "
         f"of the shaped rate, all pairs at once {calibration['concurrent_efficiency']:.3f} of that after "
         f"{calibration['concurrent_startup_s'] * 1e3:.0f} ms, one flow per port "
         f"{calibration['matching_efficiency']:.3f} after {calibration['round_startup_s'] * 1e3:.1f} ms "
