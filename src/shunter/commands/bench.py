@@ -328,7 +328,7 @@ def print_a2a_table(report: dict) -> None:
         f"of the shaped rate, all pairs at once {calibration['concurrent_efficiency']:.3f} of that after "
         f"{calibration['concurrent_startup_s'] * 1e3:.0f} ms, one flow per port "
         f"{calibration['matching_efficiency']:.3f} after {calibration['round_startup_s'] * 1e3:.1f} ms "
-        f"a round, two flows into one port {calibration.get('shared_port_efficiency', 1.0):.3f}; "
+        f"a round, a port flows meet at {calibration.get('shared_port_efficiency', 1.0):.3f}; "
         "latency "
         f"{calibration['latency_s'] * 1e6:.0f} us; {report['tokens_per_layer']} tokens "
         f"x {report['row_bytes']} B per layer; median of {report['reps']} after {report['warmup']} warm-up"

@@ -39,7 +39,7 @@ from shunter.dist.moe import contiguous_placement, rows_between_ranks
 from shunter.dist.runtime import init_from_environment, run_rank
 from shunter.errors import ShunterError
 from shunter.model.loader import default_trace_path
-from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all, simulate_baseline
+from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all
 from shunter.plan.traffic import routed_counts
 from shunter.sim.cost import fair_share_time_s, sender_queue_time_s
 from shunter.trace.routing_trace import load_trace
@@ -186,7 +186,7 @@ def _fit_shared_port_efficiency(
     seed = most_contended_seed(unit_bytes, rates)
 
     def fluid_s(rows: np.ndarray) -> float:
-        return simulate_baseline(rows * 4.0, rates, "random_order", seed=seed, record=False).makespan_s
+        return sender_queue_time_s(rows * 4.0, rates, "random_order", seed, 0.0)
 
     efficiency, _ = _fit_pattern(
         rank, pattern, unit_rows, "random_order", fluid_s, bandwidth, links, group, seed
@@ -199,14 +199,11 @@ def most_contended_seed(traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray
     deliver 0.8 of their rate: the send order that tells a shared port's efficiency apart best."""
 
     def growth(seed: int) -> float:
-        times = [
-            simulate_baseline(
-                traffic_bytes, bandwidth_bytes_s, "random_order", seed=seed, record=False,
-                shared_port_efficiency=share,
-            ).makespan_s
+        slow, fluid = (
+            sender_queue_time_s(traffic_bytes, bandwidth_bytes_s, "random_order", seed, 0.0, share)
             for share in (0.8, 1.0)
-        ]  # fmt: skip
-        return times[0] / times[1]
+        )
+        return slow / fluid
 
     return max(range(seeds), key=growth)
 
@@ -219,10 +216,7 @@ def solve_shared_port_efficiency(
     clipped at the ends)."""
 
     def time_s(share: float) -> float:
-        return simulate_baseline(
-            traffic_bytes, bandwidth_bytes_s, "random_order", seed=seed, record=False,
-            shared_port_efficiency=share,
-        ).makespan_s  # fmt: skip
+        return sender_queue_time_s(traffic_bytes, bandwidth_bytes_s, "random_order", seed, 0.0, share)
 
     low, high = MIN_SHARED_PORT_EFFICIENCY, 1.0
     if time_s(high) >= target_s:
