@@ -97,7 +97,8 @@ def test_calibration_line_recovers_startup_and_efficiency():
 
 
 def test_shared_port_efficiency_solves_the_closed_form_incast():
-    from shunter.dist.a2a import MIN_SHARED_PORT_EFFICIENCY, solve_shared_port_efficiency
+    from shunter.dist.a2a import MIN_PORT_SHARE, solve_share
+    from shunter.sim.cost import sender_queue_time_s
 
     # Ranks 1 and 2 each send S bytes to rank 0, every port B bytes/s: both flows share port 0, so
     # the fluid time is 2 S / (c B) for a shared-port efficiency c.
@@ -105,12 +106,15 @@ def test_shared_port_efficiency_solves_the_closed_form_incast():
     traffic = np.zeros((3, 3))
     traffic[1, 0] = traffic[2, 0] = size
     bandwidth = np.full(3, rate)
+
+    def random_order_s(share):
+        return sender_queue_time_s(traffic, bandwidth, "random_order", 0, 0.0, share)
+
     for share in (0.95, 0.7, 0.3):
-        solved = solve_shared_port_efficiency(traffic, bandwidth, 0, 2 * size / (share * rate))
-        assert solved == pytest.approx(share, rel=1e-6)
+        assert solve_share(random_order_s, 2 * size / (share * rate)) == pytest.approx(share, rel=1e-6)
     # faster than a fluid: 1; slower than the floor explains: the floor
-    assert solve_shared_port_efficiency(traffic, bandwidth, 0, size / rate) == 1.0
-    assert solve_shared_port_efficiency(traffic, bandwidth, 0, 1e3) == MIN_SHARED_PORT_EFFICIENCY
+    assert solve_share(random_order_s, size / rate) == 1.0
+    assert solve_share(random_order_s, 1e3) == MIN_PORT_SHARE
 
 
 def test_the_calibration_seed_is_the_order_where_flows_meet_the_most():

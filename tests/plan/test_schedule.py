@@ -14,6 +14,7 @@ from shunter.plan.schedule import (
     matching_lower_bound_s,
     max_min_fair_rates,
     merge_short_rounds,
+    port_efficiency_by_flows,
     port_lower_bound_s,
     schedule_all_to_all,
     schedule_violations,
@@ -204,6 +205,27 @@ def test_a_shared_receiving_port_delivers_its_measured_share() -> None:
     ).makespan_s == pytest.approx(40.0)
     with pytest.raises(ValueError, match="shared_port_efficiency"):
         simulate_baseline(traffic, 10.0, "random_order", shared_port_efficiency=0.0)
+
+
+def test_a_crowded_port_side_delivers_less_the_more_flows_cross_it() -> None:
+    """Oracle: hand computation on 4 ports of 10 B/s, crowded efficiency 0.6, so a side crossed by
+    1, 2, 3 flows delivers 10, 8, 6 B/s. All pairs, 120 B each: every side carries 3 flows, 2 B/s
+    each, 60 s (36 s as a fluid). Ranks 1 and 2 send 100 B each to rank 0: rank 0's receiving side
+    carries 2, 4 B/s each, 25 s (20 s as a fluid). One flow alone: 10 s either way."""
+    assert port_efficiency_by_flows(4, 0.6).tolist() == pytest.approx([1.0, 1.0, 0.8, 0.6])
+    assert port_efficiency_by_flows(2, 0.6).tolist() == [1.0, 1.0]
+    uniform = np.full((4, 4), 120.0)
+    incast = np.zeros((4, 4))
+    incast[1, 0] = incast[2, 0] = 100.0
+    alone = np.zeros((4, 4))
+    alone[1, 0] = 100.0
+    for traffic, fluid_s, crowded_s in ((uniform, 36.0, 60.0), (incast, 20.0, 25.0), (alone, 10.0, 10.0)):
+        assert simulate_baseline(traffic, 10.0, "fair_share").makespan_s == pytest.approx(fluid_s)
+        crowded = simulate_baseline(traffic, 10.0, "fair_share", crowded_port_efficiency=0.6)
+        assert crowded.makespan_s == pytest.approx(crowded_s)
+        assert schedule_violations(crowded.schedule, traffic, 10.0) == []
+    with pytest.raises(ValueError, match="crowded_port_efficiency"):
+        simulate_baseline(uniform, 10.0, "fair_share", crowded_port_efficiency=1.5)
 
 
 @settings(max_examples=60, deadline=None)

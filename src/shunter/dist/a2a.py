@@ -49,7 +49,7 @@ DEFAULT_ROW_BYTES = 4096 * 2  # one Mixtral-sized hidden state in bf16
 ELEMENT = torch.float32  # rows are opaque bytes on the wire; fp32 is what every backend moves
 CALIBRATION_SCALES = (1, 2, 4)  # probe sizes of each calibration pattern, in probe units
 CALIBRATION_REPS = 5
-MIN_SHARED_PORT_EFFICIENCY = 0.05  # the solver's floor: below it random order is not what is measured
+MIN_PORT_SHARE = 0.05  # solve_share's floor: a port delivering less is not what is being measured
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,10 @@ class LinkCalibration:
     efficiency: one flow alone, measured rate / shaped rate (median over ordered pairs).
     latency_s: half a tiny message's round trip (median).
     concurrent_efficiency, concurrent_startup_s: a uniform all-to-all (every pair at once, equal
-        sizes, two sizes) takes concurrent_startup_s + the fluid fair-share time at efficiency x
-        shaped rates / concurrent_efficiency. TCP flows sharing a shaped port do not fill it as a
-        fluid would (queues, ramp-up, one transport thread per rank on shared cores); the simulator
-        is told so for runs with many flows per port.
+        sizes, three sizes) takes concurrent_startup_s + the fluid fair-share time at efficiency x
+        shaped rates with every port side that n - 1 flows cross delivering concurrent_efficiency
+        of its rate (fewer flows: more, plan.schedule.port_efficiency_by_flows). TCP flows sharing
+        a shaped port do not fill it as a fluid would (queues, ACKs behind data, ramp-up).
     matching_efficiency, round_startup_s: the same fit for one flow per port (every rank sends to
         the next, run as a schedule): what one round of a matching schedule sustains, and what
         starting a round costs.
@@ -99,9 +99,8 @@ def predict_s(
     """The simulator's time for one all-to-all run with `strategy` on the calibrated network."""
     sustained = bandwidth_bytes_s * calibration.efficiency
     if strategy == "all_to_all":
-        concurrent = sustained * calibration.concurrent_efficiency
         startup = max(calibration.concurrent_startup_s, calibration.latency_s)
-        return fair_share_time_s(traffic_bytes, concurrent, startup)
+        return fair_share_time_s(traffic_bytes, sustained, startup, calibration.concurrent_efficiency)
     if strategy == "scheduled":
         # The schedule was planned on the shaped rates; every rate scales by the same efficiency.
         busy = int((schedule.round_durations_s() > 0).sum())
@@ -157,10 +156,18 @@ def calibrate(
     # at two sizes: time = startup + fluid time at `off` x shaped rates / efficiency.
     every_pair = np.ones((world, world), dtype=np.int64)
     shift = np.roll(np.eye(world, dtype=np.int64), 1, axis=1)  # rank i -> rank i + 1
-    concurrent, startup = _fit_pattern(
+    rates = bandwidth * off
+    uniform_efficiency, startup = _fit_pattern(
         rank, every_pair, probe.numel(), "all_to_all",
-        lambda rows: fair_share_time_s(rows * 4.0, bandwidth * off, 0.0), bandwidth, links, group,
+        lambda rows: fair_share_time_s(rows * 4.0, rates, 0.0), bandwidth, links, group,
     )  # fmt: skip
+    # On equal ports every side carries n - 1 flows throughout and the share is that efficiency itself;
+    # on mixed ports the fast ports' flows end first, so it is solved for.
+    unit_bytes = every_pair * probe.numel() * 4.0
+    concurrent = solve_share(
+        lambda share: fair_share_time_s(unit_bytes, rates, 0.0, share),
+        fair_share_time_s(unit_bytes, rates, 0.0) / uniform_efficiency,
+    )
     matching, round_startup = _fit_pattern(
         rank, shift, probe.numel(), "scheduled",
         lambda rows: schedule_all_to_all(rows * 4.0, bandwidth * off).makespan_s, bandwidth, links, group,
@@ -191,7 +198,10 @@ def _fit_shared_port_efficiency(
     efficiency, _ = _fit_pattern(
         rank, pattern, unit_rows, "random_order", fluid_s, bandwidth, links, group, seed
     )
-    return solve_shared_port_efficiency(unit_bytes, rates, seed, fluid_s(pattern * unit_rows) / efficiency)
+    return solve_share(
+        lambda share: sender_queue_time_s(unit_bytes, rates, "random_order", seed, 0.0, share),
+        fluid_s(pattern * unit_rows) / efficiency,
+    )
 
 
 def most_contended_seed(traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray, seeds: int = 16) -> int:
@@ -208,17 +218,10 @@ def most_contended_seed(traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray
     return max(range(seeds), key=growth)
 
 
-def solve_shared_port_efficiency(
-    traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray, seed: int, target_s: float
-) -> float:
-    """The shared-port efficiency in [MIN_SHARED_PORT_EFFICIENCY, 1] at which random order's fluid
-    time for this traffic and seed is target_s (bisection: the time falls as the efficiency grows;
-    clipped at the ends)."""
-
-    def time_s(share: float) -> float:
-        return sender_queue_time_s(traffic_bytes, bandwidth_bytes_s, "random_order", seed, 0.0, share)
-
-    low, high = MIN_SHARED_PORT_EFFICIENCY, 1.0
+def solve_share(time_s: Callable[[float], float], target_s: float) -> float:
+    """The share in [MIN_PORT_SHARE, 1] at which time_s(share) == target_s, for a time that falls as
+    the share of a port's rate grows (bisection; clipped at the ends)."""
+    low, high = MIN_PORT_SHARE, 1.0
     if time_s(high) >= target_s:
         return high
     if time_s(low) <= target_s:

@@ -627,6 +627,7 @@ def simulate_baseline(
     seed: int = 0,
     record: bool = True,
     shared_port_efficiency: float = 1.0,
+    crowded_port_efficiency: float = 1.0,
 ) -> BaselineResult:
     """Makespan (and, with record, the Schedule) of an all-to-all run without a plan.
 
@@ -638,12 +639,16 @@ def simulate_baseline(
     shared_port_efficiency (sender queues only): the share of its bandwidth a receiving port
         delivers while two or more flows meet there (1: a fluid; TCP flows meeting at a shaped
         port fill less of it, measured by `shunter.dist.a2a.calibrate`).
+    crowded_port_efficiency (fair_share only): the share of its bandwidth one side of a port
+        delivers while n - 1 flows cross it; see port_efficiency_by_flows.
     """
     matrix = off_diagonal(traffic_bytes)
     n = matrix.shape[0]
     bandwidth = _bandwidth_vector(bandwidth_bytes_s, n)
     if policy == "fair_share":
-        return _simulate_fair_share(matrix, bandwidth, record)
+        if not 0 < crowded_port_efficiency <= 1:
+            raise ValueError(f"crowded_port_efficiency must be in (0, 1], got {crowded_port_efficiency}")
+        return _simulate_fair_share(matrix, bandwidth, record, crowded_port_efficiency)
     if policy not in ("random_order", "shortest_first"):
         raise ValueError(f"unknown baseline policy {policy!r}")
     if not 0 < shared_port_efficiency <= 1:
@@ -712,15 +717,36 @@ def max_min_fair_rates(src: np.ndarray, dst: np.ndarray, bandwidth_bytes_s: np.n
     return rate
 
 
-def _simulate_fair_share(matrix: np.ndarray, bandwidth: np.ndarray, record: bool) -> BaselineResult:
+def port_efficiency_by_flows(num_ports: int, crowded_port_efficiency: float) -> np.ndarray:
+    """[num_ports] the share of its bandwidth one side (send or receive) of a port delivers while k
+    flows cross it, at index k: 1 for one flow, falling linearly to crowded_port_efficiency at
+    num_ports - 1 flows (every other port), which is what a uniform all-to-all probe measures.
+    TCP flows sharing a shaped port fill less of it the more of them there are."""
+    flows = np.arange(num_ports, dtype=np.float64)
+    if num_ports <= 2:
+        return np.ones(num_ports)
+    return 1.0 - (1.0 - crowded_port_efficiency) * np.clip(flows - 1, 0, None) / (num_ports - 2)
+
+
+def _simulate_fair_share(
+    matrix: np.ndarray, bandwidth: np.ndarray, record: bool, crowded_port_efficiency: float = 1.0
+) -> BaselineResult:
     n = matrix.shape[0]
     src, dst = np.nonzero(matrix)
     remaining = matrix[src, dst].copy()
     recorder = _Recorder(n, "fair_share", record)
+    by_flows = port_efficiency_by_flows(n, crowded_port_efficiency)
     elapsed = 0.0
     events = 0
     while src.size:
-        rate = max_min_fair_rates(src, dst, bandwidth)
+        if crowded_port_efficiency == 1.0:
+            rate = max_min_fair_rates(src, dst, bandwidth)
+        else:
+            # Send and receive sides get their own capacities: ports 0..n-1 send, n..2n-1 receive
+            # (max_min_fair_rates gives each of its ports both sides; the unused ones carry nothing).
+            sending = bandwidth * by_flows[np.bincount(src, minlength=n)]
+            receiving = bandwidth * by_flows[np.bincount(dst, minlength=n)]
+            rate = max_min_fair_rates(src, dst + n, np.concatenate([sending, receiving]))
         finish = remaining / rate
         step = finish.min()
         done = finish <= step * (1 + 1e-12)

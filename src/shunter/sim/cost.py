@@ -57,14 +57,22 @@ def schedule_time_s(schedule: Schedule, latency_s: float) -> float:
 
 
 def fair_share_time_s(
-    traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray | float, latency_s: float
+    traffic_bytes: np.ndarray,
+    bandwidth_bytes_s: np.ndarray | float,
+    latency_s: float,
+    crowded_port_efficiency: float = 1.0,
 ) -> float:
     """An all-to-all with every flow started at once and ports shared max-min fairly: all flows
-    wait the same latency, then plan.schedule's fluid fair-share simulation runs."""
+    wait the same latency, then plan.schedule's fluid fair-share simulation runs (a port side
+    crossed by n - 1 flows delivering crowded_port_efficiency of its rate, fewer flows more:
+    plan.schedule.port_efficiency_by_flows)."""
     matrix = off_diagonal(traffic_bytes)
     if not matrix.any():
         return 0.0
-    return latency_s + simulate_baseline(matrix, bandwidth_bytes_s, "fair_share", record=False).makespan_s
+    fluid = simulate_baseline(
+        matrix, bandwidth_bytes_s, "fair_share", record=False, crowded_port_efficiency=crowded_port_efficiency
+    )
+    return latency_s + fluid.makespan_s
 
 
 def sender_queue_time_s(
