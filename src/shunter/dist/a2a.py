@@ -120,8 +120,8 @@ def calibrate(
     rank: int, world: int, bandwidth: np.ndarray, probe_bytes: int, links: Links, group=None
 ) -> LinkCalibration:
     """Time each ordered pair alone (probe_bytes) and a 4-byte ping-pong between ranks 0 and 1, then
-    fit the all-pairs and one-flow-per-port patterns (the latter sent over `links`, as the schedule
-    is)."""
+    fit the all-pairs, one-flow-per-port and random-order patterns (the point-to-point ones sent
+    over `links`, as the strategies are)."""
     probe = torch.empty(max(probe_bytes // 4, 1), dtype=ELEMENT)
     efficiency = np.ones((world, world))
     # Twice over: the first pass warms every connection up; the second is kept.
@@ -152,8 +152,8 @@ def calibrate(
     (latency,) = _slowest([float(np.median(round_trips[5:])) / 2 if rank == 0 else 0.0], group)
     off = float(np.median(efficiency[~np.eye(world, dtype=bool)]))
 
-    # Every pair at once (all_to_all), and one flow per port (a shift permutation, scheduled), each
-    # at two sizes: time = startup + fluid time at `off` x shaped rates / efficiency.
+    # Every pair at once (all_to_all), one flow per port (a shift permutation, scheduled) and every
+    # pair in random order, each at CALIBRATION_SCALES sizes: time = startup + fluid time / efficiency.
     every_pair = np.ones((world, world), dtype=np.int64)
     shift = np.roll(np.eye(world, dtype=np.int64), 1, axis=1)  # rank i -> rank i + 1
     rates = bandwidth * off
@@ -170,7 +170,7 @@ def calibrate(
     )
     matching, round_startup = _fit_pattern(
         rank, shift, probe.numel(), "scheduled",
-        lambda rows: schedule_all_to_all(rows * 4.0, bandwidth * off).makespan_s, bandwidth, links, group,
+        lambda rows: schedule_all_to_all(rows * 4.0, rates).makespan_s, bandwidth, links, group,
     )  # fmt: skip
     shared = 1.0
     if world >= 3:
