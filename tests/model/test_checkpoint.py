@@ -39,7 +39,9 @@ def test_sharded_checkpoint_loads_and_gives_the_same_logits(tiny_checkpoint):
     assert len(list(sharded.glob("*.safetensors"))) > 1
     expected = load_model(single).model.forward(ONE_SEQUENCE)
     actual = load_model(sharded).model.forward(ONE_SEQUENCE)
-    assert torch.equal(actual, expected)
+    # the weights are bit-equal (tested in the loader); the logits may differ in the last ulp since
+    # tensors memory-mapped from other files sit at other alignments, which picks other SIMD paths
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
 
 
 def test_bf16_checkpoint_runs_in_bf16_and_tracks_transformers(tiny_checkpoint):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sysconfig
 from pathlib import Path
@@ -129,3 +130,58 @@ def test_resume_may_change_the_number_of_steps_but_nothing_else(corpus, tmp_path
     Trainer(TINY, corpus, tmp_path / "other", log=lambda _: None).run(stop_after=3)
     with pytest.raises(ShunterError, match=r"different configuration \(lr\)"):
         Trainer(other, corpus, tmp_path / "other", log=lambda _: None).run(resume=True)
+
+
+def test_a_directory_shunter_did_not_write_is_never_replaced(corpus, tmp_path, capsys):
+    """`--out` naming a user's directory (here holding a file) is refused before any work, and the
+    file survives; --overwrite is the one way to replace it."""
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("precious")
+    argv = ["train", "--out", str(user_dir), "--corpus", str(corpus), "--steps", "1"]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (user_dir / "notes.txt").read_text() == "precious"
+    assert not (tmp_path / "mine.work").exists()
+
+
+def test_a_model_shunter_wrote_is_replaced_by_the_next_export(corpus, tmp_path):
+    Trainer(TINY, corpus, tmp_path / "model", tmp_path / "w1", log=lambda _: None).run()
+    first = (tmp_path / "model" / "model.safetensors").read_bytes()
+    other = dataclasses.replace(TINY, seed=1)
+    Trainer(other, corpus, tmp_path / "model", tmp_path / "w2", log=lambda _: None).run()
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() != first
+    assert not list(tmp_path.glob(".model.*"))
+
+
+def test_overwrite_replaces_a_users_directory(corpus, tmp_path):
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("old")
+    Trainer(TINY, corpus, user_dir, log=lambda _: None, overwrite=True).run()
+    assert not (user_dir / "notes.txt").exists()
+    assert (user_dir / "config.json").is_file()
+
+
+def test_a_finished_run_resumes_at_its_last_step(corpus, tmp_path):
+    """A finished 6-step run resumed with --steps 8 continues at step 6 (its recorded losses are the
+    first run's, then two more steps), instead of starting over."""
+    messages: list[str] = []
+    finished = Trainer(TINY, corpus, tmp_path / "model", log=lambda _: None).run()
+    longer = dataclasses.replace(TINY, steps=8)
+    resumed = Trainer(longer, corpus, tmp_path / "model", log=messages.append).run(resume=True)
+    assert any("resumed at step 6" in m for m in messages)
+    assert resumed.losses[:6] == finished.losses
+    assert [step for step, _, _ in resumed.losses[6:]] == [6, 7]
+
+
+def test_resume_without_a_checkpoint_is_refused(corpus, tmp_path):
+    with pytest.raises(ShunterError, match="no checkpoint to resume"):
+        Trainer(TINY, corpus, tmp_path / "model", log=lambda _: None).run(resume=True)
+
+
+def test_resume_refuses_a_changed_architecture_after_a_finished_run(corpus, tmp_path):
+    Trainer(TINY, corpus, tmp_path / "model", log=lambda _: None).run()
+    wider = dataclasses.replace(TINY, hidden_size=64, steps=8)
+    with pytest.raises(ShunterError, match=r"different configuration \(hidden_size\)"):
+        Trainer(wider, corpus, tmp_path / "model", log=lambda _: None).run(resume=True)

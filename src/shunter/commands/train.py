@@ -2,7 +2,9 @@
 
 Every TrainConfig field is a flag (--hidden-size 256) and a key of an optional TOML file
 (--config train.toml; flags win). The corpus defaults to the standard library of the running
-interpreter. State is saved every --checkpoint-every steps in DIR.work; --resume continues it.
+interpreter. State is saved every --checkpoint-every steps and at the end in DIR.work; --resume continues it
+(also a finished run, with more --steps). DIR is replaced only if it is empty or a model Shunter
+wrote; --overwrite replaces anything.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=Path, default=None, help="work directory (default: OUT.work)")
     p.add_argument("--config", type=Path, default=None, help="TOML file with TrainConfig keys")
     p.add_argument("--resume", action="store_true", help="continue from the work directory's checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT even if it holds files Shunter did not write (default: refuse)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -64,7 +71,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     corpus = args.corpus if args.corpus is not None else stdlib_dir()
-    trainer = Trainer(config, corpus, args.out, args.work)
+    trainer = Trainer(config, corpus, args.out, args.work, overwrite=args.overwrite)
     result = trainer.run(resume=args.resume)
     assert result is not None
     summary = {

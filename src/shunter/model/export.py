@@ -123,18 +123,45 @@ def mixtral_tensors(spec: ModelSpec, weights: ModelWeights) -> dict[str, torch.T
     return {name: t.detach().to(dtype).clone().contiguous() for name, t in out.items()}
 
 
+# Written into every model directory Shunter makes: only such a directory (or an empty one) is
+# replaced by a later export without `overwrite`.
+OUTPUT_MARKER = ".shunter-model"
+
+
+def check_replaceable(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse an output directory that holds anything Shunter did not write, unless overwrite says so.
+
+    Called before any long work, and again just before the rename that replaces the directory."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise ShunterError(f"{out_dir}: exists and is not a directory; choose another output path")
+    if overwrite or (out_dir / OUTPUT_MARKER).is_file() or not any(out_dir.iterdir()):
+        return
+    raise ShunterError(
+        f"{out_dir}: directory is not empty and is not a model Shunter wrote; choose a new path, "
+        "or pass --overwrite to replace it"
+    )
+
+
 def save_checkpoint(
     config: dict[str, Any],
     weights: ModelWeights,
     out_dir: str | Path,
     tokenizer_json: str | Path | None = None,
     extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write config.json, model.safetensors (and tokenizer.json, and extra text files) into out_dir,
-    atomically: everything goes to a sibling temporary directory that replaces out_dir at the end."""
-    out_dir = Path(out_dir)
+    atomically: everything goes to a sibling temporary directory that replaces out_dir at the end.
+
+    An existing out_dir is replaced only if it is empty, was written by Shunter (it holds
+    OUTPUT_MARKER), or `overwrite` is set; anything else is refused before a byte is written."""
+    out_dir = Path(os.path.abspath(out_dir))
     spec = spec_from_config(config, source=str(out_dir / "config.json"))
     tensors = mixtral_tensors(spec, weights)
+    check_replaceable(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir.parent, os.W_OK):
         raise ShunterError(f"{out_dir.parent}: directory is not writable")
@@ -146,13 +173,20 @@ def save_checkpoint(
             shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
+        (staging / OUTPUT_MARKER).write_text("written by shunter; a later export may replace this directory\n")
         # mkdtemp makes a private directory; a model directory is as readable as any other
         os.chmod(staging, 0o755)
         for file in staging.iterdir():
             os.chmod(file, 0o644)
+        check_replaceable(out_dir, overwrite)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+            # move the old directory aside first, so a failure between the two renames loses nothing
+            retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+            os.replace(out_dir, retired / out_dir.name)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from shunter.errors import ShunterError
-from shunter.model.export import mixtral_config, random_weights, save_checkpoint
+from shunter.model.export import check_replaceable, mixtral_config, random_weights, save_checkpoint
 from shunter.model.spec import ModelSpec, spec_from_config
 from shunter.model.tokenizer import END_OF_TEXT, Tokenizer, train_byte_level_bpe
 from shunter.model.weights import ModelWeights
@@ -159,13 +159,16 @@ class Trainer:
         out_dir: Path,
         work_dir: Path | None = None,
         log: Callable[[str], None] | None = None,
+        overwrite: bool = False,
     ) -> None:
         config.validate()
-        self.config, self.out_dir = config, Path(out_dir)
+        self.config, self.out_dir = config, Path(os.path.abspath(out_dir))
+        self.overwrite = overwrite
         self.work_dir = Path(work_dir) if work_dir else self.out_dir.with_name(self.out_dir.name + ".work")
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.progress = log or _progress_to_stderr
         _check_writable(self.out_dir)
+        check_replaceable(self.out_dir, overwrite)
         self.corpus = Corpus.from_path(Path(corpus_root), config.heldout_percent)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = self._tokenizer()
@@ -221,6 +224,10 @@ class Trainer:
         )
         start_step, losses, train_seconds = 0, [], 0.0
         state_path = self.work_dir / self.STATE
+        if resume and not state_path.is_file():
+            raise ShunterError(
+                f"{state_path}: no checkpoint to resume; run without --resume to start training"
+            )
         if state_path.is_file():
             if not resume:
                 raise ShunterError(
@@ -247,12 +254,18 @@ class Trainer:
                     p.copy_(saved)
             optimizer.load_state_dict(state["optimizer"])
             start_step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
-            self.log(f"resumed from {state_path} at step {start_step}")
+            if start_step > config.steps:
+                raise ShunterError(
+                    f"{state_path}: the checkpoint is at step {start_step}, past --steps {config.steps}; "
+                    f"pass --steps {start_step} or more"
+                )
+            self.log(f"resumed at step {start_step} from {state_path}")
 
         tokens_per_step = config.batch_size * config.seq_len
         window_started, window_steps = time.perf_counter(), 0
         end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
         completed = start_step
+        last_saved = start_step if resume else None
         try:
             for step in range(start_step, end):
                 for group in optimizer.param_groups:
@@ -283,12 +296,18 @@ class Trainer:
                     )
                 if completed % config.checkpoint_every == 0:
                     self._save_state(params, optimizer, completed, losses, train_seconds)
+                    last_saved = completed
         except KeyboardInterrupt:
             # an interrupted optimizer step may have left weights half-updated: keep the last checkpoint
-            saved = f"the last checkpoint in {state_path}" if state_path.is_file() else "no checkpoint yet"
-            raise ShunterError(f"interrupted at step {completed}; {saved}; rerun with --resume") from None
-        if completed < config.steps:
+            if last_saved is not None:
+                advice = f"the checkpoint in {state_path} is at step {last_saved}; rerun with --resume"
+            else:
+                advice = "nothing was saved yet (no checkpoint); rerun to start over"
+            raise ShunterError(f"interrupted at step {completed}; {advice}") from None
+        # the final state is kept too, so a finished run can be resumed with more --steps
+        if completed != start_step or not state_path.is_file():
             self._save_state(params, optimizer, completed, losses, train_seconds)
+        if completed < config.steps:
             return None
 
         heldout = self.evaluate(weights)
@@ -359,6 +378,7 @@ class Trainer:
             self.out_dir,
             tokenizer_json=self.tokenizer.path,
             extra_files={"training.json": json.dumps(summary, indent=1) + "\n"},
+            overwrite=self.overwrite,
         )
 
     def spec_config(self) -> dict[str, Any]:
