@@ -173,7 +173,7 @@ def save_checkpoint(
             shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
-        (staging / OUTPUT_MARKER).write_text("written by shunter; a later export may replace this directory\n")
+        (staging / OUTPUT_MARKER).write_text("written by shunter: a later export may replace this\n")
         # mkdtemp makes a private directory; a model directory is as readable as any other
         os.chmod(staging, 0o755)
         for file in staging.iterdir():
