@@ -22,19 +22,19 @@ import numpy as np
 from shunter.commands.cluster import add_congestion_control_argument
 from shunter.commands.common import print_json
 from shunter.commands.generate import MAX_PLANNED_BATCHES
-from shunter.dist.a2a import DEFAULT_ROW_BYTES
-from shunter.dist.cluster import (
+from shunter.errors import ShunterError
+from shunter.model.checkpoint import Checkpoint
+from shunter.model.loader import default_trace_path, resolve_model_dir
+from shunter.model.spec import load_spec
+from shunter.offload import bench as offload_bench
+from shunter.parallel.a2a import DEFAULT_ROW_BYTES
+from shunter.parallel.cluster import (
     DEFAULT_PORT,
     EmulatedCluster,
     check_environment,
     parse_host_bandwidths,
     run_on_cluster,
 )
-from shunter.errors import ShunterError
-from shunter.model.checkpoint import Checkpoint
-from shunter.model.loader import default_trace_path, resolve_model_dir
-from shunter.model.spec import load_spec
-from shunter.offload import bench as offload_bench
 from shunter.sim.predict import check_trace_against, read_plan
 from shunter.trace.routing_trace import load_trace
 from shunter.units import format_bytes, parse_bytes
@@ -168,7 +168,7 @@ def run_a2a(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="shunter-a2a-") as scratch:
         result_path = Path(scratch) / "result.json"
         command = [
-            sys.executable, "-m", "shunter.dist.a2a",
+            sys.executable, "-m", "shunter.parallel.a2a",
             "--trace", str(trace_path.resolve()),
             "--layers", str(args.layers), "--tokens", str(args.tokens), "--row-bytes", str(args.row_bytes),
             "--reps", str(args.reps), "--warmup", str(args.warmup), "--timeout", str(args.timeout),

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shunter.dist.cluster import (
+from shunter.errors import ShunterError
+from shunter.parallel.cluster import (
     DEFAULT_CONGESTION_CONTROL,
     DEFAULT_GRACE_S,
     DEFAULT_PORT,
@@ -19,7 +20,6 @@ from shunter.dist.cluster import (
     parse_latency,
     run_on_cluster,
 )
-from shunter.errors import ShunterError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -84,7 +84,7 @@ def test_small_run_reports_every_strategy_and_cleans_up(tmp_path):
 
 
 def test_calibration_line_recovers_startup_and_efficiency():
-    from shunter.dist.a2a import fit_startup_and_efficiency
+    from shunter.parallel.a2a import fit_startup_and_efficiency
 
     fluid = np.array([0.25, 0.5, 1.0])
     efficiency, startup = fit_startup_and_efficiency(fluid, 0.03 + fluid / 0.8)
@@ -97,7 +97,7 @@ def test_calibration_line_recovers_startup_and_efficiency():
 
 
 def test_shared_port_efficiency_solves_the_closed_form_incast():
-    from shunter.dist.a2a import MIN_PORT_SHARE, solve_share
+    from shunter.parallel.a2a import MIN_PORT_SHARE, solve_share
     from shunter.sim.cost import sender_queue_time_s
 
     # Ranks 1 and 2 each send S bytes to rank 0, every port B bytes/s: both flows share port 0, so
@@ -118,7 +118,7 @@ def test_shared_port_efficiency_solves_the_closed_form_incast():
 
 
 def test_the_calibration_seed_is_the_order_where_flows_meet_the_most():
-    from shunter.dist.a2a import most_contended_seed
+    from shunter.parallel.a2a import most_contended_seed
 
     def growth(traffic, bandwidth, seed):
         times = [

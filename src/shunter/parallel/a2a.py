@@ -4,7 +4,7 @@ beside the lower bound and the simulator's prediction for the same traffic.
 Run one process per host (`shunter bench a2a` launches it on the emulated cluster; torchrun works
 too):
 
-    python -m shunter.dist.a2a --trace T.npz --bandwidth 400Mbit/s --out result.json
+    python -m shunter.parallel.a2a --trace T.npz --bandwidth 400Mbit/s --out result.json
 
 Per MoE layer of the trace: tokens start evenly spread over the ranks (`token_home_devices`),
 each (token, choice) goes to the rank holding its expert (a plan's exclusive placement, or even
@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shunter.dist.cluster import parse_host_bandwidths
-from shunter.dist.exchange import STRATEGIES, Links, Strategy, exchange, open_links, plan_exchange
-from shunter.dist.moe import contiguous_placement, rows_between_ranks
-from shunter.dist.runtime import init_from_environment, run_rank
 from shunter.errors import ShunterError
 from shunter.model.loader import default_trace_path
+from shunter.parallel.cluster import parse_host_bandwidths
+from shunter.parallel.exchange import STRATEGIES, Links, Strategy, exchange, open_links, plan_exchange
+from shunter.parallel.moe import contiguous_placement, rows_between_ranks
+from shunter.parallel.runtime import init_from_environment, run_rank
 from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all
 from shunter.plan.traffic import routed_counts
 from shunter.sim.cost import fair_share_time_s, sender_queue_time_s
@@ -313,7 +313,9 @@ def time_exchanges(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m shunter.dist.a2a", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m shunter.parallel.a2a", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--trace", default=None, help="routing trace .npz (default: the built-in model's)")
     parser.add_argument(
         "--bandwidth", default=None, help=f"shaped port rate(s); default ${BANDWIDTH_VARIABLE}"

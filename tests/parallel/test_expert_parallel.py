@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shunter.dist.exchange import rank_rounds, rows_per_round
+from shunter.parallel.exchange import rank_rounds, rows_per_round
 from shunter.plan.schedule import schedule_all_to_all, simulate_baseline
 from shunter.sim.cost import sender_queue_time_s
 
@@ -99,7 +99,7 @@ def test_sender_queue_time_single_sender_closed_form():
 )
 def test_builtin_model_matches_single_process(nproc, tokens, placement):
     args = ["--json", "--tokens", tokens] + (["--placement", placement] if placement else [])
-    result = torchrun(nproc, "shunter.dist.check", *args)
+    result = torchrun(nproc, "shunter.parallel.check", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["ok"]
@@ -114,7 +114,7 @@ def test_builtin_model_matches_single_process(nproc, tokens, placement):
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_families_with_shared_experts_and_group_routing(tiny_checkpoint, family):
     model = tiny_checkpoint(family)
-    result = torchrun(2, "shunter.dist.check", str(model), "--json", "--tokens", "6,3")
+    result = torchrun(2, "shunter.parallel.check", str(model), "--json", "--tokens", "6,3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["ok"]
 
@@ -124,7 +124,7 @@ def test_not_launched_by_torchrun_is_one_clear_line():
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     }
     result = subprocess.run(
-        [sys.executable, "-m", "shunter.dist.check"], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-m", "shunter.parallel.check"], capture_output=True, text=True, env=env, timeout=60
     )
     assert result.returncode == 2
     assert "launch with torchrun" in result.stderr and "Traceback" not in result.stderr
@@ -145,7 +145,7 @@ def test_a_rank_killed_mid_exchange_fails_the_others_fast(tmp_path):
                 [
                     sys.executable,
                     "-m",
-                    "shunter.dist.a2a",
+                    "shunter.parallel.a2a",
                     "--bandwidth",
                     "1GB/s",
                     "--tokens",

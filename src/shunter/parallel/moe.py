@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shunter.dist.exchange import Links, Strategy, exchange, open_links, plan_exchange
 from shunter.errors import ShunterError
 from shunter.model.layers import (
     add_shared_experts,
@@ -34,6 +33,7 @@ from shunter.model.layers import (
 )
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, MLPWeights, MoEWeights
+from shunter.parallel.exchange import Links, Strategy, exchange, open_links, plan_exchange
 from shunter.plan.schedule import Schedule
 from shunter.plan.traffic import shares_from_device_of_expert
 
@@ -80,7 +80,7 @@ class ExpertParallelMoE:
         weights: the router and shared experts (every rank), and the routed experts this rank holds:
             `local_experts[e]` for every e with device_of_expert[e] == rank.
         device_of_expert [E]: the rank holding each expert (an exclusive placement).
-        strategy: how the all-to-alls run (`shunter.dist.exchange`).
+        strategy: how the all-to-alls run (`shunter.parallel.exchange`).
         bandwidth_bytes_s [n]: port bandwidths the "scheduled" strategy plans for.
         seed: the send order of "random_order" (dispatch; combine uses seed + 1).
         group: the ranks holding the experts (None: the default group).

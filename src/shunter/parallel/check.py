@@ -1,7 +1,7 @@
 """Check the expert-parallel MoE block against the single-process one, on a real process group.
 
-    torchrun --nproc-per-node 4 -m shunter.dist.check [MODEL] [--tokens 5,0,17,3] [--json]
-    shunter cluster run --hosts 4 --bandwidth 1Gbit/s -- python -m shunter.dist.check
+    torchrun --nproc-per-node 4 -m shunter.parallel.check [MODEL] [--tokens 5,0,17,3] [--json]
+    shunter cluster run --hosts 4 --bandwidth 1Gbit/s -- python -m shunter.parallel.check
 
 Every rank builds the same random hidden states (seeded), takes its own slice (uneven sizes,
 zero allowed), runs one MoE layer of MODEL expert-parallel with every dispatch strategy, and
@@ -19,20 +19,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shunter.dist.exchange import STRATEGIES
-from shunter.dist.moe import ExpertParallelMoE, check_placement, contiguous_placement
-from shunter.dist.runtime import init_from_environment, run_rank
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.layers import moe_block
 from shunter.model.loader import DEFAULT_MODEL, DTYPE_NAMES, resolve_model_dir
 from shunter.model.spec import load_spec
 from shunter.model.weights import CheckpointLayout
+from shunter.parallel.exchange import STRATEGIES
+from shunter.parallel.moe import ExpertParallelMoE, check_placement, contiguous_placement
+from shunter.parallel.runtime import init_from_environment, run_rank
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m shunter.dist.check", description=__doc__.split("\n\n")[0]
+        prog="python -m shunter.parallel.check", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model directory or built-in name")
     parser.add_argument("--layer", type=int, default=None, help="which MoE layer (default: the first)")

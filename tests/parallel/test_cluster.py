@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from shunter.commands import cluster as cluster_command
-from shunter.dist.cluster import (
+from shunter.errors import ShunterError
+from shunter.parallel.cluster import (
     ALLOWED_CONGESTION_CONTROL,
     BURST_MIN_BYTES,
     DEFAULT_CONGESTION_CONTROL,
@@ -31,7 +32,6 @@ from shunter.dist.cluster import (
     run_on_cluster,
     tbf_burst_bytes,
 )
-from shunter.errors import ShunterError
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(
