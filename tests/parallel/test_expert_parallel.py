@@ -10,15 +10,22 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shunter.cli import main as cli_main
 from shunter.parallel.exchange import rank_rounds, rows_per_round
+from shunter.parallel.moe import rows_between_ranks, split_by_shares
+from shunter.plan.document import ExpertSlots, load_plan
 from shunter.plan.schedule import schedule_all_to_all, simulate_baseline
 from shunter.sim.cost import sender_queue_time_s
+from shunter.trace.synthetic import zipf_trace
+
+EMULATED_4 = Path(__file__).resolve().parents[2] / "examples" / "cluster-emulated-4.toml"
 
 
 def _free_port() -> int:
@@ -77,6 +84,33 @@ def test_rounds_move_every_row_exactly_once(case):
         assert (np.delete(received, np.arange(received.size)[local_recv]) == 1).all()
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.integers(0, 30), min_size=3, max_size=3),
+    st.lists(st.integers(1, 9), min_size=2, max_size=3),
+)
+def test_split_by_shares_is_largest_remainder_rounding(counts_of_ranks, weights):
+    """Oracle: brute force over every way to split each rank's count among the replicas, keeping
+    the ones whose parts are within 1 of count * share: the split sums exactly, lies within one row
+    of its ideal, and gives the extra rows to the largest remainders."""
+    share = np.array(weights, float) / sum(weights)
+    slots = ExpertSlots(
+        np.arange(len(share)) % 3, np.zeros(len(share), dtype=np.int64), share, num_experts=1, num_devices=3
+    )
+    counts = np.array(counts_of_ranks)[:, None]
+    parts = split_by_shares(counts, slots)
+    ideal = counts * share
+    np.testing.assert_array_equal(parts.sum(axis=1), counts[:, 0])
+    assert np.all(np.abs(parts - ideal) < 1)
+    for rank in range(len(counts)):
+        up = parts[rank] > np.floor(ideal[rank])
+        remainder = ideal[rank] - np.floor(ideal[rank])
+        if up.any() and (~up).any():
+            assert remainder[up].min() >= remainder[~up].max() - 1e-12
+    rows = rows_between_ranks(counts, slots)
+    assert rows.sum() == counts.sum()
+
+
 def test_sender_queue_time_single_sender_closed_form():
     # One sender, two flows in sequence: latency + bytes / B each.
     traffic = np.array([[0, 100.0, 300.0], [0, 0, 0], [0, 0, 0]])
@@ -109,6 +143,36 @@ def test_builtin_model_matches_single_process(nproc, tokens, placement):
     assert rows.shape == (nproc, nproc) and rows.sum() == 2 * sum(int(t) for t in tokens.split(","))
     if placement:
         assert rows[:, 1:3].sum() == 0
+
+
+def test_a_replicated_plan_splits_a_replicated_experts_tokens_and_matches_single_process(tmp_path):
+    """`shunter plan --replicate` on a skewed trace of the built-in model's shape replicates hot
+    experts; the check runs that plan's slots: outputs equal the single-process block, and each
+    replica of an expert gets its share of the expert's rows (within one row per sending rank)."""
+    trace = zipf_trace(6, 4096, 8, 2, 1.5, 0.5, 0)
+    trace.save(tmp_path / "skew.npz")
+    plan_path = tmp_path / "plan.json"
+    plan_args = ["--cluster", str(EMULATED_4), "--trace", str(tmp_path / "skew.npz"), "--replicate"]
+    status = cli_main(["plan", *plan_args, "--no-baselines", "--out", str(plan_path)])
+    assert status == 0
+    slots = load_plan(plan_path).slots(0)
+    assert not slots.is_exclusive
+    result = torchrun(
+        4, "shunter.parallel.check", "--json", "--tokens", "31,0,40,25", "--plan", str(plan_path)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ok"]
+    for strategy in ("all_to_all", "scheduled", "random_order"):
+        assert report[strategy]["max_abs_difference"] <= 1e-5
+    slot_rows = np.array(report["scheduled"]["slot_rows"])  # [n, S]
+    for expert in np.flatnonzero(slots.replica_count > 1):
+        columns = np.flatnonzero(slots.slot_expert == expert)
+        total = slot_rows[:, columns].sum()
+        assert total > 0
+        expected = total * slots.slot_share[columns]
+        assert np.all(np.abs(slot_rows[:, columns].sum(axis=0) - expected) <= 4)
+        assert np.all(slot_rows[:, columns].sum(axis=0) > 0)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])

@@ -17,8 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from shunter.commands.cluster import add_congestion_control_argument
 from shunter.commands.common import print_json
 from shunter.commands.generate import MAX_PLANNED_BATCHES
@@ -35,7 +33,7 @@ from shunter.parallel.cluster import (
     parse_host_bandwidths,
     run_on_cluster,
 )
-from shunter.sim.predict import check_trace_against, read_plan
+from shunter.plan.document import check_trace_against, load_plan
 from shunter.trace.routing_trace import load_trace
 from shunter.units import format_bytes, parse_bytes
 
@@ -60,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a2a.add_argument("--trace", default=None, help="routing trace .npz (default: the built-in model's)")
     a2a.add_argument(
-        "--plan", default=None, help="a plan from `shunter plan --out` (exclusive): its placement per layer"
+        "--plan", default=None, help="a plan from `shunter plan --out`: its placement (slots) per layer"
     )
     a2a.add_argument("--layers", type=int, default=2, help="MoE layers of the trace to run (default 2)")
     a2a.add_argument("--tokens", type=int, default=2048, help="tokens per layer (default 2048)")
@@ -296,27 +294,18 @@ def write_json_atomically(report: dict, path: Path) -> None:
         raise
 
 
-def _plan_placements(plan_path: str, trace, hosts: int, trace_path: Path) -> list[list[int]]:
-    try:
-        document = json.loads(Path(plan_path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ShunterError(f"{plan_path}: cannot read the plan: {exc}") from None
-    plan = read_plan(document, plan_path)
+def _plan_placements(plan_path: str, trace, hosts: int, trace_path: Path) -> list[dict[str, list]]:
+    """Each layer's slots (exclusive or replicated), as the ranks read them with --placement."""
+    plan = load_plan(plan_path)
+    if plan.mode == "colocated":
+        raise ShunterError(f"{plan_path}: a colocated plan places two models; bench a2a runs one")
     if plan.num_devices != hosts:
         raise ShunterError(
             f"{plan_path}: the plan places experts on {plan.num_devices} devices but --hosts is {hosts}; "
             f"make a plan for {hosts} devices"
         )
     check_trace_against(plan, trace, str(trace_path))
-    placements = []
-    for layer, shares in enumerate(plan.shares_a):
-        if plan.mode != "exclusive" or not np.all((shares == 0) | (shares == 1)):
-            raise ShunterError(
-                f"{plan_path}: layers[{layer}]: only exclusive placements (each expert on one device) "
-                f"run here; this plan is {plan.mode}"
-            )
-        placements.append(shares.argmax(axis=1).tolist())
-    return placements
+    return [plan.slots(layer).to_dict() for layer in range(plan.num_layers)]
 
 
 def print_a2a_table(report: dict) -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 from shunter.errors import ShunterError
 from shunter.model.loader import default_trace_path
 from shunter.plan.cluster import ClusterSpec, load_cluster
+from shunter.plan.document import document_from_plan, model_info_of_trace, write_plan
 from shunter.plan.planner import (
     DEFAULT_BYTES_PER_TOKEN,
     DEFAULT_FLOPS_PER_TOKEN,
@@ -74,10 +72,12 @@ def run(args: argparse.Namespace) -> int:
         args.trace = str(default_trace_path())
     trace = load_trace(args.trace)
     options = _options(args)
+    models = [trace]
     if args.colocate:
         if args.replicate:
             raise ShunterError("--replicate and --colocate cannot be combined (Lina replicates one model)")
-        plan = plan_colocated(cluster, trace, load_trace(args.colocate), options)
+        models.append(load_trace(args.colocate))
+        plan = plan_colocated(cluster, trace, models[1], options)
     else:
         profile = load_trace(args.profile) if args.profile else None
         if profile is not None and profile.num_experts != trace.num_experts:
@@ -85,12 +85,16 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.profile}: num_experts is {profile.num_experts}, {args.trace} has {trace.num_experts}"
             )
         plan = plan_exclusive(cluster, trace, options, profile=profile)
-    document = plan.to_dict(include_rounds=args.include_schedules)
-    document["inputs"] = {"cluster": str(args.cluster), "trace": str(args.trace), "colocate": args.colocate}
+    document = document_from_plan(
+        plan,
+        tuple(model_info_of_trace(t) for t in models),
+        {"cluster": str(args.cluster), "trace": str(args.trace), "colocate": args.colocate},
+        include_rounds=args.include_schedules,
+    )
     if args.out:
-        write_json_atomically(Path(args.out), document)
+        write_plan(document, args.out)
     if args.json:
-        json.dump(document, sys.stdout, indent=2)
+        json.dump(document.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print_table(plan, args)
@@ -118,20 +122,6 @@ def _options(args: argparse.Namespace) -> PlanOptions:
         baselines=not args.no_baselines,
         seed=args.seed,
     )
-
-
-def write_json_atomically(path: Path, document: dict[str, object]) -> None:
-    """Temp file in the same directory, then os.replace: readers never see half a plan."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _describe_cluster(cluster: ClusterSpec) -> str:

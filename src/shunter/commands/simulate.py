@@ -81,14 +81,9 @@ def _resolve(path_text: str, plan_path: Path, field: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from shunter.plan.cluster import load_cluster
+    from shunter.plan.document import check_plan_against, check_trace_against, load_plan
     from shunter.sim.cost import ComputeModel, parse_compute_profile
-    from shunter.sim.predict import (
-        SimulateOptions,
-        check_plan_against,
-        check_trace_against,
-        predict_plan,
-        read_plan,
-    )
+    from shunter.sim.predict import SimulateOptions, predict_plan
     from shunter.trace.routing_trace import load_trace
 
     latency_s = parse_seconds(args.latency, "--latency")
@@ -96,13 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise ShunterError(f"--efficiency: expected a share in (0, 1], got {args.efficiency}")
     cluster = load_cluster(args.cluster)
     plan_path = Path(args.plan)
-    if not plan_path.is_file():
-        raise ShunterError(f"{plan_path}: plan file not found")
-    try:
-        document = json.loads(plan_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShunterError(f"{plan_path}: not valid JSON: {exc}") from None
-    plan = read_plan(document, str(plan_path))
+    plan = load_plan(plan_path)
     notes = check_plan_against(plan, cluster, args.cluster)
     trace_path = Path(args.trace) if args.trace else None
     if trace_path is None:

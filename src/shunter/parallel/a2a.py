@@ -37,8 +37,9 @@ from shunter.errors import ShunterError
 from shunter.model.loader import default_trace_path
 from shunter.parallel.cluster import parse_host_bandwidths
 from shunter.parallel.exchange import STRATEGIES, Links, Strategy, exchange, open_links, plan_exchange
-from shunter.parallel.moe import contiguous_placement, rows_between_ranks
+from shunter.parallel.moe import as_slots, contiguous_placement, rows_between_ranks
 from shunter.parallel.runtime import init_from_environment, run_rank
+from shunter.plan.document import ExpertSlots, read_slots
 from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all
 from shunter.plan.traffic import routed_counts
 from shunter.sim.cost import fair_share_time_s, sender_queue_time_s
@@ -82,10 +83,12 @@ class LinkCalibration:
     pair_efficiency: list[list[float]]
 
 
-def layer_rows(expert_ids: np.ndarray, device_of_expert: np.ndarray, num_ranks: int) -> np.ndarray:
-    """[n, n] int64 rows from rank i to rank j for one layer's choices expert_ids [N, k]."""
-    counts = routed_counts(expert_ids, device_of_expert.shape[0], num_ranks)
-    return rows_between_ranks(counts, device_of_expert)
+def layer_rows(expert_ids: np.ndarray, placement: ExpertSlots | np.ndarray, num_ranks: int) -> np.ndarray:
+    """[n, n] int64 rows from rank i to rank j for one layer's choices expert_ids [N, k] under a
+    placement (slots, or an exclusive device_of_expert [E])."""
+    num_experts = placement.num_experts if isinstance(placement, ExpertSlots) else len(placement)
+    counts = routed_counts(expert_ids, num_experts, num_ranks)
+    return rows_between_ranks(counts, placement)
 
 
 def predict_s(
@@ -320,7 +323,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--bandwidth", default=None, help=f"shaped port rate(s); default ${BANDWIDTH_VARIABLE}"
     )
-    parser.add_argument("--placement", default=None, help="JSON file: device_of_expert per layer ([L][E])")
+    parser.add_argument(
+        "--placement", default=None, help="JSON file: per layer, a slot table or device_of_expert [E]"
+    )
     parser.add_argument("--layers", type=int, default=2, help="how many MoE layers of the trace (default 2)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per layer, from the trace's start")
     parser.add_argument("--row-bytes", type=int, default=DEFAULT_ROW_BYTES, help="bytes of one token row")
@@ -437,9 +442,11 @@ def _layer_line(entry: dict) -> str:
     )
 
 
-def _placements(path: str | None, num_experts: int, world: int, layers: int) -> list[np.ndarray]:
+def _placements(path: str | None, num_experts: int, world: int, layers: int) -> list[ExpertSlots]:
+    """Per layer, the slots in the --placement file: a list of slot tables ({device, expert, share}, as
+    in the plan document) or of device_of_expert lists; without a file, even blocks."""
     if path is None:
-        return [contiguous_placement(num_experts, world)] * layers
+        return [as_slots(contiguous_placement(num_experts, world), num_experts, world)] * layers
     try:
         document = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -448,13 +455,16 @@ def _placements(path: str | None, num_experts: int, world: int, layers: int) -> 
         raise ShunterError(f"{path}: expected a list of at least {layers} placements (one per layer)")
     out = []
     for layer, placement in enumerate(document[:layers]):
-        array = np.asarray(placement, dtype=np.int64)
-        if array.shape != (num_experts,) or array.min() < 0 or array.max() >= world:
+        where = f"{path}: [{layer}]"
+        try:
+            if isinstance(placement, dict):
+                placement = read_slots(placement, world, where)
+            out.append(as_slots(placement, num_experts, world))
+        except (ShunterError, TypeError, ValueError) as exc:
             raise ShunterError(
-                f"{path}: [{layer}]: need {num_experts} device indices in [0, {world}) "
-                f"(the plan has more devices than the cluster has hosts, or a different model)"
-            )
-        out.append(array)
+                f"{where}: {exc} (need {num_experts} experts on {world} devices: the plan has more "
+                "devices than the cluster has hosts, or is for a different model)"
+            ) from None
     return out
 
 

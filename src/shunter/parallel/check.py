@@ -1,6 +1,7 @@
 """Check the expert-parallel MoE block against the single-process one, on a real process group.
 
     torchrun --nproc-per-node 4 -m shunter.parallel.check [MODEL] [--tokens 5,0,17,3] [--json]
+    torchrun --nproc-per-node 4 -m shunter.parallel.check --plan plan.json   # a plan's slots
     shunter cluster run --hosts 4 --bandwidth 1Gbit/s -- python -m shunter.parallel.check
 
 Every rank builds the same random hidden states (seeded), takes its own slice (uneven sizes,
@@ -23,11 +24,12 @@ from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.layers import moe_block
 from shunter.model.loader import DEFAULT_MODEL, DTYPE_NAMES, resolve_model_dir
-from shunter.model.spec import load_spec
+from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.weights import CheckpointLayout
 from shunter.parallel.exchange import STRATEGIES
-from shunter.parallel.moe import ExpertParallelMoE, check_placement, contiguous_placement
+from shunter.parallel.moe import ExpertParallelMoE, as_slots, contiguous_placement
 from shunter.parallel.runtime import init_from_environment, run_rank
+from shunter.plan.document import ExpertSlots, check_model_against, load_plan
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--placement", default=None, help="rank of each expert, comma-separated (default: even blocks)"
+    )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        help="a plan from `shunter plan --out` for MODEL: run the layer's slots (exclusive or replicated, "
+        "a replicated expert's tokens split by the plan's shares)",
     )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max |difference| allowed (fp32)")
@@ -59,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     layer = _moe_layer(spec.moe_layers, args.layer)
     dtype = DTYPE_NAMES[args.dtype]
     tokens = _tokens_per_rank(args.tokens, world)
-    placement = (
-        contiguous_placement(spec.num_experts, world)
-        if args.placement is None
-        else check_placement([int(p) for p in args.placement.split(",")], spec.num_experts, world)
-    )
+    placement = _placement(args, spec, layer, world)
 
     generator = torch.Generator().manual_seed(args.seed)
     x_all = torch.randn(sum(tokens), spec.hidden_size, generator=generator).to(dtype)
@@ -76,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer": layer,
         "world_size": world,
         "tokens": tokens,
+        "slots": placement.to_dict(),
     }
     failures = []
     for strategy in STRATEGIES:
@@ -95,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             reference = moe_block(x_all, layout.moe(layer, dtype), spec).output
             difference = (torch.cat(gathered) - reference).abs().max().item() if x_all.numel() else 0.0  # type: ignore[arg-type]
-            report[strategy] = {"max_abs_difference": difference, "rows_moved": block.last.rows.tolist()}
+            report[strategy] = {
+                "max_abs_difference": difference,
+                "rows_moved": block.last.rows.tolist(),
+                "slot_rows": block.last.slot_rows.tolist(),
+            }
             if not difference <= args.tolerance:
                 failures.append(f"{strategy}: max |difference| {difference:.3g} > {args.tolerance:g}")
     if rank == 0:
@@ -109,6 +118,23 @@ def main(argv: list[str] | None = None) -> int:
             print("ok" if not failures else "FAILED: " + "; ".join(failures))
     dist.barrier()
     return 0 if not failures else 1
+
+
+def _placement(args: argparse.Namespace, spec: ModelSpec, layer: int, world: int) -> ExpertSlots:
+    if args.plan is not None and args.placement is not None:
+        raise ShunterError("--plan and --placement cannot be combined")
+    if args.plan is not None:
+        plan = load_plan(args.plan)
+        moe_layers = [i for i, is_moe in enumerate(spec.moe_layers) if is_moe]
+        check_model_against(plan, len(moe_layers), spec.num_experts, args.model)
+        return as_slots(plan.slots(moe_layers.index(layer)), spec.num_experts, world)
+    if args.placement is None:
+        return as_slots(contiguous_placement(spec.num_experts, world), spec.num_experts, world)
+    try:
+        device_of_expert = [int(p) for p in args.placement.split(",")]
+    except ValueError:
+        raise ShunterError(f"--placement: expected comma-separated ranks, got {args.placement!r}") from None
+    return as_slots(device_of_expert, spec.num_experts, world)
 
 
 def _moe_layer(moe_layers: tuple[bool, ...], wanted: int | None) -> int:

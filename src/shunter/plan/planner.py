@@ -142,9 +142,10 @@ def transposed(
 class LayerPlan:
     """The plan of one MoE layer.
 
-    placement: what goes where (Placement.to_dict / Colocation.to_dict); dispatch, combine: the
-    all-to-alls; compute_s [n]: expert compute per device; reference_*: the same layer without a
-    plan (see the module docstring); replication: Lina/EPLB load figures when replicating.
+    placement: what goes where, as printed (Placement.to_dict / Colocation.to_dict); placements:
+    the same, typed, one per model; dispatch, combine: the all-to-alls; compute_s [n]: expert
+    compute per device; reference_*: the same layer without a plan (see the module docstring);
+    replication: Lina/EPLB load figures when replicating.
     """
 
     layer: int
@@ -156,6 +157,7 @@ class LayerPlan:
     reference_layer_time_s: float
     reference_utilisation: float
     replication: dict[str, object] | None = None
+    placements: tuple[Placement, ...] = ()
 
     @property
     def layer_time_s(self) -> float:
@@ -409,4 +411,5 @@ def _layer_plan(
         reference_layer_time_s=reference_time,
         reference_utilisation=reference_utilisation,
         replication=replication,
+        placements=tuple(p for _, p in planned),
     )
