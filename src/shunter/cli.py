@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from shunter.errors import ShunterError
+from shunter.errors import FieldError, ShunterError
 
 COMMAND_MODULES = [
     "shunter.commands.generate",
@@ -38,11 +38,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_of(parser: argparse.ArgumentParser, args: argparse.Namespace, field: str) -> str:
+    """The flag of the command that ran which sets `field` (its argparse dest), else the field."""
+    for command in _parsers(parser):
+        if command.get_default("func") is not args.func:
+            continue
+        for action in command._actions:
+            if action.dest == field and action.option_strings:
+                return max(action.option_strings, key=len)
+    return field
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parser and every subcommand parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _parsers(child)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except FieldError as exc:
+        print(f"shunter: error: {exc.render(flag_of(parser, args, exc.field))}", file=sys.stderr)
+        return 2
     except ShunterError as exc:
         print(f"shunter: error: {exc}", file=sys.stderr)
         return 2

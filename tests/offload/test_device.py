@@ -118,9 +118,9 @@ def test_a_device_this_machine_cannot_use_is_a_clear_error():
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == torch.device("cpu")
-        with pytest.raises(ShunterError, match=r"--device cuda: .*no usable CUDA GPU"):
+        with pytest.raises(ShunterError, match=r"device cuda: .*no usable CUDA GPU"):
             resolve_device("cuda")
-    with pytest.raises(ShunterError, match="--device: expected cpu, cuda"):
+    with pytest.raises(ShunterError, match="device: expected cpu, cuda"):
         resolve_device("gpu0")
 
 

@@ -3,7 +3,6 @@ output and exit status, shaping, and that nothing is left behind however the run
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import queue
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from shunter.cli import main as cli_main
 from shunter.commands import cluster as cluster_command
 from shunter.errors import ShunterError
 from shunter.parallel.cluster import (
@@ -86,15 +86,8 @@ TRANSFER = textwrap.dedent(
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """cli.main with only the cluster command registered."""
-    parser = argparse.ArgumentParser(prog="shunter")
-    cluster_command.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        code = args.func(args)
-    except ShunterError as exc:
-        print(f"shunter: error: {exc}", file=sys.stderr)
-        code = 2
+    """cli.main, as the command line runs it."""
+    code = cli_main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -379,3 +372,9 @@ def test_gloo_all_reduce_runs_unchanged(unchanged_network, capsys) -> None:
         "[host 0] sum [3.0, 3.0, 3.0, 3.0]",
         "[host 1] sum [3.0, 3.0, 3.0, 3.0]",
     ]
+
+
+def test_the_library_names_the_field_and_the_command_line_the_flag() -> None:
+    """Used as a library, an error names the parameter; through the CLI, the flag that set it."""
+    with pytest.raises(ShunterError, match=r"^congestion_control: not a congestion control name"):
+        EmulatedCluster(2, 1e9, congestion_control="x; y")

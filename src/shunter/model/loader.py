@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from shunter.errors import ShunterError
+from shunter.errors import FieldError, ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.executor import InMemoryModel
 from shunter.model.layers import pack_linear_weight
@@ -71,7 +71,7 @@ def load_model(model: str | Path, dtype: str | None = None, pack: bool = True) -
     path = resolve_model_dir(model)
     spec = load_spec(path)
     if dtype is not None and dtype not in DTYPE_NAMES:
-        raise ShunterError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        raise FieldError("dtype", f"{dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     torch_dtype = DTYPE_NAMES[dtype] if dtype else spec.torch_dtype
     weights = load_weights(spec, Checkpoint(path), torch_dtype)
     if pack:

@@ -17,27 +17,27 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from shunter.errors import ShunterError
+from shunter.errors import FieldError
 from shunter.model.weights import map_tensors
 
 W = TypeVar("W")
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """--device: 'cpu', 'cuda', 'cuda:N', or None/'auto' for the GPU when one is usable."""
+    """The device named 'cpu', 'cuda', 'cuda:N', or None/'auto' for the GPU when one is usable."""
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ShunterError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}") from None
+        raise FieldError("device", f"expected cpu, cuda, cuda:N or auto, got {name!r}") from None
     if device.type not in ("cpu", "cuda"):
-        raise ShunterError(f"--device: {name!r} is not supported (cpu or cuda)")
+        raise FieldError("device", f"{name!r} is not supported (cpu or cuda)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ShunterError(f"--device {name}: this torch build or machine has no usable CUDA GPU")
+            raise FieldError("device", "this torch build or machine has no usable CUDA GPU", name)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ShunterError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise FieldError("device", f"only {torch.cuda.device_count()} CUDA device(s) here", name)
     return device
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import IO, TextIO
 
-from shunter.errors import ShunterError
+from shunter.errors import FieldError, ShunterError
 from shunter.units import parse_bandwidth
 
 PREFIX = "shnt"
@@ -188,24 +188,24 @@ class EmulatedCluster:
         congestion_control: str = DEFAULT_CONGESTION_CONTROL,
     ):
         if not 1 <= num_hosts <= MAX_HOSTS:
-            raise ShunterError(f"--hosts: need between 1 and {MAX_HOSTS} hosts, got {num_hosts}")
+            raise FieldError("hosts", f"need between 1 and {MAX_HOSTS} hosts, got {num_hosts}")
         rates = (
             [float(bandwidth_bytes_s)] * num_hosts
             if isinstance(bandwidth_bytes_s, int | float)
             else [float(rate) for rate in bandwidth_bytes_s]
         )
         if len(rates) != num_hosts:
-            raise ShunterError(f"--bandwidth: {len(rates)} bandwidths for {num_hosts} hosts")
+            raise FieldError("bandwidth", f"{len(rates)} bandwidths for {num_hosts} hosts")
         for host, rate in enumerate(rates):
             if not rate > 0:
-                raise ShunterError(f"--bandwidth (host {host}): bandwidth must be positive, got {rate}")
+                raise FieldError("bandwidth", f"bandwidth must be positive, got {rate}", f"(host {host})")
         if not latency_s >= 0:
-            raise ShunterError(f"--latency: must not be negative, got {latency_s}")
+            raise FieldError("latency", f"must not be negative, got {latency_s}")
         self.num_hosts = num_hosts
         self.bandwidth_bytes_s = rates
         self.latency_s = float(latency_s)
         if not re.fullmatch(r"[a-z0-9_]+", congestion_control):
-            raise ShunterError(f"--congestion-control: not a congestion control name: {congestion_control!r}")
+            raise FieldError("congestion_control", f"not a congestion control name: {congestion_control!r}")
         self.congestion_control = congestion_control
         self.tag = ""
         self.switch_namespace = ""
@@ -308,9 +308,10 @@ class EmulatedCluster:
                     allowed = allowed_file.read().strip()
             except OSError:
                 allowed = "unknown"
-            raise ShunterError(
-                f"--congestion-control: the hosts cannot use {self.congestion_control!r} (this machine "
-                f"allows: {allowed}, from {ALLOWED_CONGESTION_CONTROL})"
+            raise FieldError(
+                "congestion_control",
+                f"the hosts cannot use {self.congestion_control!r} (this machine "
+                f"allows: {allowed}, from {ALLOWED_CONGESTION_CONTROL})",
             )
 
     def _shape(self, namespace: str, device: str, rate_bytes_s: float, latency_s: float) -> None:
@@ -328,9 +329,10 @@ class EmulatedCluster:
             result = run_net_tool(argv, check=False)
             if result.returncode != 0:
                 if "unknown" in result.stderr.lower():
-                    raise ShunterError(
-                        "--latency: this kernel has no netem qdisc (module sch_netem); "
-                        "try `modprobe sch_netem`, or run without --latency"
+                    raise FieldError(
+                        "latency",
+                        "this kernel has no netem qdisc (module sch_netem); "
+                        "try `modprobe sch_netem`, or run without a latency",
                     )
                 run_net_tool(argv)  # raises with the command and its stderr
 

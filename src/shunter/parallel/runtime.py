@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shunter.errors import ShunterError
+from shunter.errors import FieldError, ShunterError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -29,7 +29,7 @@ def init_from_environment(timeout_s: float, backend: str | None = None) -> tuple
             "`shunter cluster run --hosts N -- ...`"
         )
     if timeout_s <= 0:
-        raise ShunterError(f"--timeout: must be positive, got {timeout_s}")
+        raise FieldError("timeout", f"must be positive, got {timeout_s}")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

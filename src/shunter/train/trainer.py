@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shunter.errors import ShunterError
+from shunter.errors import FieldError, ShunterError
 from shunter.model.export import check_replaceable, mixtral_config, random_weights, save_checkpoint
 from shunter.model.spec import ModelSpec, spec_from_config
 from shunter.model.tokenizer import END_OF_TEXT, Tokenizer, train_byte_level_bpe
@@ -76,19 +76,21 @@ class TrainConfig:
         )
         for name in positive:
             if getattr(self, name) < 1:
-                raise ShunterError(
-                    f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}"
-                )
+                raise FieldError(name, f"must be at least 1, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
-            raise ShunterError(
-                f"--top-k: {self.top_k} is greater than the number of experts ({self.num_experts})"
+            raise FieldError(
+                "top_k", f"{self.top_k} is greater than the number of experts ({self.num_experts})"
             )
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ShunterError("--hidden-size must divide by --num-heads, and --num-heads by --num-kv-heads")
+            raise FieldError(
+                "hidden_size",
+                "must divide by num_heads (and num_heads by num_kv_heads)",
+                str(self.hidden_size),
+            )
         if self.seq_len > self.max_position_embeddings:
-            raise ShunterError(f"--seq-len {self.seq_len} exceeds --max-position-embeddings")
+            raise FieldError("seq_len", f"exceeds max_position_embeddings ({self.max_position_embeddings})")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
-            raise ShunterError(f"--save-dtype: {self.save_dtype!r} is not float32, bfloat16 or float16")
+            raise FieldError("save_dtype", f"{self.save_dtype!r} is not float32, bfloat16 or float16")
 
     def model_config(self, eos_token_id: int) -> dict[str, Any]:
         return mixtral_config(
