@@ -29,9 +29,9 @@ from shunter.parallel.cluster import (
     clean_leftovers,
     parse_host_bandwidths,
     parse_latency,
-    run_on_cluster,
     tbf_burst_bytes,
 )
+from shunter.parallel.launch import run_on_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(

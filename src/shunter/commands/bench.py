@@ -31,8 +31,8 @@ from shunter.parallel.cluster import (
     EmulatedCluster,
     check_environment,
     parse_host_bandwidths,
-    run_on_cluster,
 )
+from shunter.parallel.launch import run_on_cluster
 from shunter.plan.document import check_trace_against, load_plan
 from shunter.trace.routing_trace import load_trace
 from shunter.units import format_bytes, parse_bytes

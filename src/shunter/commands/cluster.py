@@ -10,7 +10,6 @@ import sys
 from shunter.errors import ShunterError
 from shunter.parallel.cluster import (
     DEFAULT_CONGESTION_CONTROL,
-    DEFAULT_GRACE_S,
     DEFAULT_PORT,
     ClusterInterrupted,
     EmulatedCluster,
@@ -18,8 +17,8 @@ from shunter.parallel.cluster import (
     clean_leftovers,
     parse_host_bandwidths,
     parse_latency,
-    run_on_cluster,
 )
+from shunter.parallel.launch import DEFAULT_GRACE_S, run_on_cluster
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
