@@ -17,8 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shunter.parallel.exchange import rank_rounds, rows_per_round
-from shunter.plan.schedule import schedule_all_to_all, simulate_baseline
-from shunter.sim.cost import sender_queue_time_s
+from shunter.plan.schedule import schedule_all_to_all
 
 
 def _free_port() -> int:
@@ -75,14 +74,6 @@ def test_rounds_move_every_row_exactly_once(case):
         assert (np.delete(sent, np.arange(sent.size)[local_send]) == 1).all()
         assert (sent[local_send] == 0).all()
         assert (np.delete(received, np.arange(received.size)[local_recv]) == 1).all()
-
-
-def test_sender_queue_time_single_sender_closed_form():
-    # One sender, two flows in sequence: latency + bytes / B each.
-    traffic = np.array([[0, 100.0, 300.0], [0, 0, 0], [0, 0, 0]])
-    expected = 2 * 0.5 + 400.0 / 10.0
-    assert sender_queue_time_s(traffic, 10.0, "random_order", 0, 0.5) == pytest.approx(expected)
-    assert simulate_baseline(traffic, 10.0, "random_order").makespan_s == pytest.approx(40.0)
 
 
 # ---------------------------------------------------------------------------------------------

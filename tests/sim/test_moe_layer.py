@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shunter.network.bounds import port_lower_bound_s
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.placement import placement_from_devices
-from shunter.plan.schedule import port_lower_bound_s, schedule_all_to_all
+from shunter.plan.schedule import schedule_all_to_all
 from shunter.sim.cost import ComputeModel
 from shunter.sim.moe_layer import (
     LayerCosts,

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shunter.plan.schedule import Schedule, merge_short_rounds, schedule_all_to_all, sender_queues
+from shunter.network.fluid import sender_queues
+from shunter.plan.schedule import Schedule, merge_short_rounds, schedule_all_to_all
 
 Strategy = Literal["all_to_all", "scheduled", "random_order"]
 STRATEGIES: tuple[Strategy, ...] = ("all_to_all", "scheduled", "random_order")

@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 
 from shunter.errors import ShunterError
+from shunter.network.bounds import port_lower_bound_s
+from shunter.network.fluid import simulate_baseline
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.placement import (
     ColocatedInstance,
@@ -38,7 +40,7 @@ from shunter.plan.replication import (
     max_over_mean_load,
     plan_lina_layer,
 )
-from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all, simulate_baseline
+from shunter.plan.schedule import Schedule, schedule_all_to_all
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, tokens_per_device
 from shunter.trace.routing_trace import RoutingTrace
 

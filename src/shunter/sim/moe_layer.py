@@ -20,10 +20,13 @@ from typing import Literal
 
 import numpy as np
 
+from shunter.network.bounds import off_diagonal
+from shunter.network.cost import fair_share_time_s
+from shunter.network.fluid import simulate_baseline
 from shunter.plan.cluster import ClusterSpec
-from shunter.plan.schedule import off_diagonal, schedule_all_to_all, simulate_baseline
+from shunter.plan.schedule import schedule_all_to_all
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, token_home_devices, tokens_per_device
-from shunter.sim.cost import ComputeModel, MoEShapes, fair_share_time_s
+from shunter.sim.cost import ComputeModel, MoEShapes
 from shunter.sim.timeline import Collective, Compute, Op, Timeline, TimelineOptions, run_timeline
 
 Transport = Literal["planned", "fair_share", "random_order", "shortest_first"]
@@ -93,7 +96,7 @@ def all_to_all_time_s(
     planned: the optimal matching schedule (plan.schedule.schedule_all_to_all), round by round,
         each round paying latency_s.
     fair_share: every flow at once, ports shared max-min fairly, one latency.
-    random_order / shortest_first (RCS / SJF): plan.schedule's sender-queue simulation; each
+    random_order / shortest_first (RCS / SJF): network.fluid's sender-queue simulation; each
         sender's messages go one after another, so the busiest sender's message count times
         latency_s is added (exact with latency_s = 0, the paper's model).
     """

@@ -12,7 +12,7 @@ The graph is a list of ops, each naming the ops it waits for:
   when its last byte arrives.
 Networks:
 - "fair_share": all started collectives share the ports; flows start after the per-message latency
-  and are shared max-min fairly (cost.FluidNetwork) — what plain NCCL/TCP transports approach.
+  and are shared max-min fairly (network.fluid.FluidNetwork) — what plain NCCL/TCP transports approach.
 - "planned": each collective runs its own matching schedule (its planned_s, latency included)
   with the network to itself; collectives queue for it (ready time, then list order).
 Priority (Lina): a low-priority collective (an allreduce micro-op) starts only when no
@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from shunter.sim.cost import FluidNetwork
+from shunter.network.fluid import FluidNetwork
 
 NetworkMode = Literal["fair_share", "planned"]
 
