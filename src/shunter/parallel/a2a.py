@@ -44,8 +44,9 @@ from shunter.network.calibration import (
     most_contended_seed,
 )
 from shunter.network.cost import fair_share_time_s, sender_queue_time_s
+from shunter.network.transport import STRATEGIES, Strategy
 from shunter.parallel.cluster import parse_host_bandwidths
-from shunter.parallel.exchange import STRATEGIES, Links, Strategy, exchange, open_links, plan_exchange
+from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
 from shunter.parallel.moe import contiguous_placement, rows_between_ranks
 from shunter.parallel.runtime import init_from_environment, run_rank
 from shunter.plan.schedule import Schedule, schedule_all_to_all

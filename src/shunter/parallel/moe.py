@@ -33,7 +33,8 @@ from shunter.model.layers import (
 )
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, MLPWeights, MoEWeights
-from shunter.parallel.exchange import Links, Strategy, exchange, open_links, plan_exchange
+from shunter.network.transport import Strategy
+from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
 from shunter.plan.schedule import Schedule
 from shunter.plan.traffic import shares_from_device_of_expert
 

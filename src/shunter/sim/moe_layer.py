@@ -16,20 +16,18 @@ GPU utilisation = compute time / inference time, per device (mean reported).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from shunter.network.bounds import off_diagonal
 from shunter.network.cost import fair_share_time_s
 from shunter.network.fluid import simulate_baseline
+from shunter.network.transport import TimelineTransport, Transport
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.schedule import schedule_all_to_all
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, token_home_devices, tokens_per_device
 from shunter.sim.cost import ComputeModel, MoEShapes
 from shunter.sim.timeline import Collective, Compute, Op, Timeline, TimelineOptions, run_timeline
-
-Transport = Literal["planned", "fair_share", "random_order", "shortest_first"]
 
 
 @dataclass(frozen=True)
@@ -204,7 +202,7 @@ def colocated_ops(
 def simulate_exclusive(
     layers: list[LayerCosts],
     cluster: ClusterSpec,
-    network: Literal["planned", "fair_share"],
+    network: TimelineTransport,
     latency_s: float,
 ) -> Timeline:
     """One model, exclusive placement, every layer in turn."""
@@ -216,7 +214,7 @@ def simulate_colocated(
     layers_b: list[LayerCosts],
     cluster: ClusterSpec,
     interleaved: bool,
-    network: Literal["planned", "fair_share"] = "fair_share",
+    network: TimelineTransport = "fair_share",
     latency_s: float = 0.0,
 ) -> Timeline:
     """Two colocated models (interleaved per Aurora Table 2, or one after the other)."""

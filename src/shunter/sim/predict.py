@@ -16,7 +16,6 @@ Memory: every layer's experts stay resident.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
@@ -29,8 +28,6 @@ from shunter.sim.cost import ComputeModel, expert_bytes_per_device
 from shunter.sim.moe_layer import LayerCosts, TokenCosts, layer_costs, simulate_colocated, simulate_exclusive
 from shunter.sim.timeline import Timeline
 from shunter.trace.routing_trace import RoutingTrace
-
-NetworkChoice = Literal["planned", "fair_share"]
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
 from shunter.network.fluid import FluidNetwork
-
-NetworkMode = Literal["fair_share", "planned"]
+from shunter.network.transport import TimelineTransport
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ Op = Compute | Collective
 
 @dataclass(frozen=True)
 class TimelineOptions:
-    network: NetworkMode = "fair_share"
+    network: TimelineTransport = "fair_share"
     latency_s: float = 0.0
     priority: bool = False
 
