@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shunter.network.calibration import LinkCalibration
 from shunter.network.cost import (
+    all_to_all_time_s,
     fair_share_time_s,
     flow_time_s,
     ring_allreduce_flows,
@@ -15,6 +17,8 @@ from shunter.network.cost import (
 )
 from shunter.network.fluid import simulate_baseline
 from shunter.network.schedule import Schedule
+from shunter.network.transport import Transport, UnplannedTransport
+from shunter.plan.schedule import schedule_all_to_all
 from shunter.sim.timeline import Collective, Compute, TimelineOptions, run_timeline
 
 
@@ -110,3 +114,39 @@ def test_sender_queue_time_single_sender_closed_form():
     expected = 2 * 0.5 + 400.0 / 10.0
     assert sender_queue_time_s(traffic, 10.0, "random_order", 0, 0.5) == pytest.approx(expected)
     assert simulate_baseline(traffic, 10.0, "random_order").makespan_s == pytest.approx(40.0)
+
+
+@pytest.mark.parametrize("transport", ["fair_share", "random_order", "shortest_first"])
+def test_an_unplanned_all_to_all_without_latency_takes_its_fluid_simulation_exactly(
+    transport: UnplannedTransport,
+) -> None:
+    """Oracle: fluid.simulate_baseline's makespan, bit for bit (the planner's baselines are these)."""
+    traffic = np.random.default_rng(5).integers(0, 10**6, (6, 6)).astype(float)
+    bandwidth = np.array([1e9, 4e8, 1e9, 2.5e8, 1e9, 4e8])
+    fluid = simulate_baseline(traffic, bandwidth, transport, seed=3, record=False).makespan_s
+    assert all_to_all_time_s(traffic, bandwidth, transport, seed=3) == fluid
+
+
+def test_a_planned_all_to_all_runs_its_schedule_and_needs_one() -> None:
+    """Oracle: schedule_time_s of the schedule given; without a schedule there is nothing to run."""
+    traffic = np.random.default_rng(6).integers(0, 1000, (5, 5)).astype(float)
+    schedule = schedule_all_to_all(traffic, 10.0)
+    assert all_to_all_time_s(traffic, 10.0, "planned", 0.5, schedule=schedule) == schedule_time_s(
+        schedule, 0.5
+    )
+    with pytest.raises(ValueError, match="schedule"):
+        all_to_all_time_s(traffic, 10.0, "planned", 0.5)
+
+
+@pytest.mark.parametrize("transport", ["planned", "fair_share", "random_order"])
+def test_an_ideal_calibration_predicts_what_the_ideal_network_does(transport: Transport) -> None:
+    """Oracle: the uncalibrated time with the same latency (efficiencies 1, startups 0), to rounding."""
+    traffic = np.random.default_rng(7).integers(0, 10**6, (5, 5)).astype(float)
+    bandwidth = np.array([1e9, 4e8, 1e9, 2.5e8, 1e9])
+    schedule = schedule_all_to_all(traffic, bandwidth)
+    ideal = LinkCalibration(1.0, 1e-4, 1.0, 0.0, 1.0, 0.0, 1.0, [])
+    calibrated = all_to_all_time_s(
+        traffic, bandwidth, transport, seed=2, schedule=schedule, calibration=ideal
+    )
+    plain = all_to_all_time_s(traffic, bandwidth, transport, 1e-4, 2, schedule=schedule)
+    assert calibrated == pytest.approx(plain, rel=1e-12)

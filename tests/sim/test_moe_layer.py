@@ -13,7 +13,7 @@ from shunter.sim.cost import ComputeModel
 from shunter.sim.moe_layer import (
     LayerCosts,
     TokenCosts,
-    all_to_all_time_s,
+    layer_all_to_all_s,
     layer_costs,
     simulate_colocated,
     simulate_exclusive,
@@ -42,7 +42,7 @@ def test_planned_all_to_all_is_the_port_bound_plus_one_latency_per_round() -> No
     traffic = np.random.default_rng(0).integers(0, 1000, (5, 5)).astype(float)
     rounds = schedule_all_to_all(traffic, 10.0).num_rounds
     expected = port_lower_bound_s(traffic, 10.0) + rounds * 0.5
-    assert all_to_all_time_s(traffic, np.full(5, 10.0), "planned", 0.5) == pytest.approx(expected)
+    assert layer_all_to_all_s(traffic, np.full(5, 10.0), "planned", 0.5) == pytest.approx(expected)
 
 
 def test_layer_compute_counts_tokens_where_they_live_and_where_their_expert_is() -> None:

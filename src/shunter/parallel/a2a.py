@@ -14,9 +14,9 @@ interleaved so drift hits all alike; a rep's time is the slowest rank's, between
 The simulator is told what the network sustains, measured first on the same group: each ordered
 pair alone moves a probe (the efficiency of a port: measured rate / shaped rate, median over
 pairs) and a tiny message ping-pongs (the per-message latency). Predictions then use
-`shunter.network.cost` with the shaped rates x that efficiency and that latency
-(`shunter.network.calibration` fits the rest from the times measured here). The lower bound is
-`port_lower_bound_s` at the same sustained rates (and, for reference, at the shaped rates).
+`shunter.network.cost.all_to_all_time_s` with that calibration (`shunter.network.calibration`
+fits it from the times measured here). The lower bound is `port_lower_bound_s` at the same
+sustained rates (and, for reference, at the shaped rates).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from shunter.network.calibration import (
     fit_startup_and_efficiency,
     most_contended_seed,
 )
-from shunter.network.cost import fair_share_time_s, sender_queue_time_s
-from shunter.network.transport import STRATEGIES, Strategy
+from shunter.network.cost import all_to_all_time_s, fair_share_time_s, sender_queue_time_s
+from shunter.network.transport import STRATEGIES, TRANSPORT_OF_STRATEGY, Strategy
 from shunter.parallel.cluster import parse_host_bandwidths
 from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
 from shunter.parallel.moe import contiguous_placement, rows_between_ranks
@@ -64,34 +64,6 @@ def layer_rows(expert_ids: np.ndarray, device_of_expert: np.ndarray, num_ranks: 
     """[n, n] int64 rows from rank i to rank j for one layer's choices expert_ids [N, k]."""
     counts = routed_counts(expert_ids, device_of_expert.shape[0], num_ranks)
     return rows_between_ranks(counts, device_of_expert)
-
-
-def predict_s(
-    strategy: Strategy,
-    traffic_bytes: np.ndarray,
-    schedule: Schedule,
-    bandwidth_bytes_s: np.ndarray,
-    calibration: LinkCalibration,
-    seed: int,
-) -> float:
-    """The simulator's time for one all-to-all run with `strategy` on the calibrated network."""
-    sustained = bandwidth_bytes_s * calibration.efficiency
-    if strategy == "all_to_all":
-        startup = max(calibration.concurrent_startup_s, calibration.latency_s)
-        return fair_share_time_s(traffic_bytes, sustained, startup, calibration.concurrent_efficiency)
-    if strategy == "scheduled":
-        # The schedule was planned on the shaped rates; every rate scales by the same efficiency.
-        busy = int((schedule.round_durations_s() > 0).sum())
-        rate = calibration.efficiency * calibration.matching_efficiency
-        return schedule.makespan_s / rate + busy * max(calibration.round_startup_s, calibration.latency_s)
-    return sender_queue_time_s(
-        traffic_bytes,
-        sustained,
-        "random_order",
-        seed,
-        calibration.latency_s,
-        calibration.shared_port_efficiency,
-    )
 
 
 def calibrate(
@@ -317,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         for strategy in STRATEGIES:
             total = times[strategy].sum(axis=1)
-            predicted = predict_s(strategy, traffic, schedules[0], bandwidth, calibration, seed) + predict_s(
-                strategy, traffic.T, schedules[1], bandwidth, calibration, seed + 1
+            transport = TRANSPORT_OF_STRATEGY[strategy]
+            predicted = all_to_all_time_s(
+                traffic, bandwidth, transport, seed=seed, schedule=schedules[0], calibration=calibration
+            ) + all_to_all_time_s(
+                traffic.T, bandwidth, transport, seed=seed + 1, schedule=schedules[1], calibration=calibration
             )
             median = float(np.median(total))
             entry["strategies"][strategy] = {  # type: ignore[index]
