@@ -9,11 +9,9 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from shunter.cli import main
-from shunter.plan.schedule import simulate_baseline
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
@@ -81,57 +79,3 @@ def test_small_run_reports_every_strategy_and_cleans_up(tmp_path):
     assert layer["schedule_over_bound"] == pytest.approx(layer["strategies"]["scheduled"]["over_bound"])
     assert report["calibration"]["shared_port_efficiency"] == 1.0  # two hosts: no port to share
     assert _namespaces() == before
-
-
-def test_calibration_line_recovers_startup_and_efficiency():
-    from shunter.parallel.a2a import fit_startup_and_efficiency
-
-    fluid = np.array([0.25, 0.5, 1.0])
-    efficiency, startup = fit_startup_and_efficiency(fluid, 0.03 + fluid / 0.8)
-    assert efficiency == pytest.approx(0.8) and startup == pytest.approx(0.03)
-    # a line that would start before zero is fitted through the origin: slope = sum(f m) / sum(f f)
-    measured = np.array([0.2, 0.6, 1.3])
-    efficiency, startup = fit_startup_and_efficiency(fluid, measured)
-    assert startup == 0.0
-    assert efficiency == pytest.approx((fluid @ fluid) / (fluid @ measured))
-
-
-def test_shared_port_efficiency_solves_the_closed_form_incast():
-    from shunter.parallel.a2a import MIN_PORT_SHARE, solve_share
-    from shunter.sim.cost import sender_queue_time_s
-
-    # Ranks 1 and 2 each send S bytes to rank 0, every port B bytes/s: both flows share port 0, so
-    # the fluid time is 2 S / (c B) for a shared-port efficiency c.
-    size, rate = 8e6, 50e6
-    traffic = np.zeros((3, 3))
-    traffic[1, 0] = traffic[2, 0] = size
-    bandwidth = np.full(3, rate)
-
-    def random_order_s(share):
-        return sender_queue_time_s(traffic, bandwidth, "random_order", 0, 0.0, share)
-
-    for share in (0.95, 0.7, 0.3):
-        assert solve_share(random_order_s, 2 * size / (share * rate)) == pytest.approx(share, rel=1e-6)
-    # faster than a fluid: 1; slower than the floor explains: the floor
-    assert solve_share(random_order_s, size / rate) == 1.0
-    assert solve_share(random_order_s, 1e3) == MIN_PORT_SHARE
-
-
-def test_the_calibration_seed_is_the_order_where_flows_meet_the_most():
-    from shunter.parallel.a2a import most_contended_seed
-
-    def growth(traffic, bandwidth, seed):
-        times = [
-            simulate_baseline(
-                traffic, bandwidth, "random_order", seed=seed, shared_port_efficiency=c
-            ).makespan_s
-            for c in (0.8, 1.0)
-        ]
-        return times[0] / times[1]
-
-    uniform, bandwidth = np.full((4, 4), 4e6), np.array([50e6, 40e6, 25e6, 20e6])
-    chosen = most_contended_seed(uniform, bandwidth)
-    assert growth(uniform, bandwidth, chosen) == max(growth(uniform, bandwidth, s) for s in range(16)) > 1.1
-    # a shift permutation: one flow per receiver whatever the order, so no seed beats seed 0
-    shift = np.roll(np.eye(4), 1, axis=1) * 4e6
-    assert most_contended_seed(shift, bandwidth) == 0

@@ -21,8 +21,7 @@ from shunter.cli import main as cli_main
 from shunter.parallel.exchange import rank_rounds, rows_per_round
 from shunter.parallel.moe import rows_between_ranks, split_by_shares
 from shunter.plan.document import ExpertSlots, load_plan
-from shunter.plan.schedule import schedule_all_to_all, simulate_baseline
-from shunter.sim.cost import sender_queue_time_s
+from shunter.plan.schedule import schedule_all_to_all
 from shunter.trace.synthetic import zipf_trace
 
 EMULATED_4 = Path(__file__).resolve().parents[2] / "examples" / "cluster-emulated-4.toml"
@@ -109,14 +108,6 @@ def test_split_by_shares_is_largest_remainder_rounding(counts_of_ranks, weights)
             assert remainder[up].min() >= remainder[~up].max() - 1e-12
     rows = rows_between_ranks(counts, slots)
     assert rows.sum() == counts.sum()
-
-
-def test_sender_queue_time_single_sender_closed_form():
-    # One sender, two flows in sequence: latency + bytes / B each.
-    traffic = np.array([[0, 100.0, 300.0], [0, 0, 0], [0, 0, 0]])
-    expected = 2 * 0.5 + 400.0 / 10.0
-    assert sender_queue_time_s(traffic, 10.0, "random_order", 0, 0.5) == pytest.approx(expected)
-    assert simulate_baseline(traffic, 10.0, "random_order").makespan_s == pytest.approx(40.0)
 
 
 # ---------------------------------------------------------------------------------------------

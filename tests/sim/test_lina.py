@@ -7,9 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from shunter.network.cost import GBIT_S
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.replication import build_path_estimator
-from shunter.sim.cost import GBIT_S, LINA_MOE, ComputeModel
+from shunter.sim.cost import LINA_MOE, ComputeModel
 from shunter.sim.lina import (
     InferenceSetup,
     TrainingSetup,

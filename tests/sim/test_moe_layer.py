@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shunter.network.bounds import port_lower_bound_s
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.placement import placement_from_devices
-from shunter.plan.schedule import port_lower_bound_s, schedule_all_to_all
+from shunter.plan.schedule import schedule_all_to_all
 from shunter.sim.cost import ComputeModel
 from shunter.sim.moe_layer import (
     LayerCosts,
     TokenCosts,
-    all_to_all_time_s,
+    layer_all_to_all_s,
     layer_costs,
     simulate_colocated,
     simulate_exclusive,
@@ -41,7 +42,7 @@ def test_planned_all_to_all_is_the_port_bound_plus_one_latency_per_round() -> No
     traffic = np.random.default_rng(0).integers(0, 1000, (5, 5)).astype(float)
     rounds = schedule_all_to_all(traffic, 10.0).num_rounds
     expected = port_lower_bound_s(traffic, 10.0) + rounds * 0.5
-    assert all_to_all_time_s(traffic, np.full(5, 10.0), "planned", 0.5) == pytest.approx(expected)
+    assert layer_all_to_all_s(traffic, np.full(5, 10.0), "planned", 0.5) == pytest.approx(expected)
 
 
 def test_layer_compute_counts_tokens_where_they_live_and_where_their_expert_is() -> None:

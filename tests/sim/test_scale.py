@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from shunter.network.cost import GBIT_S
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.document import read_plan
 from shunter.plan.planner import PlanOptions, plan_exclusive
-from shunter.sim.cost import GBIT_S
 from shunter.sim.predict import SimulateOptions, predict_plan
 from shunter.trace.synthetic import zipf_trace
 

@@ -14,8 +14,9 @@ interleaved so drift hits all alike; a rep's time is the slowest rank's, between
 The simulator is told what the network sustains, measured first on the same group: each ordered
 pair alone moves a probe (the efficiency of a port: measured rate / shaped rate, median over
 pairs) and a tiny message ping-pongs (the per-message latency). Predictions then use
-`shunter.sim.cost` with the shaped rates x that efficiency and that latency. The lower bound is
-`port_lower_bound_s` at the same sustained rates (and, for reference, at the shaped rates).
+`shunter.network.cost.all_to_all_time_s` with that calibration (`shunter.network.calibration`
+fits it from the times measured here). The lower bound is `port_lower_bound_s` at the same
+sustained rates (and, for reference, at the shaped rates).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +36,22 @@ import torch.distributed as dist
 
 from shunter.errors import ShunterError
 from shunter.model.loader import default_trace_path
+from shunter.network.bounds import port_lower_bound_s
+from shunter.network.calibration import (
+    LinkCalibration,
+    fit_port_share,
+    fit_startup_and_efficiency,
+    most_contended_seed,
+)
+from shunter.network.cost import all_to_all_time_s, fair_share_time_s, sender_queue_time_s
+from shunter.network.transport import STRATEGIES, TRANSPORT_OF_STRATEGY, Strategy
 from shunter.parallel.cluster import parse_host_bandwidths
-from shunter.parallel.exchange import STRATEGIES, Links, Strategy, exchange, open_links, plan_exchange
+from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
 from shunter.parallel.moe import as_slots, contiguous_placement, rows_between_ranks
 from shunter.parallel.runtime import init_from_environment, run_rank
 from shunter.plan.document import ExpertSlots, read_slots
-from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all
+from shunter.plan.schedule import Schedule, schedule_all_to_all
 from shunter.plan.traffic import routed_counts
-from shunter.sim.cost import fair_share_time_s, sender_queue_time_s
 from shunter.trace.routing_trace import load_trace
 
 BANDWIDTH_VARIABLE = "SHUNTER_CLUSTER_BANDWIDTHS"  # bytes/s per host, set by `shunter cluster run`
@@ -50,37 +59,6 @@ DEFAULT_ROW_BYTES = 4096 * 2  # one Mixtral-sized hidden state in bf16
 ELEMENT = torch.float32  # rows are opaque bytes on the wire; fp32 is what every backend moves
 CALIBRATION_SCALES = (1, 2, 4)  # probe sizes of each calibration pattern, in probe units
 CALIBRATION_REPS = 5
-MIN_PORT_SHARE = 0.05  # solve_share's floor: a port delivering less is not what is being measured
-
-
-@dataclass(frozen=True)
-class LinkCalibration:
-    """What the network sustains, measured on probes that are not the benchmark's traffic.
-
-    efficiency: one flow alone, measured rate / shaped rate (median over ordered pairs).
-    latency_s: half a tiny message's round trip (median).
-    concurrent_efficiency, concurrent_startup_s: a uniform all-to-all (every pair at once, equal
-        sizes, three sizes) takes concurrent_startup_s + the fluid fair-share time at efficiency x
-        shaped rates with every port side that n - 1 flows cross delivering concurrent_efficiency
-        of its rate (fewer flows: more, plan.schedule.port_efficiency_by_flows). TCP flows sharing
-        a shaped port do not fill it as a fluid would (queues, ACKs behind data, ramp-up).
-    matching_efficiency, round_startup_s: the same fit for one flow per port (every rank sends to
-        the next, run as a schedule): what one round of a matching schedule sustains, and what
-        starting a round costs.
-    shared_port_efficiency: the share of its rate a receiving port delivers while two or more
-        random-order flows meet there: the uniform pattern run in random order, the slowdown over
-        its fluid time solved for this share (1.0 with fewer than 3 ranks). Two equal flows started
-        together fill a shared port (0.96 of the shaped rate, as one flow); flows that arrive while
-        others run and leave at different times do not."""
-
-    efficiency: float
-    latency_s: float
-    concurrent_efficiency: float
-    concurrent_startup_s: float
-    matching_efficiency: float
-    round_startup_s: float
-    shared_port_efficiency: float
-    pair_efficiency: list[list[float]]
 
 
 def layer_rows(expert_ids: np.ndarray, placement: ExpertSlots | np.ndarray, num_ranks: int) -> np.ndarray:
@@ -89,34 +67,6 @@ def layer_rows(expert_ids: np.ndarray, placement: ExpertSlots | np.ndarray, num_
     num_experts = placement.num_experts if isinstance(placement, ExpertSlots) else len(placement)
     counts = routed_counts(expert_ids, num_experts, num_ranks)
     return rows_between_ranks(counts, placement)
-
-
-def predict_s(
-    strategy: Strategy,
-    traffic_bytes: np.ndarray,
-    schedule: Schedule,
-    bandwidth_bytes_s: np.ndarray,
-    calibration: LinkCalibration,
-    seed: int,
-) -> float:
-    """The simulator's time for one all-to-all run with `strategy` on the calibrated network."""
-    sustained = bandwidth_bytes_s * calibration.efficiency
-    if strategy == "all_to_all":
-        startup = max(calibration.concurrent_startup_s, calibration.latency_s)
-        return fair_share_time_s(traffic_bytes, sustained, startup, calibration.concurrent_efficiency)
-    if strategy == "scheduled":
-        # The schedule was planned on the shaped rates; every rate scales by the same efficiency.
-        busy = int((schedule.round_durations_s() > 0).sum())
-        rate = calibration.efficiency * calibration.matching_efficiency
-        return schedule.makespan_s / rate + busy * max(calibration.round_startup_s, calibration.latency_s)
-    return sender_queue_time_s(
-        traffic_bytes,
-        sustained,
-        "random_order",
-        seed,
-        calibration.latency_s,
-        calibration.shared_port_efficiency,
-    )
 
 
 def calibrate(
@@ -164,13 +114,7 @@ def calibrate(
         rank, every_pair, probe.numel(), "all_to_all",
         lambda rows: fair_share_time_s(rows * 4.0, rates, 0.0), bandwidth, links, group,
     )  # fmt: skip
-    # On equal ports every side carries n - 1 flows throughout and the share is that efficiency itself;
-    # on mixed ports the fast ports' flows end first, so it is solved for.
-    unit_bytes = every_pair * probe.numel() * 4.0
-    concurrent = solve_share(
-        lambda share: fair_share_time_s(unit_bytes, rates, 0.0, share),
-        fair_share_time_s(unit_bytes, rates, 0.0) / uniform_efficiency,
-    )
+    concurrent = fit_port_share(every_pair * probe.numel() * 4.0, rates, "fair_share", uniform_efficiency)
     matching, round_startup = _fit_pattern(
         rank, shift, probe.numel(), "scheduled",
         lambda rows: schedule_all_to_all(rows * 4.0, rates).makespan_s, bandwidth, links, group,
@@ -201,38 +145,7 @@ def _fit_shared_port_efficiency(
     efficiency, _ = _fit_pattern(
         rank, pattern, unit_rows, "random_order", fluid_s, bandwidth, links, group, seed
     )
-    return solve_share(
-        lambda share: sender_queue_time_s(unit_bytes, rates, "random_order", seed, 0.0, share),
-        fluid_s(pattern * unit_rows) / efficiency,
-    )
-
-
-def most_contended_seed(traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray, seeds: int = 16) -> int:
-    """Of random-order seeds 0..seeds-1, the one whose fluid time grows the most when shared ports
-    deliver 0.8 of their rate: the send order that tells a shared port's efficiency apart best."""
-
-    def growth(seed: int) -> float:
-        slow, fluid = (
-            sender_queue_time_s(traffic_bytes, bandwidth_bytes_s, "random_order", seed, 0.0, share)
-            for share in (0.8, 1.0)
-        )
-        return slow / fluid
-
-    return max(range(seeds), key=growth)
-
-
-def solve_share(time_s: Callable[[float], float], target_s: float) -> float:
-    """The share in [MIN_PORT_SHARE, 1] at which time_s(share) == target_s, for a time that falls as
-    the share of a port's rate grows (bisection; clipped at the ends)."""
-    low, high = MIN_PORT_SHARE, 1.0
-    if time_s(high) >= target_s:
-        return high
-    if time_s(low) <= target_s:
-        return low
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if time_s(middle) > target_s else (low, middle)
-    return (low + high) / 2
+    return fit_port_share(unit_bytes, rates, "random_order", efficiency, seed)
 
 
 def _slowest(seconds: list[float], group) -> list[float]:
@@ -271,14 +184,6 @@ def _fit_pattern(
         measured.append(float(np.median(times[1:])))
         fluid.append(fluid_s(rows))
     return fit_startup_and_efficiency(np.array(fluid), np.array(measured))
-
-
-def fit_startup_and_efficiency(fluid_s: np.ndarray, measured_s: np.ndarray) -> tuple[float, float]:
-    """(efficiency, startup_s >= 0) of the least-squares line measured = startup + fluid / efficiency."""
-    slope, startup = np.polyfit(fluid_s, measured_s, 1)
-    if startup < 0:  # through the origin instead
-        slope, startup = float(fluid_s @ measured_s / (fluid_s @ fluid_s)), 0.0
-    return 1.0 / max(float(slope), 1e-9), float(startup)
 
 
 def time_exchanges(
@@ -389,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         for strategy in STRATEGIES:
             total = times[strategy].sum(axis=1)
-            predicted = predict_s(strategy, traffic, schedules[0], bandwidth, calibration, seed) + predict_s(
-                strategy, traffic.T, schedules[1], bandwidth, calibration, seed + 1
+            transport = TRANSPORT_OF_STRATEGY[strategy]
+            predicted = all_to_all_time_s(
+                traffic, bandwidth, transport, seed=seed, schedule=schedules[0], calibration=calibration
+            ) + all_to_all_time_s(
+                traffic.T, bandwidth, transport, seed=seed + 1, schedule=schedules[1], calibration=calibration
             )
             median = float(np.median(total))
             entry["strategies"][strategy] = {  # type: ignore[index]

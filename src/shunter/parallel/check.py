@@ -26,7 +26,7 @@ from shunter.model.layers import moe_block
 from shunter.model.loader import DEFAULT_MODEL, DTYPE_NAMES, resolve_model_dir
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.weights import CheckpointLayout
-from shunter.parallel.exchange import STRATEGIES
+from shunter.network.transport import STRATEGIES
 from shunter.parallel.moe import ExpertParallelMoE, as_slots, contiguous_placement
 from shunter.parallel.runtime import init_from_environment, run_rank
 from shunter.plan.document import ExpertSlots, check_model_against, load_plan

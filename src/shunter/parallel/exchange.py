@@ -5,7 +5,8 @@ order. `rows` [n, n] (rows from rank i to rank j) is known to every rank. The ex
 `recv` [sum_i rows[i, rank], H]: the rows sent to this rank, grouped by source rank, in rank order.
 The diagonal is a local copy and never touches the network.
 
-Strategies:
+Strategies (the runtime's names for network.transport's transports: "all_to_all" is fair_share,
+"scheduled" is planned):
 - "all_to_all": one `all_to_all_single` with split sizes. Every flow starts at once and the
   transport shares the ports (the baseline every expert-parallel runtime uses).
 - "scheduled": Shunter's schedule (`shunter.plan.schedule.schedule_all_to_all`) executed round by
@@ -24,17 +25,14 @@ runs it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from shunter.plan.schedule import Schedule, merge_short_rounds, schedule_all_to_all, sender_queues
-
-Strategy = Literal["all_to_all", "scheduled", "random_order"]
-STRATEGIES: tuple[Strategy, ...] = ("all_to_all", "scheduled", "random_order")
-
+from shunter.network.fluid import sender_queues
+from shunter.network.transport import STRATEGIES, Strategy
+from shunter.plan.schedule import Schedule, merge_short_rounds, schedule_all_to_all
 
 # Rounds adding up to at most this share of the makespan run as one (see merge_short_rounds).
 SHORT_ROUNDS_SHARE = 0.05

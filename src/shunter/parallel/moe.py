@@ -38,7 +38,8 @@ from shunter.model.layers import (
 )
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, MLPWeights, MoEWeights
-from shunter.parallel.exchange import Links, Strategy, exchange, open_links, plan_exchange
+from shunter.network.transport import Strategy
+from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
 from shunter.plan.document import ExpertSlots
 from shunter.plan.schedule import Schedule
 

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from shunter.network.bounds import matching_lower_bound_s, port_lower_bound_s
+from shunter.network.fluid import simulate_baseline
 from shunter.plan.placement import (
     ColocatedInstance,
     place_colocated_brute_force,
@@ -32,13 +34,7 @@ from shunter.plan.replication import (
     plan_lina_layer,
     replicate_hot_experts,
 )
-from shunter.plan.schedule import (
-    matching_lower_bound_s,
-    port_lower_bound_s,
-    schedule_all_to_all,
-    schedule_violations,
-    simulate_baseline,
-)
+from shunter.plan.schedule import schedule_all_to_all, schedule_violations
 from shunter.plan.traffic import dispatch_traffic
 from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.synthetic import zipf_trace

@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 
 from shunter.errors import ShunterError
+from shunter.network.bounds import port_lower_bound_s
+from shunter.network.cost import all_to_all_time_s
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.placement import (
     ColocatedInstance,
@@ -38,7 +40,7 @@ from shunter.plan.replication import (
     max_over_mean_load,
     plan_lina_layer,
 )
-from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all, simulate_baseline
+from shunter.plan.schedule import Schedule, schedule_all_to_all
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, tokens_per_device
 from shunter.trace.routing_trace import RoutingTrace
 
@@ -113,8 +115,7 @@ def plan_all_to_all(
     times: dict[str, float] = {}
     if baselines:
         for policy in ("random_order", "shortest_first", "fair_share"):
-            result = simulate_baseline(traffic_bytes, bandwidth_bytes_s, policy, seed=seed, record=False)
-            times[f"{policy}_s"] = result.makespan_s
+            times[f"{policy}_s"] = all_to_all_time_s(traffic_bytes, bandwidth_bytes_s, policy, seed=seed)
     return AllToAllPlan(np.asarray(traffic_bytes, dtype=np.float64), schedule, bound, times)
 
 
@@ -132,8 +133,7 @@ def transposed(
     times: dict[str, float] = {}
     if baselines:
         for policy in ("random_order", "shortest_first"):
-            result = simulate_baseline(traffic, bandwidth_bytes_s, policy, seed=seed, record=False)
-            times[f"{policy}_s"] = result.makespan_s
+            times[f"{policy}_s"] = all_to_all_time_s(traffic, bandwidth_bytes_s, policy, seed=seed)
         times["fair_share_s"] = plan.baselines_s["fair_share_s"]
     return AllToAllPlan(traffic, schedule, plan.lower_bound_s, times)
 
@@ -392,9 +392,7 @@ def _layer_plan(
     reference_compute_s = np.asarray(reference_compute) / cluster.compute_flop_s
     if options.baselines:
         # Fair share is symmetric under transposition, so combine takes as long as dispatch.
-        fair = simulate_baseline(
-            np.asarray(reference_traffic), bandwidth, "fair_share", record=False
-        ).makespan_s
+        fair = all_to_all_time_s(np.asarray(reference_traffic), bandwidth, "fair_share")
         reference_time = 2 * fair + float(reference_compute_s.max())
     else:
         reference_time = float("nan")

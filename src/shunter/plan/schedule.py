@@ -1,15 +1,15 @@
-"""All-to-all schedules: ordered rounds of (src, dst, bytes) transfers, their bounds, and one validator.
+"""All-to-all schedules: ordered rounds of (src, dst, bytes) transfers, built and validated.
 
-The model (Aurora's "big switch"): device i has a full-duplex port of bandwidth_bytes_s[i]; the
-network core never blocks, so contention happens only at ports. Local traffic (the diagonal) is
-free and never scheduled.
+The network model (ports, bounds, the Schedule itself, transports without a plan simulated as a
+fluid) is shunter.network; Schedule is re-exported here. Local traffic (the diagonal) is free and
+never scheduled.
 
 A schedule is a sequence of rounds run back to back. Each transfer in a round has a rate; a round
 lasts max over its transfers of bytes / rate_bytes_s, and the makespan is the sum of the rounds.
 A schedule is valid when every off-diagonal byte is delivered and, in every round, the rates at
 each port add up to at most that port's bandwidth.
 
-- Matching schedules (the optimal one on equal ports, and the baselines' building block): in a
+- Matching schedules (the optimal one on equal ports): in a
   round every device sends to at most one destination and receives from at most one source, at
   rate min(B_src, B_dst). With equal ports this reaches the lower bound max_i max(row_i, col_i) / B
   exactly: pad the matrix until every row and column sums to that bound, decompose it into
@@ -21,24 +21,18 @@ each port add up to at most that port's bandwidth.
   exactly; otherwise a transfer runs at the slower of its two lane rates and the makespan is
   max_i max(sum_j D_ij / r_ij, sum_j D_ji / r_ji) / lanes_i with r_ij = min(lane rates), which
   `choose_lanes` minimises over lane counts up to a cap.
-- Baselines (what transports do without a plan), simulated as a fluid: all flows at once with
-  max-min fair sharing of every port ("fair share", a plain all-to-all), or each sender working
-  through its flows one at a time in a random order (RCS) or shortest first (SJF), receivers
-  shared max-min fairly. Rates are recomputed whenever a flow finishes; each interval between two
-  such events is one round.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from shunter.network.bounds import bandwidth_vector, off_diagonal
+from shunter.network.schedule import Schedule
 from shunter.plan.matching import UNMATCHED, bottleneck_perfect_matching, hopcroft_karp
-
-BaselinePolicy = Literal["fair_share", "random_order", "shortest_first"]
 
 _RELATIVE_TOLERANCE = 1e-12
 
@@ -47,113 +41,6 @@ _RELATIVE_TOLERANCE = 1e-12
 # paths. On a real network every round costs a synchronisation and a ramp-up, so fewer, fuller
 # rounds run faster; beyond this size planning time wins (a round's overhead is a smaller share).
 WIDEST_ROUNDS_MAX_DEVICES = 16
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """An all-to-all as ordered rounds of transfers, stored column-wise and sorted by round.
-
-    round_of [T] int64: the round of each transfer (0 .. num_rounds-1, non-decreasing).
-    src [T], dst [T] int64: sending and receiving device.
-    bytes [T] float64: bytes moved by the transfer in its round.
-    rate_bytes_s [T] float64: the rate it runs at; the round lasts max(bytes / rate) over its transfers.
-    num_devices: n. strategy: which algorithm built it.
-    """
-
-    round_of: np.ndarray
-    src: np.ndarray
-    dst: np.ndarray
-    bytes: np.ndarray
-    rate_bytes_s: np.ndarray
-    num_rounds: int
-    num_devices: int
-    strategy: str
-
-    @property
-    def num_transfers(self) -> int:
-        return int(self.src.shape[0])
-
-    def round_durations_s(self, latency_s: float = 0.0) -> np.ndarray:
-        """[num_rounds] seconds: each round's longest transfer, plus latency_s per round.
-
-        A round's transfers are messages posted together, so a round pays one per-message latency
-        (the simulator's network model); latency_s = 0 is the planner's fluid model."""
-        durations = np.zeros(self.num_rounds)
-        if self.num_transfers:
-            np.maximum.at(durations, self.round_of, self.bytes / self.rate_bytes_s)
-        return durations + latency_s if latency_s else durations
-
-    @property
-    def makespan_s(self) -> float:
-        return float(self.round_durations_s().sum())
-
-    def makespan_with_latency_s(self, latency_s: float) -> float:
-        """Round by round, each round latency_s + its longest transfer: makespan_s + rounds * latency_s."""
-        return float(self.round_durations_s(latency_s).sum())
-
-    def delivered_bytes(self) -> np.ndarray:
-        """[n, n] bytes moved from each src to each dst over all rounds."""
-        n = self.num_devices
-        flat = np.bincount(self.src * n + self.dst, weights=self.bytes, minlength=n * n)
-        return flat.reshape(n, n)
-
-    def rounds(self) -> list[list[tuple[int, int, float]]]:
-        """The rounds as lists of (src, dst, bytes): for printing and small plans, not for n = 1024."""
-        out: list[list[tuple[int, int, float]]] = [[] for _ in range(self.num_rounds)]
-        for r, s, d, b in zip(
-            self.round_of.tolist(), self.src.tolist(), self.dst.tolist(), self.bytes.tolist(), strict=True
-        ):
-            out[r].append((s, d, b))
-        return out
-
-
-@dataclass(frozen=True)
-class BaselineResult:
-    """A simulated baseline: its makespan, and the schedule when it was recorded."""
-
-    policy: BaselinePolicy
-    makespan_s: float
-    num_events: int
-    schedule: Schedule | None
-
-
-# ---------------------------------------------------------------------------------------------
-# bounds
-
-
-def off_diagonal(traffic_bytes: np.ndarray) -> np.ndarray:
-    """[n, n] copy of the traffic with the (free, local) diagonal zeroed."""
-    matrix = np.array(traffic_bytes, dtype=np.float64)
-    np.fill_diagonal(matrix, 0.0)
-    return matrix
-
-
-def port_lower_bound_s(traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray) -> float:
-    """max_i max(row_i, col_i) / B_i: no schedule on any network of these ports can be faster."""
-    matrix = off_diagonal(traffic_bytes)
-    bandwidth = _bandwidth_vector(bandwidth_bytes_s, matrix.shape[0])
-    if matrix.size == 0:
-        return 0.0
-    return float(np.max(np.maximum(matrix.sum(axis=1), matrix.sum(axis=0)) / bandwidth))
-
-
-def matching_lower_bound_s(traffic_bytes: np.ndarray, bandwidth_bytes_s: np.ndarray) -> float:
-    """The bound for one transfer per port at a time at rate min(B_src, B_dst):
-    max_i max(sum_j D_ij / min(B_i, B_j), sum_j D_ji / min(B_i, B_j)). Equals the port bound when
-    all bandwidths are equal."""
-    matrix = off_diagonal(traffic_bytes)
-    bandwidth = _bandwidth_vector(bandwidth_bytes_s, matrix.shape[0])
-    if matrix.size == 0:
-        return 0.0
-    seconds = matrix / np.minimum.outer(bandwidth, bandwidth)
-    return float(max(seconds.sum(axis=1).max(), seconds.sum(axis=0).max()))
-
-
-def _bandwidth_vector(bandwidth_bytes_s: np.ndarray | float, n: int) -> np.ndarray:
-    bandwidth = np.broadcast_to(np.asarray(bandwidth_bytes_s, dtype=np.float64), (n,)).copy()
-    if np.any(~(bandwidth > 0)) or np.any(~np.isfinite(bandwidth)):
-        raise ValueError("every bandwidth must be positive and finite")
-    return bandwidth
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +63,7 @@ def schedule_violations(
     """
     matrix = off_diagonal(traffic_bytes)
     n = matrix.shape[0]
-    bandwidth = _bandwidth_vector(bandwidth_bytes_s, n)
+    bandwidth = bandwidth_vector(bandwidth_bytes_s, n)
     problems: list[str] = []
     if schedule.num_devices != n:
         return [f"schedule is for {schedule.num_devices} devices, traffic has {n}"]
@@ -429,7 +316,7 @@ def choose_lanes(
     bandwidths that are integer multiples of a common rate within the cap (100/80/50/40 Gbit/s:
     10 Gbit/s lanes) the chosen lanes reach the port bound exactly.
     """
-    bandwidth = _bandwidth_vector(bandwidth_bytes_s, np.asarray(traffic_bytes).shape[0])
+    bandwidth = bandwidth_vector(bandwidth_bytes_s, np.asarray(traffic_bytes).shape[0])
     best = Lanes(np.ones_like(bandwidth, dtype=np.int64), bandwidth.copy())
     if np.all(bandwidth == bandwidth[0]):
         return best
@@ -466,7 +353,7 @@ def schedule_all_to_all(
     """
     matrix = off_diagonal(traffic_bytes)
     n = matrix.shape[0]
-    bandwidth = _bandwidth_vector(bandwidth_bytes_s, n)
+    bandwidth = bandwidth_vector(bandwidth_bytes_s, n)
     lanes = choose_lanes(matrix, bandwidth, max_lanes_per_device)
     if np.all(lanes.lanes_per_device == 1):
         return _schedule_single_lane(matrix, bandwidth)
@@ -502,7 +389,7 @@ def merge_short_rounds(
     round_of = new_index[schedule.round_of]
     in_merged = short[schedule.round_of]
     n = schedule.num_devices
-    bandwidth = _bandwidth_vector(bandwidth_bytes_s, n)
+    bandwidth = bandwidth_vector(bandwidth_bytes_s, n)
     sent = np.bincount(schedule.src[in_merged], weights=schedule.bytes[in_merged], minlength=n)
     received = np.bincount(schedule.dst[in_merged], weights=schedule.bytes[in_merged], minlength=n)
     merged_s = float((np.maximum(sent, received) / bandwidth).max())
@@ -613,246 +500,3 @@ def _wrap_pieces(flows: np.ndarray, lanes: int) -> dict[int, list[tuple[int, flo
             pieces = [(first, high - low)]
         out[k] = pieces
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# baselines: fluid simulation of transports without a plan
-
-
-def simulate_baseline(
-    traffic_bytes: np.ndarray,
-    bandwidth_bytes_s: np.ndarray | float,
-    policy: BaselinePolicy,
-    *,
-    seed: int = 0,
-    record: bool = True,
-    shared_port_efficiency: float = 1.0,
-    crowded_port_efficiency: float = 1.0,
-) -> BaselineResult:
-    """Makespan (and, with record, the Schedule) of an all-to-all run without a plan.
-
-    fair_share: every flow starts at once; port bandwidth is shared max-min fairly (progressive
-        filling), recomputed whenever a flow finishes.
-    random_order (RCS): each sender sends its flows one at a time in a random order (seeded);
-        flows meeting at a receiver share it max-min fairly.
-    shortest_first (SJF): as random_order, each sender's flows smallest first.
-    shared_port_efficiency (sender queues only): the share of its bandwidth a receiving port
-        delivers while two or more flows meet there (1: a fluid; TCP flows meeting at a shaped
-        port fill less of it, measured by `shunter.parallel.a2a.calibrate`).
-    crowded_port_efficiency (fair_share only): the share of its bandwidth one side of a port
-        delivers while n - 1 flows cross it; see port_efficiency_by_flows.
-    """
-    matrix = off_diagonal(traffic_bytes)
-    n = matrix.shape[0]
-    bandwidth = _bandwidth_vector(bandwidth_bytes_s, n)
-    if policy == "fair_share":
-        if not 0 < crowded_port_efficiency <= 1:
-            raise ValueError(f"crowded_port_efficiency must be in (0, 1], got {crowded_port_efficiency}")
-        return _simulate_fair_share(matrix, bandwidth, record, crowded_port_efficiency)
-    if policy not in ("random_order", "shortest_first"):
-        raise ValueError(f"unknown baseline policy {policy!r}")
-    if not 0 < shared_port_efficiency <= 1:
-        raise ValueError(f"shared_port_efficiency must be in (0, 1], got {shared_port_efficiency}")
-    queues = sender_queues(matrix, policy, seed)
-    return _simulate_sender_queues(matrix, bandwidth, queues, policy, record, shared_port_efficiency)
-
-
-def sender_queues(
-    traffic_bytes: np.ndarray, policy: Literal["random_order", "shortest_first"], seed: int = 0
-) -> list[list[int]]:
-    """Per sender, the order it sends its off-diagonal flows in: a seeded random permutation (RCS)
-    or smallest first (SJF). The runtime's random-order exchange uses the same queues, so the
-    simulator predicts exactly the order that runs."""
-    matrix = off_diagonal(traffic_bytes)
-    rng = np.random.default_rng(seed)
-    queues: list[list[int]] = []
-    for i in range(matrix.shape[0]):
-        targets = np.flatnonzero(matrix[i])
-        if policy == "random_order":
-            targets = rng.permutation(targets)
-        else:
-            targets = targets[np.argsort(matrix[i, targets], kind="stable")]
-        queues.append(targets.tolist())
-    return queues
-
-
-def max_min_fair_rates(src: np.ndarray, dst: np.ndarray, bandwidth_bytes_s: np.ndarray) -> np.ndarray:
-    """[F] max-min fair rates of flows src[f] -> dst[f] on full-duplex ports (progressive filling):
-    raise every unfrozen flow's rate together until some port is full, freeze the flows through it,
-    repeat. Ports 0..n-1 are send sides, n..2n-1 receive sides; flows are indexed by port so each
-    round of freezing costs only the flows it freezes."""
-    n = bandwidth_bytes_s.shape[0]
-    flows = src.shape[0]
-    rate = np.zeros(flows)
-    if flows == 0:
-        return rate
-    port_of_flow = np.concatenate([src, dst + n])  # [2F]: flow f uses ports src[f] and n + dst[f]
-    flow_of_entry = np.argsort(port_of_flow, kind="stable")
-    port_start = np.searchsorted(port_of_flow[flow_of_entry], np.arange(2 * n + 1))
-    flow_of_entry %= flows
-    count = np.diff(port_start).astype(np.float64)  # [2n] unfrozen flows through each port
-    left = np.concatenate([bandwidth_bytes_s, bandwidth_bytes_s]).astype(np.float64)
-    frozen = np.zeros(flows, dtype=bool)
-    position = np.zeros(flows, dtype=np.int64)  # scratch for de-duplication
-    share = np.empty(2 * n)
-    level = 0.0  # the rate every unfrozen flow has reached
-    unfrozen = flows
-    while unfrozen:
-        share.fill(np.inf)
-        np.divide(left, count, out=share, where=count > 0)
-        step = max(float(share.min()), 0.0)
-        level += step
-        left -= step * count
-        full = np.flatnonzero(share <= step * (1 + 1e-12))
-        candidates = np.concatenate([flow_of_entry[port_start[p] : port_start[p + 1]] for p in full.tolist()])
-        newly = candidates[~frozen[candidates]]
-        if newly.size > 1:  # a flow whose two ports fill together appears twice: keep one copy
-            position[newly] = np.arange(newly.size)
-            newly = newly[position[newly] == np.arange(newly.size)]
-        frozen[newly] = True
-        rate[newly] = level
-        unfrozen -= newly.size
-        count -= np.bincount(np.concatenate([src[newly], dst[newly] + n]), minlength=2 * n)
-        count[full] = 0
-    return rate
-
-
-def port_efficiency_by_flows(num_ports: int, crowded_port_efficiency: float) -> np.ndarray:
-    """[num_ports] the share of its bandwidth one side (send or receive) of a port delivers while k
-    flows cross it, at index k: 1 for one flow, falling linearly to crowded_port_efficiency at
-    num_ports - 1 flows (every other port), which is what a uniform all-to-all probe measures.
-    TCP flows sharing a shaped port fill less of it the more of them there are."""
-    flows = np.arange(num_ports, dtype=np.float64)
-    if num_ports <= 2:
-        return np.ones(num_ports)
-    return 1.0 - (1.0 - crowded_port_efficiency) * np.clip(flows - 1, 0, None) / (num_ports - 2)
-
-
-def _simulate_fair_share(
-    matrix: np.ndarray, bandwidth: np.ndarray, record: bool, crowded_port_efficiency: float = 1.0
-) -> BaselineResult:
-    n = matrix.shape[0]
-    src, dst = np.nonzero(matrix)
-    remaining = matrix[src, dst].copy()
-    recorder = _Recorder(n, "fair_share", record)
-    by_flows = port_efficiency_by_flows(n, crowded_port_efficiency)
-    elapsed = 0.0
-    events = 0
-    while src.size:
-        if crowded_port_efficiency == 1.0:
-            rate = max_min_fair_rates(src, dst, bandwidth)
-        else:
-            # Send and receive sides get their own capacities: ports 0..n-1 send, n..2n-1 receive
-            # (max_min_fair_rates gives each of its ports both sides; the unused ones carry nothing).
-            sending = bandwidth * by_flows[np.bincount(src, minlength=n)]
-            receiving = bandwidth * by_flows[np.bincount(dst, minlength=n)]
-            rate = max_min_fair_rates(src, dst + n, np.concatenate([sending, receiving]))
-        finish = remaining / rate
-        step = finish.min()
-        done = finish <= step * (1 + 1e-12)
-        moved = np.where(done, remaining, rate * step)
-        recorder.add_round(src, dst, moved, np.where(done, remaining / step, rate))
-        elapsed += step
-        events += 1
-        remaining = remaining - moved
-        keep = ~done
-        src, dst, remaining = src[keep], dst[keep], remaining[keep]
-    return BaselineResult("fair_share", elapsed, events, recorder.schedule())
-
-
-def _simulate_sender_queues(
-    matrix: np.ndarray,
-    bandwidth: np.ndarray,
-    queues: list[list[int]],
-    policy: BaselinePolicy,
-    record: bool,
-    shared_port_efficiency: float = 1.0,
-) -> BaselineResult:
-    """Each sender has one flow in flight. With one flow per sender, max-min fairness splits into
-    one water-filling per receiver (a sender's port only caps its single flow), so a finishing flow
-    changes rates only at its own receiver and at its sender's next receiver. A receiver that two
-    or more flows share offers shared_port_efficiency x its bandwidth."""
-    n = matrix.shape[0]
-    position = np.zeros(n, dtype=np.int64)
-    target = np.array([q[0] if q else -1 for q in queues], dtype=np.int64)  # -1: sender is done
-    remaining = np.array([matrix[i, target[i]] if target[i] >= 0 else 0.0 for i in range(n)])
-    rate = np.zeros(n)
-    senders_at: list[set[int]] = [set() for _ in range(n)]
-    for i in np.flatnonzero(target >= 0).tolist():
-        senders_at[int(target[i])].add(i)
-    recorder = _Recorder(n, policy, record)
-
-    def refill(receiver: int) -> None:
-        # Water-filling at one receiver: slowest-capped senders first, the rest share what is left.
-        senders = sorted(senders_at[receiver], key=lambda s: bandwidth[s])
-        capacity = float(bandwidth[receiver]) * (shared_port_efficiency if len(senders) > 1 else 1.0)
-        for index, s in enumerate(senders):
-            rate[s] = min(float(bandwidth[s]), capacity / (len(senders) - index))
-            capacity -= rate[s]
-
-    for j in range(n):
-        if senders_at[j]:
-            refill(j)
-    elapsed = 0.0
-    events = 0
-    while True:
-        active = np.flatnonzero(target >= 0)
-        if active.size == 0:
-            break
-        finish = remaining[active] / rate[active]
-        step = finish.min()
-        done = finish <= step * (1 + 1e-12)
-        moved = np.where(done, remaining[active], rate[active] * step)
-        if step > 0:
-            recorder.add_round(active, target[active], moved, np.where(done, moved / step, rate[active]))
-        remaining[active] -= moved
-        elapsed += step
-        events += 1
-        touched: set[int] = set()
-        for f in active[done].tolist():
-            touched.add(int(target[f]))
-            senders_at[int(target[f])].discard(f)
-            rate[f] = 0.0
-            position[f] += 1
-            if position[f] < len(queues[f]):
-                target[f] = queues[f][position[f]]
-                remaining[f] = matrix[f, target[f]]
-                senders_at[int(target[f])].add(f)
-                touched.add(int(target[f]))
-            else:
-                target[f] = -1
-                remaining[f] = 0.0
-        for receiver in touched:
-            refill(receiver)
-    return BaselineResult(policy, elapsed, events, recorder.schedule())
-
-
-class _Recorder:
-    """Collects rounds of a simulated baseline (or nothing, when not recording)."""
-
-    def __init__(self, n: int, strategy: str, record: bool) -> None:
-        self.n, self.strategy, self.record = n, strategy, record
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def add_round(self, src: np.ndarray, dst: np.ndarray, moved: np.ndarray, rate: np.ndarray) -> None:
-        if self.record:
-            keep = moved > 0
-            self.parts.append((src[keep], dst[keep], moved[keep], rate[keep]))
-
-    def schedule(self) -> Schedule | None:
-        if not self.record:
-            return None
-        counts = np.array([p[0].size for p in self.parts], dtype=np.int64)
-        if not self.parts:
-            empty = np.zeros(0, dtype=np.int64)
-            return Schedule(empty, empty, empty, np.zeros(0), np.zeros(0), 0, self.n, self.strategy)
-        return Schedule(
-            np.repeat(np.arange(len(self.parts), dtype=np.int64), counts),
-            np.concatenate([p[0] for p in self.parts]).astype(np.int64),
-            np.concatenate([p[1] for p in self.parts]).astype(np.int64),
-            np.concatenate([p[2] for p in self.parts]),
-            np.concatenate([p[3] for p in self.parts]),
-            len(self.parts),
-            self.n,
-            self.strategy,
-        )

@@ -8,8 +8,9 @@ and the simulator use the same one:
 
 One step is one forward of all n batches through all layers (a decode step, or the prefill).
 The accelerator has one compute stream; weights and KV cross one host->device link (PCIe) as
-transfers on separate streams that share the link max-min fairly (a two-port cost.FluidNetwork:
-port 0 the host, port 1 the device, full duplex so KV stores do not slow loads). Per layer l:
+transfers on separate streams that share the link max-min fairly (a two-port
+network.fluid.FluidNetwork: port 0 the host, port 1 the device, full duplex so KV stores do not
+slow loads). Per layer l:
 - compute order: attention of batches 0..n-1, gates of batches 0..n-1, then the expert layer —
   by batch (each batch runs its experts; "simple"/FlexGen order) or hot experts first over all n
   batches, then cold experts in the order their transfers were issued (Klotski's reorder);

@@ -29,11 +29,12 @@ from typing import Literal
 
 import numpy as np
 
+from shunter.network.cost import ring_allreduce_flows
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.placement import placement_from_devices
 from shunter.plan.replication import PathEstimator, plan_lina_layer
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, token_home_devices, tokens_per_device
-from shunter.sim.cost import ComputeModel, MoEShapes, ring_allreduce_flows
+from shunter.sim.cost import ComputeModel, MoEShapes
 from shunter.sim.timeline import Collective, Compute, Op, TimelineOptions, run_timeline
 from shunter.trace.routing_trace import RoutingTrace
 

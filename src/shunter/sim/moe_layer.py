@@ -16,17 +16,17 @@ GPU utilisation = compute time / inference time, per device (mean reported).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from shunter.network.bounds import off_diagonal
+from shunter.network.cost import all_to_all_time_s
+from shunter.network.transport import TimelineTransport, Transport
 from shunter.plan.cluster import ClusterSpec
-from shunter.plan.schedule import off_diagonal, schedule_all_to_all, simulate_baseline
+from shunter.plan.schedule import schedule_all_to_all
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, token_home_devices, tokens_per_device
-from shunter.sim.cost import ComputeModel, MoEShapes, fair_share_time_s
+from shunter.sim.cost import ComputeModel, MoEShapes
 from shunter.sim.timeline import Collective, Compute, Op, Timeline, TimelineOptions, run_timeline
-
-Transport = Literal["planned", "fair_share", "random_order", "shortest_first"]
 
 
 @dataclass(frozen=True)
@@ -81,31 +81,20 @@ class LayerCosts:
     tokens_processed: np.ndarray
 
 
-def all_to_all_time_s(
+def layer_all_to_all_s(
     traffic_bytes: np.ndarray,
     bandwidth_bytes_s: np.ndarray,
     transport: Transport,
     latency_s: float = 0.0,
     seed: int = 0,
 ) -> float:
-    """One all-to-all alone on the network.
-
-    planned: the optimal matching schedule (plan.schedule.schedule_all_to_all), round by round,
-        each round paying latency_s.
-    fair_share: every flow at once, ports shared max-min fairly, one latency.
-    random_order / shortest_first (RCS / SJF): plan.schedule's sender-queue simulation; each
-        sender's messages go one after another, so the busiest sender's message count times
-        latency_s is added (exact with latency_s = 0, the paper's model).
-    """
+    """One all-to-all alone on the network (network.cost.all_to_all_time_s), its planned schedule
+    built here by plan.schedule.schedule_all_to_all: the all-to-all time layer_costs uses."""
     matrix = off_diagonal(traffic_bytes)
     if not matrix.any():
         return 0.0
-    if transport == "planned":
-        return schedule_all_to_all(matrix, bandwidth_bytes_s).makespan_with_latency_s(latency_s)
-    if transport == "fair_share":
-        return fair_share_time_s(matrix, bandwidth_bytes_s, latency_s)
-    result = simulate_baseline(matrix, bandwidth_bytes_s, transport, seed=seed, record=False)
-    return result.makespan_s + latency_s * float((matrix > 0).sum(axis=1).max())
+    schedule = schedule_all_to_all(matrix, bandwidth_bytes_s) if transport == "planned" else None
+    return all_to_all_time_s(matrix, bandwidth_bytes_s, transport, latency_s, seed, schedule=schedule)
 
 
 def layer_costs(
@@ -141,7 +130,7 @@ def layer_costs(
     )
     traffic = dispatch_traffic(expert_ids, shares, costs.bytes_per_token, n)
     a2a = (
-        all_to_all_time_s(traffic, cluster.bandwidth_bytes_s, transport, latency_s, seed)
+        layer_all_to_all_s(traffic, cluster.bandwidth_bytes_s, transport, latency_s, seed)
         if transport is not None
         else float("nan")
     )
@@ -201,7 +190,7 @@ def colocated_ops(
 def simulate_exclusive(
     layers: list[LayerCosts],
     cluster: ClusterSpec,
-    network: Literal["planned", "fair_share"],
+    network: TimelineTransport,
     latency_s: float,
 ) -> Timeline:
     """One model, exclusive placement, every layer in turn."""
@@ -213,7 +202,7 @@ def simulate_colocated(
     layers_b: list[LayerCosts],
     cluster: ClusterSpec,
     interleaved: bool,
-    network: Literal["planned", "fair_share"] = "fair_share",
+    network: TimelineTransport = "fair_share",
     latency_s: float = 0.0,
 ) -> Timeline:
     """Two colocated models (interleaved per Aurora Table 2, or one after the other)."""

@@ -16,20 +16,19 @@ Memory: every layer's experts stay resident.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
 from shunter.errors import ShunterError
+from shunter.network.bounds import port_lower_bound_s
+from shunter.network.cost import fair_share_time_s
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.document import PlanDocument
-from shunter.plan.schedule import port_lower_bound_s, schedule_all_to_all, schedule_violations
-from shunter.sim.cost import ComputeModel, expert_bytes_per_device, fair_share_time_s
+from shunter.plan.schedule import schedule_all_to_all, schedule_violations
+from shunter.sim.cost import ComputeModel, expert_bytes_per_device
 from shunter.sim.moe_layer import LayerCosts, TokenCosts, layer_costs, simulate_colocated, simulate_exclusive
 from shunter.sim.timeline import Timeline
 from shunter.trace.routing_trace import RoutingTrace
-
-NetworkChoice = Literal["planned", "fair_share"]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from shunter.network.cost import GBIT_S
 from shunter.plan.cluster import ClusterSpec, Device
 from shunter.plan.placement import (
     Placement,
@@ -27,7 +28,7 @@ from shunter.plan.placement import (
 )
 from shunter.plan.planner import PlanOptions, plan_colocated, seconds_per_token
 from shunter.plan.replication import build_path_estimator
-from shunter.sim.cost import GBIT_S, LIMOE_B, LINA_MOE, MIXTRAL_8X7B, ComputeModel, MoEShapes
+from shunter.sim.cost import LIMOE_B, LINA_MOE, MIXTRAL_8X7B, ComputeModel, MoEShapes
 from shunter.sim.klotski import (
     OffloadMachine,
     PipelineOptions,

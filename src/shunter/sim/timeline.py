@@ -12,7 +12,7 @@ The graph is a list of ops, each naming the ops it waits for:
   when its last byte arrives.
 Networks:
 - "fair_share": all started collectives share the ports; flows start after the per-message latency
-  and are shared max-min fairly (cost.FluidNetwork) — what plain NCCL/TCP transports approach.
+  and are shared max-min fairly (network.fluid.FluidNetwork) — what plain NCCL/TCP transports approach.
 - "planned": each collective runs its own matching schedule (its planned_s, latency included)
   with the network to itself; collectives queue for it (ready time, then list order).
 Priority (Lina): a low-priority collective (an allreduce micro-op) starts only when no
@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
-from shunter.sim.cost import FluidNetwork
-
-NetworkMode = Literal["fair_share", "planned"]
+from shunter.network.fluid import FluidNetwork
+from shunter.network.transport import TimelineTransport
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ Op = Compute | Collective
 
 @dataclass(frozen=True)
 class TimelineOptions:
-    network: NetworkMode = "fair_share"
+    network: TimelineTransport = "fair_share"
     latency_s: float = 0.0
     priority: bool = False
 

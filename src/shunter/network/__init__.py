@@ -1,0 +1,1 @@
+"""The one network model every planner, simulator and benchmark uses."""
