@@ -1,58 +1,147 @@
-"""Human units for sizes and rates: "512MiB", "2GB", "100Gbit/s", "1.5GB/s"."""
+"""User-facing values, read and checked in one place: sizes ("512MiB", "2GB"), rates ("100Gbit/s",
+"12.5GB/s"), durations ("5ms"), compute speeds ("312TFLOP/s") and plain numbers.
+
+Units follow the usual conventions and are case-sensitive where case carries meaning: B is a byte,
+b a bit (so "100Gb/s" and "100Gbps" are bits, "12.5GB/s" bytes); k/K, M, G, T are powers of ten
+and Ki, Mi, Gi, Ti powers of two. A spelling that could mean either ("100gb", "10mb/s") is an error
+that lists the accepted ones, never a guess. Every value must be finite; each parser names the
+`field` it reads (a file's key or a flag) in its one-line error.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 
 from shunter.errors import ShunterError
 
-_BYTE_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_BIT_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-_NUMBER = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
+_NUMBER = r"\s*([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*"
+_DECIMAL = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_SIZE_UNITS = {p + "B": v for p, v in (_DECIMAL | _BINARY).items()} | {"": 1}
+_BIT_RATES = {p + "bit": v for p, v in _DECIMAL.items()} | {p + "b": v for p, v in _DECIMAL.items()}
+_BIT_RATES |= {p + "bps": v for p, v in _DECIMAL.items()}
+_BYTE_RATES = {p + "B": v for p, v in (_DECIMAL | _BINARY).items()}
+_BYTE_RATES |= {p + "Bps": v for p, v in _DECIMAL.items()} | {"": 1}  # a plain number: bytes/s
+_SECONDS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_FLOP_PREFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15, "e": 1e18}
+
+SIZE_SPELLINGS = "512MiB, 2GB, 24GiB, 1073741824 (B = byte; k, M, G, T = 1000^n; Ki, Mi, Gi, Ti = 1024^n)"
+RATE_SPELLINGS = "100Gbit/s, 100Gb/s, 100Gbps (bits); 12.5GB/s, 800MiB/s (bytes); 1e9 (bytes/s)"
+
+
+def _split(text: str) -> tuple[float, str] | None:
+    match = re.fullmatch(_NUMBER + r"(\S*?)\s*", text)
+    if match is None:
+        return None
+    return float(match.group(1)), match.group(2)
+
+
+def finite(value: float, field: str) -> float:
+    """value, or an error naming `field` when it is NaN or infinite."""
+    if not math.isfinite(value):
+        raise ShunterError(f"{field}: must be a finite number, got {value!r}")
+    return value
+
+
+def positive(value: float, field: str) -> float:
+    """A finite value above zero, else an error naming `field`."""
+    if not (math.isfinite(value) and value > 0):
+        raise ShunterError(f"{field}: must be a positive number, got {value!r}")
+    return value
 
 
 def parse_bytes(text: str | int | float, field: str = "size") -> int:
     """Bytes from "512MiB", "2GB", "1e9" or a plain number; raises ShunterError naming `field`."""
+    if isinstance(text, bool):
+        raise ShunterError(f"{field}: expected a size, got {text!r}")
     if isinstance(text, int | float):
         value = float(text)
     else:
-        match = re.fullmatch(_NUMBER + r"([A-Za-z]*)\s*", str(text))
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _BYTE_UNITS:
-            raise ShunterError(f"{field}: cannot read {text!r} as a size (examples: 512MiB, 2GB, 1073741824)")
-        value = float(match.group(1)) * _BYTE_UNITS[unit]
+        parsed = _split(str(text))
+        if parsed is None or parsed[1] not in _SIZE_UNITS:
+            raise ShunterError(f"{field}: cannot read {text!r} as a size (examples: {SIZE_SPELLINGS})")
+        value = parsed[0] * _SIZE_UNITS[parsed[1]]
+    if not math.isfinite(value) or value >= 2**63:
+        raise ShunterError(f"{field}: {text!r} is not a size this machine can hold")
     if value < 0:
         raise ShunterError(f"{field}: size must not be negative, got {text!r}")
     return int(value)
 
 
 def parse_bandwidth(text: str | int | float, field: str = "bandwidth") -> float:
-    """Bytes per second from "100Gbit/s", "12.5GB/s", "800MiB/s" or a plain number of bytes/s."""
+    """Bytes per second from "100Gbit/s", "100Gbps", "12.5GB/s", "800MiB/s" or a plain number of
+    bytes/s; must be positive and finite."""
+    if isinstance(text, bool):
+        raise ShunterError(f"{field}: expected a bandwidth, got {text!r}")
     if isinstance(text, int | float):
         value = float(text)
     else:
-        match = re.fullmatch(_NUMBER + r"([A-Za-z]*)\s*(?:/s|ps)?\s*", str(text))
-        unit = match.group(2).lower() if match else None
-        if match is None or (unit not in _BYTE_UNITS and unit not in _BIT_UNITS):
-            raise ShunterError(
-                f"{field}: cannot read {text!r} as a bandwidth (examples: 100Gbit/s, 12.5GB/s, 1e9)"
-            )
-        number = float(match.group(1))
-        value = number * _BIT_UNITS[unit] / 8 if unit in _BIT_UNITS else number * _BYTE_UNITS[unit]
+        parsed = _split(str(text))
+        unit = parsed[1].removesuffix("/s") if parsed else None
+        if unit is not None and unit.lower().endswith("bit"):  # spelled out, so any case: tc's "mbit"
+            unit = {k.lower(): k for k in _BIT_RATES}.get(unit.lower(), unit)
+        if parsed is None or (unit not in _BIT_RATES and unit not in _BYTE_RATES):
+            raise ShunterError(f"{field}: cannot read {text!r} as a bandwidth (examples: {RATE_SPELLINGS})")
+        number = parsed[0]
+        value = number * _BIT_RATES[unit] / 8 if unit in _BIT_RATES else number * _BYTE_RATES[unit]
+    if not math.isfinite(value):
+        raise ShunterError(f"{field}: bandwidth must be finite, got {text!r}")
     if not value > 0:
         raise ShunterError(f"{field}: bandwidth must be positive, got {text!r}")
     return value
+
+
+def parse_seconds(text: str | int | float, field: str = "duration") -> float:
+    """Seconds from '5us', '0.01ms', '2e-6', '0' (a plain number is seconds); finite, not negative."""
+    if isinstance(text, bool):
+        raise ShunterError(f"{field}: expected a duration, got {text!r}")
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        parsed = _split(str(text))
+        if parsed is None or parsed[1] not in _SECONDS:
+            raise ShunterError(f"{field}: cannot read {text!r} as a duration (examples: 0ms, 5ms, 200us)")
+        value = parsed[0] * _SECONDS[parsed[1]]
+    if not math.isfinite(value) or value < 0:
+        raise ShunterError(f"{field}: a duration must be finite and not negative, got {text!r}")
+    return value
+
+
+def parse_compute(text: str | int | float, field: str = "compute") -> float:
+    """FLOP/s from "312TFLOP/s", "312 TFLOPS", "1.5e14" or a plain number; must be positive."""
+    if isinstance(text, bool):
+        raise ShunterError(f"{field}: expected a compute speed like '312TFLOP/s', got {text!r}")
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = re.fullmatch(
+            _NUMBER + r"([kKmMgGtTpPeE]?)(?:flop/s|flops)?\s*", str(text), flags=re.IGNORECASE
+        )
+        if match is None:
+            raise ShunterError(
+                f"{field}: cannot read {text!r} as a compute speed (examples: 312TFLOP/s, 1e14)"
+            )
+        value = float(match.group(1)) * _FLOP_PREFIXES[match.group(2).lower()]
+    if not (math.isfinite(value) and value > 0):
+        raise ShunterError(f"{field}: compute speed must be positive, got {text!r}")
+    return value
+
+
+def parse_rates(text: str, count: int, field: str, what: str = "devices") -> list[float]:
+    """[count] bytes/s from '1Gbit/s' (every one) or 'a,b,...' (one each, the first first)."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) not in (1, count):
+        raise ShunterError(
+            f"{field}: {len(parts)} bandwidths for {count} {what} (give one for all, or one per {what[:-1]})"
+        )
+    values = []
+    for index, part in enumerate(parts):
+        where = field if len(parts) == 1 else f"{field} ({what[:-1]} {index})"
+        if part.startswith("-"):
+            raise ShunterError(f"{where}: bandwidth must be positive, got {part!r}")
+        values.append(parse_bandwidth(part, where))
+    return values * count if len(values) == 1 else values
 
 
 def format_bytes(num_bytes: float) -> str:

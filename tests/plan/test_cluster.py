@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from shunter.errors import ShunterError
-from shunter.plan.cluster import load_cluster, parse_compute
+from shunter.plan.cluster import load_cluster
+from shunter.units import parse_compute
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -14,7 +14,7 @@ import numpy as np
 from shunter.errors import ShunterError
 from shunter.plan.planner import plan_all_to_all
 from shunter.plan.traffic import check_traffic_matrix
-from shunter.units import format_bytes, parse_bandwidth
+from shunter.units import format_bytes, parse_rates
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,15 +54,7 @@ def load_traffic(path: str | Path) -> np.ndarray:
 
 def parse_bandwidths(text: str, num_devices: int, field: str = "--bandwidth") -> np.ndarray:
     """[n] bytes/s from '100Gbit/s' (every device) or 'a,b,c,...' (one per device)."""
-    parts = [part.strip() for part in text.split(",")]
-    values = np.array([parse_bandwidth(part, field) for part in parts])
-    if values.size == 1:
-        return np.full(num_devices, values[0])
-    if values.size != num_devices:
-        raise ShunterError(
-            f"{field}: {values.size} bandwidths for {num_devices} devices (give one, or one per device)"
-        )
-    return values
+    return np.array(parse_rates(text, num_devices, field, "devices"))
 
 
 def run(args: argparse.Namespace) -> int:

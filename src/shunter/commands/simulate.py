@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 from shunter.errors import ShunterError
+from shunter.units import parse_seconds
 
 FAIR_SHARE_MAX_DEVICES = 256
 
@@ -55,15 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--plot", metavar="FILE.png", help="draw per-layer times to this PNG")
     parser.set_defaults(func=run)
-
-
-def parse_seconds(text: str, field: str) -> float:
-    """'5us', '0.01ms', '2e-6', '0' -> seconds."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|ms|us|µs|ns)?\s*", text)
-    if match is None:
-        raise ShunterError(f"{field}: cannot read {text!r} as a duration (examples: 5us, 0.01ms, 2e-6)")
-    scale = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}[match.group(2)]
-    return float(match.group(1)) * scale
 
 
 def _resolve(path_text: str, plan_path: Path, field: str) -> Path:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 
 from shunter.errors import FieldError, ShunterError
-from shunter.units import parse_bandwidth
+from shunter.units import parse_rates, parse_seconds
 
 PREFIX = "shnt"
 MAX_HOSTS = 254  # host i is 10.x.y.(i+1) in one /24
@@ -73,27 +73,12 @@ def check_environment() -> None:
 
 def parse_host_bandwidths(text: str, num_hosts: int, field: str = "--bandwidth") -> list[float]:
     """[num_hosts] bytes/s from '1Gbit/s' (every host) or 'a,b,...' (one per host, host 0 first)."""
-    parts = [part.strip() for part in text.split(",")]
-    if len(parts) not in (1, num_hosts):
-        raise ShunterError(
-            f"{field}: {len(parts)} bandwidths for {num_hosts} hosts (give one for all, or one per host)"
-        )
-    values = []
-    for host, part in enumerate(parts):
-        where = field if len(parts) == 1 else f"{field} (host {host})"
-        # parse_bandwidth reads '-1Gbit/s' as garbage; say what is wrong with it instead.
-        if part.startswith("-"):
-            raise ShunterError(f"{where}: bandwidth must be positive, got {part!r}")
-        values.append(parse_bandwidth(part, where))
-    return values * num_hosts if len(values) == 1 else values
+    return parse_rates(text, num_hosts, field, "hosts")
 
 
 def parse_latency(text: str, field: str = "--latency") -> float:
     """Seconds from '0', '5ms', '200us', '0.01s' (a plain number is seconds)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|ms|us|µs)?\s*", text)
-    if match is None:
-        raise ShunterError(f"{field}: cannot read {text!r} as a duration (examples: 0ms, 5ms, 200us)")
-    return float(match.group(1)) * {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}[match.group(2)]
+    return parse_seconds(text, field)
 
 
 def tbf_burst_bytes(rate_bytes_s: float) -> int:

@@ -15,7 +15,6 @@ Every field error names the file, the device entry and the field.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from shunter.errors import ShunterError
-from shunter.units import parse_bandwidth, parse_bytes
+from shunter.units import parse_bandwidth, parse_bytes, parse_compute
 
 DEFAULT_COMPUTE = "100TFLOP/s"
 DEFAULT_MEMORY = "80GiB"
 _DEVICE_KEYS = {"name", "count", "bandwidth", "compute", "memory"}
-_FLOP_PREFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15, "e": 1e18}
 
 
 @dataclass(frozen=True)
@@ -105,28 +103,6 @@ class ClusterSpec:
                 for d in self.devices
             ],
         }
-
-
-def parse_compute(text: str | int | float, field: str = "compute") -> float:
-    """FLOP/s from "312TFLOP/s", "312 TFLOPS", "1.5e14" or a plain number; must be positive."""
-    if isinstance(text, bool):
-        raise ShunterError(f"{field}: expected a compute speed like '312TFLOP/s', got {text!r}")
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        match = re.fullmatch(
-            r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtTpPeE]?)(?:flop/s|flops)?\s*",
-            str(text),
-            flags=re.IGNORECASE,
-        )
-        if match is None:
-            raise ShunterError(
-                f"{field}: cannot read {text!r} as a compute speed (examples: 312TFLOP/s, 1e14)"
-            )
-        value = float(match.group(1)) * _FLOP_PREFIXES[match.group(2).lower()]
-    if not value > 0 or not np.isfinite(value):
-        raise ShunterError(f"{field}: compute speed must be positive, got {text!r}")
-    return value
 
 
 def parse_cluster(document: dict[str, object], source: str = "cluster") -> ClusterSpec:
