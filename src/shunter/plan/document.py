@@ -35,7 +35,7 @@ import numpy as np
 
 from shunter.errors import ShunterError
 from shunter.plan.cluster import ClusterSpec
-from shunter.plan.schedule import Schedule
+from shunter.network.schedule import Schedule
 
 PLAN_VERSION = 2
 READABLE_VERSIONS = (1, 2)
