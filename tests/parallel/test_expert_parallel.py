@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from shunter.cli import main as cli_main
 from shunter.parallel.exchange import rank_rounds, rows_per_round
 from shunter.parallel.moe import rows_between_ranks, split_by_shares
-from shunter.plan.document import ExpertSlots, load_plan
+from shunter.plan.document import load_plan
 from shunter.plan.schedule import schedule_all_to_all
+from shunter.plan.slots import ExpertSlots
 from shunter.trace.synthetic import zipf_trace
 
 EMULATED_4 = Path(__file__).resolve().parents[2] / "examples" / "cluster-emulated-4.toml"

@@ -13,7 +13,6 @@ from shunter.errors import ShunterError
 from shunter.plan.cluster import load_cluster
 from shunter.plan.document import (
     PLAN_VERSION,
-    ExpertSlots,
     check_model_against,
     check_plan_against,
     check_trace_against,
@@ -24,7 +23,6 @@ from shunter.plan.document import (
     write_plan,
 )
 from shunter.plan.planner import PlanOptions, plan_colocated, plan_exclusive
-from shunter.plan.replication import eplb_replicate
 from shunter.trace.synthetic import zipf_trace
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -89,20 +87,6 @@ def test_colocated_plan_has_two_slot_tables(cluster, trace):
         np.testing.assert_array_equal(
             entry.slots[1].device_of_expert(), layer_plan.placements[1].shares.argmax(axis=1)
         )
-
-
-def test_slots_are_eplbs_physical_and_logical_maps():
-    """Oracle: EPLB's maps by hand for a small replicated placement."""
-    placement = eplb_replicate(np.array([90.0, 10.0, 10.0, 10.0]), num_devices=2, slots_per_device=3)
-    slots = ExpertSlots.from_shares(placement.shares)
-    assert slots.replica_count.sum() == slots.num_slots
-    table = slots.expert_slots()
-    for expert in range(4):
-        listed = table[expert][table[expert] >= 0]
-        assert len(listed) == slots.replica_count[expert]
-        assert np.all(slots.slot_expert[listed] == expert)
-        assert slots.slot_share[listed].sum() == pytest.approx(1.0)
-    assert slots.replica_count[0] >= 2  # the hot expert is replicated
 
 
 def test_a_version_1_plan_is_read_with_slots_from_its_placement(cluster, trace):

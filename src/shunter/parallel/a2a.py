@@ -49,8 +49,8 @@ from shunter.parallel.cluster import parse_host_bandwidths
 from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
 from shunter.parallel.moe import as_slots, contiguous_placement, rows_between_ranks
 from shunter.parallel.runtime import init_from_environment, run_rank
-from shunter.plan.document import ExpertSlots, read_slots
 from shunter.plan.schedule import Schedule, schedule_all_to_all
+from shunter.plan.slots import ExpertSlots, read_slots
 from shunter.plan.traffic import routed_counts
 from shunter.trace.routing_trace import load_trace
 

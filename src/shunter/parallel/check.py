@@ -29,7 +29,8 @@ from shunter.model.weights import CheckpointLayout
 from shunter.network.transport import STRATEGIES
 from shunter.parallel.moe import ExpertParallelMoE, as_slots, contiguous_placement
 from shunter.parallel.runtime import init_from_environment, run_rank
-from shunter.plan.document import ExpertSlots, check_model_against, load_plan
+from shunter.plan.document import check_model_against, load_plan
+from shunter.plan.slots import ExpertSlots
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -40,8 +40,8 @@ from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, MLPWeights, MoEWeights
 from shunter.network.transport import Strategy
 from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
-from shunter.plan.document import ExpertSlots
 from shunter.plan.schedule import Schedule
+from shunter.plan.slots import ExpertSlots
 
 
 def contiguous_placement(num_experts: int, num_ranks: int) -> np.ndarray:
