@@ -21,7 +21,6 @@ import numpy as np
 
 from shunter.commands.cluster import add_congestion_control_argument
 from shunter.commands.common import print_json
-from shunter.commands.generate import MAX_PLANNED_BATCHES
 from shunter.dist.a2a import DEFAULT_ROW_BYTES
 from shunter.dist.cluster import (
     DEFAULT_PORT,
@@ -35,6 +34,7 @@ from shunter.model.checkpoint import Checkpoint
 from shunter.model.loader import default_trace_path, resolve_model_dir
 from shunter.model.spec import load_spec
 from shunter.offload import bench as offload_bench
+from shunter.offload.planner import MAX_PLANNED_BATCHES
 from shunter.sim.predict import check_trace_against, read_plan
 from shunter.trace.routing_trace import load_trace
 from shunter.units import format_bytes, parse_bytes
