@@ -1,9 +1,9 @@
 """The planner's reported measurements, reproducible from a seed (the figures in docs/planner.md).
 
-    python -m shunter.plan.experiments heterogeneous [--cases 1000] [--seed 0]
-    python -m shunter.plan.experiments colocated [--cases 200] [--seed 0]
-    python -m shunter.plan.experiments replication [--seed 0]
-    python -m shunter.plan.experiments timing [--devices 256] [--experts 256]
+    python -m shunter.reproduce.planner_figures heterogeneous [--cases 1000] [--seed 0]
+    python -m shunter.reproduce.planner_figures colocated [--cases 200] [--seed 0]
+    python -m shunter.reproduce.planner_figures replication [--seed 0]
+    python -m shunter.reproduce.planner_figures timing [--devices 256] [--experts 256]
 
 Each subcommand prints one JSON object. The functions are pure apart from reading the clock.
 """
@@ -331,7 +331,7 @@ def timing_report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shunter.plan.experiments", description=__doc__.split("\n")[0]
+        prog="python -m shunter.reproduce.planner_figures", description=__doc__.split("\n")[0]
     )
     parser.add_argument("experiment", choices=["heterogeneous", "colocated", "replication", "timing"])
     parser.add_argument("--cases", type=int, help="random cases (heterogeneous: 1000, colocated: 200)")

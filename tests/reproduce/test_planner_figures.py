@@ -1,11 +1,11 @@
 """Reporting tests: small versions of the measurements in docs/planner.md (full ones:
-python -m shunter.plan.experiments ...)."""
+python -m shunter.reproduce.planner_figures ...)."""
 
 from __future__ import annotations
 
 import pytest
 
-from shunter.plan.experiments import heterogeneous_report, replication_report, timing_report
+from shunter.reproduce.planner_figures import heterogeneous_report, replication_report, timing_report
 
 
 def test_heterogeneous_lane_schedules_are_valid_and_near_the_port_bound() -> None:
