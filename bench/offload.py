@@ -1,7 +1,7 @@
 """Build the offload benchmark's models, then run `shunter bench offload` on each.
 
 The benchmark itself (every contender in its own process in a memory cgroup, page cache dropped
-first) is `shunter bench offload` (shunter.offload.bench; docs/offload.md, "Benchmarking"). This
+first) is `shunter bench offload` (shunter.bench.offload; docs/offload.md, "Benchmarking"). This
 script only makes the two random-weight bf16 checkpoints it is run on, once, in .bench_cache/:
 
   mixtral  3.2 GB Mixtral-like: hidden 2048, 8 experts of 3584, top-2, 8 layers

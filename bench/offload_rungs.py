@@ -19,10 +19,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from shunter.offload.bench import check_environment, run_capped
+from shunter.bench.sandbox import check_environment, run_capped
 from shunter.units import parse_bytes
 
-RUNGS = {  # name -> (prefetch, hot_first), as in shunter.offload.bench
+RUNGS = {  # name -> (prefetch, hot_first), as in shunter.bench.offload
     "multi-batch": ("layer", False),
     "hot-prefetch": ("hot", False),
     "reorder": ("hot", True),

@@ -211,16 +211,12 @@ def test_profile_cache_round_trips_and_re_measures_a_corrupt_file(tiny_checkpoin
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
-def test_a_real_profile_is_quick_and_sane(tiny_checkpoint, family):
+def test_a_real_profile_is_sane(tiny_checkpoint, family):
     """MLA attention and shared experts go through the same runtime functions as Mixtral's."""
-    import time
-
     import torch
 
     path = tiny_checkpoint(family)
-    started = time.perf_counter()
     profile = planner.measure_profile(load_spec(path), path, torch.float32)
-    assert time.perf_counter() - started < 5.0
     assert profile.attention_s_per_token > 0 and profile.gate_s_per_token > 0
     assert profile.expert_min_s > 0 and profile.read_bytes_s > 1e5
 

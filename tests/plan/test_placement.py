@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shunter.errors import ShunterError
-from shunter.plan.experiments import colocated_gap_report, random_colocated_instance
 from shunter.plan.placement import (
     colocation_cost,
     pair_bottleneck,
@@ -22,6 +21,7 @@ from shunter.plan.placement import (
     place_exclusive,
     place_random,
 )
+from shunter.reproduce.planner_figures import colocated_gap_report, random_colocated_instance
 
 
 def _largest(cost: np.ndarray, partner: np.ndarray) -> float:

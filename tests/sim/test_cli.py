@@ -1,4 +1,4 @@
-"""`shunter simulate` and `shunter reproduce` through cli.main: outputs, files, and bad input."""
+"""`shunter simulate` through cli.main: outputs, files, and bad input."""
 
 from __future__ import annotations
 
@@ -210,42 +210,3 @@ def test_simulate_finds_no_trace_when_the_plan_names_a_missing_one(
     code, _, err = run_cli(["simulate", "--cluster", HOMOGENEOUS, "--plan", str(path)], capsys)
     assert code == 2
     assert "inputs.trace names" in err and "--trace" in err
-
-
-# ---------------------------------------------------------------------------------------------
-# reproduce
-
-
-@pytest.mark.parametrize("paper", ["aurora", "lina", "klotski"])
-def test_reproduce_json_marks_every_row_reproduced_or_not_with_a_reason(
-    paper: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Oracle: the issue's contract: every row has "reproduced": true|false and a "why" sentence,
-    ours and the paper's side by side."""
-    code, out, _ = run_cli(["reproduce", paper, "--quick", "--json"], capsys)
-    assert code == 0
-    result = json.loads(out)
-    assert result["paper"] == paper and result["settings"]
-    for row in result["rows"]:
-        assert isinstance(row["reproduced"], bool)
-        assert row["why"].startswith(("rule", "ranges", "our")) and len(row["why"]) > 40
-        assert row["ours"] and row["paper"]
-
-
-def test_reproduce_prints_a_table_and_a_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Oracle: the Klotski ladder's four rungs appear with the paper's figures; the PNG is written."""
-    picture = tmp_path / "klotski.png"
-    code, out, _ = run_cli(["reproduce", "klotski", "--quick", "--plot", str(picture)], capsys)
-    assert code == 0
-    for figure in ("5.721 tok/s", "18.24 tok/s", "19.074 tok/s", "22.414 tok/s"):
-        assert figure in out
-    assert "why:" in out and "rows reproduced" in out
-    assert picture.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_reproduce_rejects_an_unknown_paper(capsys: pytest.CaptureFixture[str]) -> None:
-    """Oracle: argparse names the choices and exits non-zero."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["reproduce", "switch-transformer"])
-    assert exit_info.value.code != 0
-    assert "aurora" in capsys.readouterr().err

@@ -1,9 +1,8 @@
-"""Scale: a plan for hundreds of devices is predicted in seconds. The 64/256/1024-device timings
-(1024 devices, 256 experts, 8 layers under 60 s) are measured by the commands in docs/simulator.md."""
+"""Scale: a plan for hundreds of devices is predicted from its schedule summaries. How long that
+takes (64/256/1024 devices; 1024 devices, 256 experts, 8 layers under 60 s) is measured by the
+commands in docs/simulator.md, not asserted here."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 
@@ -23,19 +22,17 @@ def plan_for(num_devices: int, num_layers: int) -> tuple:
     return read_plan(document, "plan"), cluster, trace
 
 
-def timed_prediction(plan: object, cluster: object, trace: object, rebuild: bool) -> tuple[float, float]:
-    """(seconds to predict, forward time)."""
-    start = time.perf_counter()
+def predicted_forward_s(plan: object, cluster: object, trace: object, rebuild: bool) -> float:
+    """The plan's forward time, from its schedule summaries or with every schedule rebuilt."""
     options = SimulateOptions(fair_share=False, rebuild_schedules=rebuild)
     prediction = predict_plan(plan, cluster, trace, options)  # type: ignore[arg-type]
-    return time.perf_counter() - start, prediction.total_planned_s
+    return prediction.total_planned_s
 
 
-def test_256_devices_256_experts_are_predicted_in_seconds_and_match_a_rebuild() -> None:
+def test_256_devices_256_experts_predicted_from_the_summaries_match_a_rebuild() -> None:
     """Oracle: the plan's schedule summaries give the same forward time as rebuilding every schedule
-    (makespan + rounds x latency is exact), and in well under the time planning took."""
+    (makespan + rounds x latency is exact)."""
     plan, cluster, trace = plan_for(256, 2)
-    from_summary_s, forward = timed_prediction(plan, cluster, trace, rebuild=False)
-    _, rebuilt = timed_prediction(plan, cluster, trace, rebuild=True)
+    forward = predicted_forward_s(plan, cluster, trace, rebuild=False)
+    rebuilt = predicted_forward_s(plan, cluster, trace, rebuild=True)
     assert forward == pytest.approx(rebuilt, rel=1e-9)
-    assert from_summary_s < 5.0

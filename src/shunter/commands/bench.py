@@ -4,7 +4,7 @@ schedule, random order) beside the lower bound and the simulator's prediction. N
 
 `shunter bench offload MODEL --memory X`: decode tok/s of the offload engine's ablation ladder,
 transformers + accelerate disk offload, the planner's prediction and the in-memory executor, each
-in its own process in a memory cgroup capped at X (shunter.offload.bench). Needs root."""
+in its own process in a memory cgroup capped at X (shunter.bench.offload). Needs root."""
 
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from shunter.bench import offload as offload_bench
+from shunter.bench.report import print_offload_table, write_json_atomically
+from shunter.bench.workers import PROMPT_TOKENS
 from shunter.commands.cluster import add_congestion_control_argument
 from shunter.commands.common import print_json
-from shunter.commands.generate import MAX_PLANNED_BATCHES
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.loader import default_trace_path, resolve_model_dir
 from shunter.model.spec import load_spec
-from shunter.offload import bench as offload_bench
+from shunter.offload.planner import MAX_PLANNED_BATCHES
 from shunter.parallel.a2a import DEFAULT_ROW_BYTES
 from shunter.parallel.cluster import (
     DEFAULT_PORT,
@@ -238,9 +240,9 @@ def offload_config(args: argparse.Namespace) -> offload_bench.BenchConfig:
             f"--runtime-reserve, more than the whole model ({format_bytes(model_bytes)}): nothing would "
             f"stream from disk; give less than {format_bytes(model_bytes + reserve)}"
         )
-    if offload_bench.PROMPT_TOKENS + args.new_tokens > spec.max_position_embeddings:
+    if PROMPT_TOKENS + args.new_tokens > spec.max_position_embeddings:
         raise ShunterError(
-            f"--new-tokens: {offload_bench.PROMPT_TOKENS}-token prompts + {args.new_tokens} exceed the "
+            f"--new-tokens: {PROMPT_TOKENS}-token prompts + {args.new_tokens} exceed the "
             f"model's max_position_embeddings ({spec.max_position_embeddings})"
         )
     missing = [name for name in ("transformers", "accelerate") if importlib.util.find_spec(name) is None]
@@ -271,7 +273,6 @@ def offload_config(args: argparse.Namespace) -> offload_bench.BenchConfig:
 
 def run_offload(args: argparse.Namespace) -> int:
     config = offload_config(args)
-    offload_bench.check_environment()
     report = offload_bench.run_benchmark(config, progress=sys.stderr)
     if args.out:
         write_json_atomically(report, Path(args.out))
@@ -280,18 +281,6 @@ def run_offload(args: argparse.Namespace) -> int:
     else:
         print_offload_table(report)
     return 0
-
-
-def write_json_atomically(report: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    handle, partial = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
 
 
 def _plan_placements(plan_path: str, trace, hosts: int, trace_path: Path) -> list[dict[str, list]]:
@@ -337,102 +326,3 @@ def print_a2a_table(report: dict) -> None:
             f"  schedule speedup: {layer['speedup_over_all_to_all']:.2f}x over all_to_all_single, "
             f"{layer['speedup_over_random_order']:.2f}x over random order"
         )
-
-
-def _times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _size(value: float | None) -> str:
-    return "-" if value is None else format_bytes(value)
-
-
-# the table's short names; the JSON's "description" says each in words
-TABLE_NAMES = {
-    "accelerate": "accelerate",
-    "simple": "simple",
-    "multi-batch": "multi-batch",
-    "hot-prefetch": "hot-prefetch",
-    "reorder": "reorder (Shunter)",
-    "predicted": "predicted (planner)",
-    "bound": "bound (overlapped)",
-    "in-memory": "in-memory (no cap)",
-}
-
-
-def _offload_rows(rows: list[dict], names: list[str]) -> None:
-    print(
-        f"  {'contender':<26} {'seqs':>4} {'n':>3} {'decode tok/s':>12} {'x accel':>8} {'x pred':>7} "
-        f"{'x bound':>7} "
-        f"{'x in-mem':>8} {'read':>10} {'planned':>10} {'peak':>10} {'hits':>5}"
-    )
-    for name, row in zip(names, rows, strict=True):
-        hits = row["prefetch_hit_rate"]
-        if row["decode_tok_s"] is None:
-            print(
-                f"  {name:<26} {row['sequences']:>4} {row['batches'] or '-':>3}  "
-                f"not run: {row.get('not_run')}"
-            )
-            continue
-        print(
-            f"  {name:<26} {row['sequences']:>4} {row['batches'] or '-':>3} {row['decode_tok_s']:>12.3f} "
-            f"{_times(row['vs_accelerate']):>8} {_times(row['vs_predicted']):>7} "
-            f"{_times(row['vs_bound']):>7} "
-            f"{_times(row['vs_in_memory']):>8} {_size(row['bytes_read']):>10} "
-            f"{_size(row['planned_bytes_read']):>10} {_size(row['peak_cgroup_bytes']):>10} "
-            f"{'-' if hits is None else f'{hits:.2f}':>5}"
-        )
-
-
-def print_offload_table(report: dict) -> None:
-    planner = report["planner"]
-    print(
-        f"{Path(report['model']).name} ({report['family']} {report['dtype']}, "
-        f"{format_bytes(report['model_bytes'])}); cap {format_bytes(report['cap_bytes'])} per contender "
-        f"({format_bytes(report['weight_budget_bytes'])} for weights); {report['prompt_tokens']}-token "
-        f"prompts, {report['new_tokens']} new tokens; median of {report['reps']} after "
-        f"{report['warmup']} warm-up; {report['threads']} threads"
-    )
-    print(
-        f"planner: n = {planner['num_batches']} "
-        f"({'bubble free' if planner['bubble_free'] else 'not bubble free'}, ({planner['binding']}) binds), "
-        f"predicted {planner['predicted_tok_s']:.1f} tok/s at n"
-    )
-    for result in report["results"]:
-        S = result["sequences"]
-        print(f"\n{S} sequence{'s' * (S > 1)} in flight")
-        rows = list(result["rows"].values())
-        _offload_rows(rows, [TABLE_NAMES[row["contender"]] for row in rows])
-        equal = "yes" if result["tokens_equal_across_rungs"] else "NO"
-        in_memory = "yes" if result["tokens_equal_in_memory"] else "NO"
-        print(f"  tokens equal across the ladder: {equal}; reorder = in-memory: {in_memory}")
-        disk = result.get("bound_disk_bytes_s")
-        if disk is not None:
-            print(
-                f"  bound reads at {disk / 1e9:.2f} GB/s, the reorder runs' own decode reads "
-                f"(at the profile's {planner['profile_read_bytes_s'] / 1e9:.2f} GB/s: "
-                f"{result['bound_at_profile_tok_s']:.3f} tok/s)"
-            )
-    batches = report["accelerate_batches"]
-    rates = ", ".join(
-        f"batch {row['sequences']} "
-        + ("timed out" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.3f}")
-        for row in batches["rows"]
-    )
-    print(f"\naccelerate, decode tok/s by batch: {rates}; best batch {batches['best_batch']}")
-    sweep = report["sweep"]
-    print("\nsweep: the reorder rung at one sequence per micro-batch")
-    rows = [*sweep["rows"], sweep["planner_row"]]
-    names = [f"reorder, {row['sequences']} seq" for row in sweep["rows"]]
-    names.append(f"reorder, planner's n = {sweep['planner_row']['sequences']}")
-    _offload_rows(rows, names)
-    in_memory = sweep["planner_row"]["in_memory_tok_s"]
-    print(
-        f"  best of the sweep and the planner's n ({sweep['best_sequences']} sequences) / planner's n: "
-        f"{_times(sweep['best_over_planner'])}; in memory at the planner's n "
-        + ("-" if in_memory is None else f"{in_memory:.3f} tok/s")
-    )
-    print(
-        "each at its best: Shunter's best of the sweep over accelerate's best batch: "
-        f"{_times(report['best_over_accelerate_best'])}"
-    )

@@ -26,6 +26,7 @@ from shunter.model.tokenizer import Tokenizer
 from shunter.offload import OffloadedModel, PipelineOptions, load_offloaded, model_bytes
 from shunter.offload.device import resolve_device
 from shunter.offload.planner import (
+    MAX_PLANNED_BATCHES,
     BatchPlan,
     expert_share_from_trace,
     explain,
@@ -36,8 +37,6 @@ from shunter.offload.planner import (
 )
 from shunter.trace import load_trace
 from shunter.units import parse_bytes
-
-MAX_PLANNED_BATCHES = 128  # the planner's search limit (its timeline prediction grows with n)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

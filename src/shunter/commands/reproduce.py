@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from pathlib import Path
 
-PAPERS = ("aurora", "lina", "klotski")
+PAPERS = ("aurora", "lina", "klotski")  # shunter.reproduce.PAPERS, without importing the experiments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,30 +26,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shunter.sim.reproduce import reproduce
+    from shunter.reproduce import reproduce
+    from shunter.reproduce.claims import table_lines
 
     result = reproduce(args.paper, quick=args.quick)
     if args.plot:
-        from shunter.sim.plots import plot_reproduction
+        from shunter.reproduce.plots import plot_reproduction
 
         plot_reproduction(result, Path(args.plot))
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    print(f"{result.title}  ({result.seconds:.1f} s)")
-    for line in result.settings:
-        print(textwrap.fill(line, 110, initial_indent="  - ", subsequent_indent="    "))
-    columns = ["result", "ours", "paper", "reproduced"]
-    rows = [[r.label, r.ours, r.paper, "yes" if r.reproduced else "NO"] for r in result.rows]
-    widths = [max(len(c), *(len(row[k]) for row in rows)) for k, c in enumerate(columns)]
-    print()
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row, r in zip(rows, result.rows, strict=True):
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
-        print(textwrap.fill(r.why, 110, initial_indent="      why: ", subsequent_indent="           "))
-    held = sum(r.reproduced for r in result.rows)
-    print(f"\n{held} of {len(result.rows)} rows reproduced")
+    for line in table_lines(result):
+        print(line)
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0

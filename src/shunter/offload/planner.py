@@ -492,6 +492,11 @@ def predicted_step(times: PipelineTimes, num_batches: int, num_hot_experts: int)
     return klotski_step_time(times, num_batches, options)
 
 
+# the search limit of plan_batches for `shunter generate --batches auto` and `shunter bench offload`
+# (its timeline prediction grows with n)
+MAX_PLANNED_BATCHES = 128
+
+
 def plan_batches(
     spec: ModelSpec,
     profile: MachineProfile,

@@ -1,4 +1,4 @@
-"""PNG plots for `shunter simulate --plot` and `shunter reproduce --plot`.
+"""PNG plots for `shunter simulate --plot` (and the helpers `shunter reproduce --plot` draws with).
 
 matplotlib is imported inside each function (Agg backend) so the command line starts fast.
 """
@@ -14,10 +14,10 @@ import numpy as np
 
 if TYPE_CHECKING:
     from shunter.sim.predict import PlanPrediction
-    from shunter.sim.reproduce import Reproduction
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +26,7 @@ def _pyplot():
     return plt
 
 
-def _save(figure: object, path: Path) -> None:
+def save_png(figure: object, path: Path) -> None:
     """Write atomically: a temporary PNG in the same folder, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
@@ -41,7 +41,7 @@ def _save(figure: object, path: Path) -> None:
 
 def plot_plan_prediction(prediction: PlanPrediction, path: Path) -> None:
     """Per layer: all-to-all and compute of the planned timeline, beside the fair-share layer time."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = np.arange(len(prediction.layers))
     a2a = np.array([r.a2a_planned_s for r in prediction.layers]) * 1e3
     compute = np.array([r.compute_s for r in prediction.layers]) * 1e3
@@ -58,38 +58,5 @@ def plot_plan_prediction(prediction: PlanPrediction, path: Path) -> None:
     axis.set_ylabel("ms")
     axis.set_title(f"{prediction.mode} plan: {prediction.total_planned_s * 1e3:.3f} ms per forward")
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _save(figure, path)
-    plt.close(figure)
-
-
-def plot_reproduction(reproduction: Reproduction, path: Path) -> None:
-    """Ours beside the paper's, one panel per unit (speedups, tok/s, ms, ...); a range is drawn as
-    its middle with the range as an error bar."""
-    plt = _pyplot()
-    rows = [r for r in reproduction.rows if r.ours_low is not None and r.paper_low is not None]
-    units = list(dict.fromkeys(r.unit for r in rows))
-    figure, axes = plt.subplots(1, max(len(units), 1), figsize=(max(6, len(rows) * 1.2), 4.8), squeeze=False)
-    for axis, unit in zip(axes[0], units, strict=False):
-        group = [r for r in rows if r.unit == unit]
-        x = np.arange(len(group))
-        for offset, which in ((-0.2, "ours"), (0.2, "paper")):
-            low = np.array([getattr(r, f"{which}_low") for r in group], dtype=float)
-            high = np.array([getattr(r, f"{which}_high") for r in group], dtype=float)
-            middle = (low + high) / 2
-            axis.bar(x + offset, middle, 0.4, yerr=[middle - low, high - middle], capsize=3, label=which)
-        for k, row in enumerate(group):
-            axis.text(
-                k - 0.2,
-                0,
-                "" if row.reproduced else "no",
-                ha="center",
-                va="bottom",
-                fontsize=7,
-                color="white",
-            )
-        axis.set_xticks(x, [r.label for r in group], rotation=35, ha="right", fontsize=7)
-        axis.set_ylabel(unit)
-        axis.legend(fontsize=8)
-    figure.suptitle(f"reproduce {reproduction.paper}: ours beside the paper's")
-    _save(figure, path)
+    save_png(figure, path)
     plt.close(figure)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from shunter.bench import offload, rounds, sandbox
+from shunter.bench.report import ContenderRow
 from shunter.cli import main
 from shunter.model.export import mixtral_config, random_weights, save_checkpoint
 from shunter.model.spec import load_spec, spec_from_config
-from shunter.offload import bench
 from shunter.offload.planner import MachineProfile
 
 RESERVE_BYTES = 900 * 2**20  # the runtime's share of the cap: accelerate's process peaks near 600 MiB
@@ -47,7 +48,7 @@ CONTENDERS = [
 ]  # fmt: skip
 
 needs_cgroups = pytest.mark.skipif(
-    os.geteuid() != 0 or bench.own_memory_cgroup() is None,
+    os.geteuid() != 0 or sandbox.own_memory_cgroup() is None,
     reason="the offload benchmark needs root and the cgroup v1 memory controller",
 )
 
@@ -74,7 +75,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def _run_cgroups(pid: int) -> list[Path]:
     """The run cgroups process `pid` made that still exist (a benchmark running beside the tests
     has its own, named after its pid)."""
-    return list(bench.own_memory_cgroup().glob(f"{bench.CGROUP_PREFIX}{pid}-*"))
+    return list(sandbox.own_memory_cgroup().glob(f"{sandbox.CGROUP_PREFIX}{pid}-*"))
 
 
 def _bench(model: Path, *options: str) -> int:
@@ -131,7 +132,7 @@ def test_the_bound_is_reads_or_compute_whichever_takes_longer(tiny_model):
     )  # fmt: skip
 
     def at_disk(rate: float | None) -> tuple[float, float, float]:
-        return bench.model_figures_tok_s(spec, profile, 8, 8, 20, None, rate)
+        return offload.model_figures_tok_s(spec, profile, 8, 8, 20, None, rate)
 
     predicted, at_profile, _ = at_disk(None)
     assert at_disk(1e8) == (predicted, at_profile, at_profile)
@@ -253,8 +254,8 @@ def test_tiny_run_reports_every_contender_and_leaves_no_cgroup(tiny_model, tmp_p
 @needs_cgroups
 def test_a_run_past_its_time_limit_is_killed_with_its_cgroup(tiny_model, tmp_path):
     job = {"kind": "in-memory", "model": str(tiny_model), "new_tokens": 2, "sequences": 1}
-    with pytest.raises(bench.RunTimedOut, match=r"in-memory: no result within 0.05 s; killed"):
-        bench.run_capped(job, None, "in-memory", timeout_s=0.05)  # Python alone takes longer to start
+    with pytest.raises(sandbox.RunTimedOut, match=r"in-memory: no result within 0.05 s; killed"):
+        sandbox.run_capped(job, None, "in-memory", timeout_s=0.05)  # Python alone takes longer to start
     assert _run_cgroups(os.getpid()) == []
 
 
@@ -264,12 +265,12 @@ def test_a_timed_out_job_is_reported_and_not_run_again(monkeypatch):
     def fake_run_capped(job, cap_bytes, label, timeout_s=None):
         calls.append(label)
         if job["kind"] == "slow":
-            raise bench.RunTimedOut(f"{label}: no result within {timeout_s:g} s; killed")
+            raise sandbox.RunTimedOut(f"{label}: no result within {timeout_s:g} s; killed")
         result = {"decode_tok_s": 2.0, "disk_read_bytes": 0, "generated_ids": [[1]]}
-        return bench.CappedRun(result, peak_cgroup_bytes=1, wall_s=0.1)
+        return sandbox.CappedRun(result, peak_cgroup_bytes=1, wall_s=0.1)
 
-    monkeypatch.setattr(bench, "run_capped", fake_run_capped)
-    runs = bench._Runs()
+    monkeypatch.setattr(rounds, "run_capped", fake_run_capped)
+    runs = rounds.InterleavedRuns()
     slow, fast = runs.add({"kind": "slow"}, 1, "slow"), runs.add({"kind": "fast"}, 1, "fast")
     progress = io.StringIO()
     runs.run(reps=3, warmup=1, progress=progress, timeout_s=60)
@@ -278,5 +279,5 @@ def test_a_timed_out_job_is_reported_and_not_run_again(monkeypatch):
     assert runs.summaries[slow] == {"not_run": "timed out: no result within 60 s (warm-up), not run again"}
     assert runs.summaries[fast]["decode_tok_s"] == 2.0
     assert "slow" in progress.getvalue() and "timed out" in progress.getvalue()
-    row = bench._row("accelerate", 8, None, runs.summaries[slow])
-    assert row["decode_tok_s"] is None and row["not_run"].startswith("timed out")
+    row = ContenderRow.from_summary("accelerate", 8, None, runs.summaries[slow])
+    assert row.decode_tok_s is None and row.not_run.startswith("timed out")

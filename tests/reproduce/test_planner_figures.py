@@ -1,11 +1,11 @@
 """Reporting tests: small versions of the measurements in docs/planner.md (full ones:
-python -m shunter.plan.experiments ...)."""
+python -m shunter.reproduce.planner_figures ...)."""
 
 from __future__ import annotations
 
 import pytest
 
-from shunter.plan.experiments import heterogeneous_report, replication_report, timing_report
+from shunter.reproduce.planner_figures import heterogeneous_report, replication_report, timing_report
 
 
 def test_heterogeneous_lane_schedules_are_valid_and_near_the_port_bound() -> None:
@@ -30,10 +30,10 @@ def test_replication_report_on_a_zipf_trace() -> None:
 
 
 @pytest.mark.slow
-def test_256_devices_and_experts_are_planned_and_scheduled_well_within_10_seconds() -> None:
-    """Scale acceptance: one layer, 256 devices x 256 experts, top-8, 64 tokens per device (about
-    2 s here; the bound is generous for a shared machine). Oracle: the schedule meets the bound."""
+def test_256_devices_and_experts_are_scheduled_at_the_port_bound() -> None:
+    """Scale: one layer, 256 devices x 256 experts, top-8, 64 tokens per device. Oracle: the
+    schedule meets the bound. (How long it takes is measured, not asserted: `python -m
+    shunter.reproduce.planner_figures timing` prints it; docs/planner.md, "Scale".)"""
     report = timing_report(256, 256, baselines=False)
     print(f"\n256 x 256: {report.total_planned_and_scheduled_s:.2f} s, {report.rounds} rounds")
-    assert report.total_planned_and_scheduled_s < 10
     assert report.makespan_over_bound == pytest.approx(1.0, rel=1e-9)

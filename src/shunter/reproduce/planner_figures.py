@@ -1,9 +1,9 @@
 """The planner's reported measurements, reproducible from a seed (the figures in docs/planner.md).
 
-    python -m shunter.plan.experiments heterogeneous [--cases 1000] [--seed 0]
-    python -m shunter.plan.experiments colocated [--cases 200] [--seed 0]
-    python -m shunter.plan.experiments replication [--seed 0]
-    python -m shunter.plan.experiments timing [--devices 256] [--experts 256]
+    python -m shunter.reproduce.planner_figures heterogeneous [--cases 1000] [--seed 0]
+    python -m shunter.reproduce.planner_figures colocated [--cases 200] [--seed 0]
+    python -m shunter.reproduce.planner_figures replication [--seed 0]
+    python -m shunter.reproduce.planner_figures timing [--devices 256] [--experts 256]
 
 Each subcommand prints one JSON object. The functions are pure apart from reading the clock.
 """
@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from shunter.network.bounds import matching_lower_bound_s, port_lower_bound_s
+from shunter.network.cost import GBIT_S
 from shunter.network.fluid import simulate_baseline
 from shunter.plan.placement import (
     ColocatedInstance,
@@ -39,7 +40,6 @@ from shunter.plan.traffic import dispatch_traffic
 from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.synthetic import zipf_trace
 
-GBIT_S = 1e9 / 8
 AURORA_BANDWIDTHS_GBIT_S = (100.0, 80.0, 50.0, 40.0)
 
 
@@ -327,7 +327,7 @@ def timing_report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shunter.plan.experiments", description=__doc__.split("\n")[0]
+        prog="python -m shunter.reproduce.planner_figures", description=__doc__.split("\n")[0]
     )
     parser.add_argument("experiment", choices=["heterogeneous", "colocated", "replication", "timing"])
     parser.add_argument("--cases", type=int, help="random cases (heterogeneous: 1000, colocated: 200)")

@@ -1,0 +1,1 @@
+"""Benchmark harnesses: contenders measured in their own processes, outside the runtime they measure."""
