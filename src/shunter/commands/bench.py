@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from shunter.bench import offload as offload_bench
+from shunter.bench.a2a import DEFAULT_ROW_BYTES
 from shunter.bench.report import print_offload_table, write_json_atomically
 from shunter.bench.workers import PROMPT_TOKENS
 from shunter.commands.cluster import add_congestion_control_argument
@@ -27,7 +28,6 @@ from shunter.model.checkpoint import Checkpoint
 from shunter.model.loader import default_trace_path, resolve_model_dir
 from shunter.model.spec import load_spec
 from shunter.offload.planner import MAX_PLANNED_BATCHES
-from shunter.parallel.a2a import DEFAULT_ROW_BYTES
 from shunter.parallel.cluster import (
     DEFAULT_PORT,
     EmulatedCluster,
@@ -168,7 +168,7 @@ def run_a2a(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="shunter-a2a-") as scratch:
         result_path = Path(scratch) / "result.json"
         command = [
-            sys.executable, "-m", "shunter.parallel.a2a",
+            sys.executable, "-m", "shunter.bench.a2a",
             "--trace", str(trace_path.resolve()),
             "--layers", str(args.layers), "--tokens", str(args.tokens), "--row-bytes", str(args.row_bytes),
             "--reps", str(args.reps), "--warmup", str(args.warmup), "--timeout", str(args.timeout),

@@ -1,6 +1,6 @@
 """Fitting the network model to measurements: what a real network sustains beside the fluid.
 
-Pure arithmetic on times already measured (parallel.a2a.calibrate does the timing on
+Pure arithmetic on times already measured (bench.a2a.calibrate does the timing on
 torch.distributed): a line through measured times against fluid times gives a pattern's
 efficiency and startup; a bisection turns a slowdown into the share of its rate a port delivers
 while flows meet there.

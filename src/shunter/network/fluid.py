@@ -48,7 +48,7 @@ def simulate_baseline(
     shortest_first (SJF): as random_order, each sender's flows smallest first.
     shared_port_efficiency (sender queues only): the share of its bandwidth a receiving port
         delivers while two or more flows meet there (1: a fluid; TCP flows meeting at a shaped
-        port fill less of it, measured by `shunter.parallel.a2a.calibrate`).
+        port fill less of it, measured by `shunter.bench.a2a.calibrate`).
     crowded_port_efficiency (fair_share only): the share of its bandwidth one side of a port
         delivers while n - 1 flows cross it; see port_efficiency_by_flows.
     """

@@ -1,10 +1,11 @@
-"""Measure one MoE layer's dispatch + combine all-to-alls on a real process group, three ways,
-beside the lower bound and the simulator's prediction for the same traffic.
+"""The all-to-all benchmark's ranks: measure one MoE layer's dispatch + combine all-to-alls on a
+real process group, three ways, beside the lower bound and the simulator's prediction for the
+same traffic.
 
 Run one process per host (`shunter bench a2a` launches it on the emulated cluster; torchrun works
 too):
 
-    python -m shunter.parallel.a2a --trace T.npz --bandwidth 400Mbit/s --out result.json
+    python -m shunter.bench.a2a --trace T.npz --bandwidth 400Mbit/s --out result.json
 
 Per MoE layer of the trace: tokens start evenly spread over the ranks (`token_home_devices`),
 each (token, choice) goes to the rank holding its expert (a plan's exclusive placement, or even
@@ -221,9 +222,7 @@ def time_exchanges(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m shunter.parallel.a2a", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m shunter.bench.a2a", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", default=None, help="routing trace .npz (default: the built-in model's)")
     parser.add_argument(
         "--bandwidth", default=None, help=f"shaped port rate(s); default ${BANDWIDTH_VARIABLE}"
