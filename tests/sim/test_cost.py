@@ -8,12 +8,14 @@ import pytest
 from shunter.errors import ShunterError
 from shunter.plan.schedule import Schedule, max_min_fair_rates, simulate_baseline
 from shunter.sim.cost import (
+    MIXTRAL_8X7B,
     ComputeModel,
     ComputeProfile,
     FluidNetwork,
     MoEShapes,
     fair_share_time_s,
     flow_time_s,
+    kv_cache_bytes,
     parse_compute_profile,
     ring_allreduce_flows,
     ring_allreduce_time_s,
@@ -166,3 +168,10 @@ def test_mixtral_shapes_give_its_known_sizes() -> None:
     assert mixtral.expert_params == 3 * 4096 * 14336
     total = mixtral.num_layers * (8 * mixtral.expert_params + mixtral.attention_params)
     assert total == pytest.approx(46.5e9, rel=0.01)
+
+
+def test_a_kv_cache_is_sequences_times_tokens_times_layers_of_one_tokens_keys_and_values() -> None:
+    """Oracle: Mixtral keeps 8 KV heads of 128 in bf16, 4 KiB per token and layer: 32 sequences of
+    1024 tokens at 32 layers are 4 GiB."""
+    assert MIXTRAL_8X7B.kv_bytes_per_token == 4096
+    assert kv_cache_bytes(MIXTRAL_8X7B.kv_bytes_per_token, 32, 1024, MIXTRAL_8X7B.num_layers) == 4 * 2**30

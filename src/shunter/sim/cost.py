@@ -284,6 +284,10 @@ class MoEShapes:
         return self.hidden_size * self.num_experts
 
     @property
+    def gate_bytes(self) -> int:
+        return self.gate_params * self.bytes_per_param
+
+    @property
     def gate_flops_per_token(self) -> float:
         return 2.0 * self.gate_params
 
@@ -299,8 +303,16 @@ class MoEShapes:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Keys and values of one token at one layer."""
+        """Keys and values of one token at one layer (ModelSpec.kv_bytes_per_token for the same model)."""
         return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_activation
+
+    @property
+    def weight_bytes(self) -> int:
+        """Every MoE layer's attention, gate and experts: all the weights the simulator knows of
+        (what an offloaded step streams). Not the whole checkpoint: shunter.offload.model_bytes
+        sums a checkpoint's tensors, embeddings, norms and dense layers included."""
+        per_layer = self.attention_bytes + self.gate_bytes + self.num_experts * self.expert_bytes
+        return self.num_layers * per_layer
 
 
 MIXTRAL_8X7B = MoEShapes("Mixtral-8x7B", 4096, 14336, 8, 2, 32, 32, 8, 128)
@@ -401,8 +413,8 @@ def expert_bytes_per_device(shares_per_layer: list[np.ndarray], expert_bytes: fl
     return np.zeros(0) if total is None else total
 
 
-def kv_cache_bytes(
-    shapes: MoEShapes, sequences: int, context_tokens: int, layers: int | None = None
-) -> float:
-    """Keys and values of `sequences` sequences of context_tokens at `layers` layers (default all)."""
-    return float(sequences) * context_tokens * shapes.kv_bytes_per_token * (layers or shapes.num_layers)
+def kv_cache_bytes(kv_bytes_per_token: int, sequences: int, context_tokens: int, layers: int) -> int:
+    """Keys and values of `sequences` sequences of `context_tokens` tokens at `layers` layers, from
+    one token's at one layer: MoEShapes.kv_bytes_per_token in the simulator,
+    ModelSpec.kv_bytes_per_token(element_bytes) for the runtime's cache (the offload placement)."""
+    return sequences * context_tokens * kv_bytes_per_token * layers

@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from shunter.sim.cost import MoEShapes
+from shunter.sim.cost import MoEShapes, kv_cache_bytes
 from shunter.sim.timeline import Collective, Compute, Op, TimelineOptions, run_timeline
 
 Prefetch = Literal["whole_layer", "hot_only"]
@@ -342,18 +342,11 @@ class OffloadMachine:
     launch_s: float = 0.0
 
 
-def model_bytes(shapes: MoEShapes) -> float:
-    """Weights streamed per step: every layer's attention, gate and experts."""
-    per_layer = shapes.attention_bytes + shapes.gate_params * shapes.bytes_per_param
-    per_layer += shapes.num_experts * shapes.expert_bytes
-    return float(shapes.num_layers * per_layer)
-
-
 def weight_seconds_per_byte(shapes: MoEShapes, machine: OffloadMachine) -> float:
     """Seconds per weight byte reaching the device: over the link from RAM, and for the share that
     does not fit in RAM (10% kept free) first from disk at its rate (a sliding window pipelines
     the two, so the slower sets the pace for that share)."""
-    total = model_bytes(shapes)
+    total = float(shapes.weight_bytes)
     on_disk = max(0.0, total - 0.9 * machine.host_memory_bytes) / total
     return (1 - on_disk) / machine.link_bytes_s + on_disk / min(machine.link_bytes_s, machine.disk_bytes_s)
 
@@ -381,20 +374,14 @@ def mixtral_pipeline_times(
     tokens = batch_size * (prompt_tokens if phase == "prefill" else 1)
     context = prompt_tokens / 2 if phase == "prefill" else context_tokens
     flop_s, hbm = machine.compute_flop_s, machine.memory_bandwidth_bytes_s
-    kv_per_batch_layer = (
-        batch_size * (prompt_tokens if phase == "prefill" else context_tokens) * shapes.kv_bytes_per_token
-    )
+    kv_token_bytes = shapes.kv_bytes_per_token
+    cached_tokens = prompt_tokens if phase == "prefill" else context_tokens
+    kv_per_batch_layer = kv_cache_bytes(kv_token_bytes, batch_size, cached_tokens, 1)
     attention_read = shapes.attention_bytes + (kv_per_batch_layer if phase == "decode" else 0.0)
     attention_s = max(tokens * shapes.attention_flops_per_token(context) / flop_s, attention_read / hbm)
-    gate_s = max(
-        tokens * shapes.gate_flops_per_token / flop_s, shapes.gate_params * shapes.bytes_per_param / hbm
-    )
-    kv_total = (
-        num_batches
-        * batch_size
-        * (prompt_tokens + context_tokens)
-        * shapes.kv_bytes_per_token
-        * shapes.num_layers
+    gate_s = max(tokens * shapes.gate_flops_per_token / flop_s, shapes.gate_bytes / hbm)
+    kv_total = kv_cache_bytes(
+        kv_token_bytes, num_batches * batch_size, prompt_tokens + context_tokens, shapes.num_layers
     )
     working_set = 2 * (shapes.attention_bytes + E * shapes.expert_bytes)
     kv_on_device = kv_total + working_set <= 0.9 * machine.device_memory_bytes
@@ -403,7 +390,7 @@ def mixtral_pipeline_times(
         kv_load = kv_store = 0.0
     else:
         kv_load = kv_per_batch_layer / machine.link_bytes_s if phase == "decode" else 0.0
-        written = batch_size * (prompt_tokens if phase == "prefill" else 1) * shapes.kv_bytes_per_token
+        written = kv_cache_bytes(kv_token_bytes, batch_size, prompt_tokens if phase == "prefill" else 1, 1)
         kv_store = written / machine.link_bytes_s
     return PipelineTimes(
         attention_compute_s=attention_s + machine.launch_s,
@@ -412,7 +399,7 @@ def mixtral_pipeline_times(
         expert_compute_s_per_token=shapes.expert_flops_per_token / flop_s,
         expert_min_compute_s=shapes.expert_bytes / hbm + machine.launch_s,
         attention_transfer_s=shapes.attention_bytes * per_byte,
-        gate_transfer_s=shapes.gate_params * shapes.bytes_per_param * per_byte,
+        gate_transfer_s=shapes.gate_bytes * per_byte,
         expert_transfer_s=shapes.expert_bytes * per_byte,
         num_layers=shapes.num_layers,
         kv_load_s=kv_load,
