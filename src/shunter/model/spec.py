@@ -88,6 +88,11 @@ class ModelSpec:
         return _DTYPES[self.dtype]
 
     @property
+    def dtype_bytes(self) -> int:
+        """Bytes of one element in the checkpoint's dtype."""
+        return self.torch_dtype.itemsize
+
+    @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
 

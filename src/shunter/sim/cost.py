@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from shunter.errors import ShunterError
 from shunter.plan.schedule import Schedule, max_min_fair_rates, off_diagonal, simulate_baseline
+
+if TYPE_CHECKING:  # shunter.model imports torch; MoEShapes.from_spec only reads a spec's fields
+    from shunter.model.spec import ModelSpec
 
 GBIT_S = 1e9 / 8  # bytes/s in one Gbit/s
 
@@ -233,12 +236,13 @@ class FluidNetwork:
 # compute
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MoEShapes:
     """The sizes that set an MoE model's costs (element counts; bytes per element separately).
 
     Attention is grouped-query: num_heads query heads and num_kv_heads key/value heads of head_dim.
     Experts are SwiGLU (gated: 3 matrices hidden x intermediate) or a plain two-matrix MLP.
+    Keyword-only, like the presets below; `from_spec` reads them from a model's config.json.
     """
 
     name: str
@@ -253,6 +257,47 @@ class MoEShapes:
     gated_experts: bool = True
     bytes_per_param: int = 2
     bytes_per_activation: int = 2
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: ModelSpec,
+        bytes_per_param: int | None = None,
+        bytes_per_activation: int | None = None,
+        name: str | None = None,
+    ) -> MoEShapes:
+        """The simulator's shapes of a model read from its config.json (`shunter.model.spec`).
+
+        Bytes per parameter and per activation default to the checkpoint dtype's. num_layers counts
+        the MoE layers only: the simulator has no dense layers, norms, embeddings or LM head, and
+        no attention biases or sliding window. ShunterError for what the shapes cannot hold:
+        multi-head latent attention (DeepSeek) and shared experts (Qwen2-MoE).
+        """
+        if spec.attention != "gqa":
+            raise ShunterError(
+                f"{spec.name}: {spec.attention} attention has no MoEShapes (the simulator models "
+                "grouped-query attention only)"
+            )
+        if spec.shared_intermediate_size:
+            raise ShunterError(
+                f"{spec.name}: shared experts (intermediate size {spec.shared_intermediate_size}) have "
+                "no MoEShapes (the simulator models routed experts only)"
+            )
+        element = spec.dtype_bytes
+        return cls(
+            name=spec.name if name is None else name,
+            hidden_size=spec.hidden_size,
+            expert_intermediate_size=spec.expert_intermediate_size,
+            num_experts=spec.num_experts,
+            top_k=spec.top_k,
+            num_layers=spec.num_moe_layers,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            gated_experts=True,  # every family shunter.model reads has SwiGLU experts
+            bytes_per_param=element if bytes_per_param is None else bytes_per_param,
+            bytes_per_activation=element if bytes_per_activation is None else bytes_per_activation,
+        )
 
     @property
     def expert_params(self) -> int:
@@ -315,11 +360,44 @@ class MoEShapes:
         return self.num_layers * per_layer
 
 
-MIXTRAL_8X7B = MoEShapes("Mixtral-8x7B", 4096, 14336, 8, 2, 32, 32, 8, 128)
+# The papers' models. Mixtral-8x7B-v0.1's config.json gives the same (tests/sim/test_cost.py).
+MIXTRAL_8X7B = MoEShapes(
+    name="Mixtral-8x7B",
+    hidden_size=4096,
+    expert_intermediate_size=14336,
+    num_experts=8,
+    top_k=2,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+)
 # LIMoE-B (Aurora's models): ViT-B width, plain MLP experts, top-1 routing, 4 MoE layers as Aurora uses.
-LIMOE_B = MoEShapes("LIMoE-B", 768, 3072, 8, 1, 4, 12, 12, 64, gated_experts=False)
+LIMOE_B = MoEShapes(
+    name="LIMoE-B",
+    hidden_size=768,
+    expert_intermediate_size=3072,
+    num_experts=8,
+    top_k=1,
+    num_layers=4,
+    num_heads=12,
+    num_kv_heads=12,
+    head_dim=64,
+    gated_experts=False,
+)
 # Lina's models are GPT-2 / BERT-Large sized MoE transformers: width 1024, 4x MLP experts, top-2.
-LINA_MOE = MoEShapes("GPT-2-medium MoE (Lina)", 1024, 4096, 16, 2, 12, 16, 16, 64, gated_experts=False)
+LINA_MOE = MoEShapes(
+    name="GPT-2-medium MoE (Lina)",
+    hidden_size=1024,
+    expert_intermediate_size=4096,
+    num_experts=16,
+    top_k=2,
+    num_layers=12,
+    num_heads=16,
+    num_kv_heads=16,
+    head_dim=64,
+    gated_experts=False,
+)
 
 
 @dataclass(frozen=True)
