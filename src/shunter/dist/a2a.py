@@ -41,11 +41,11 @@ from shunter.errors import ShunterError
 from shunter.model.loader import default_trace_path
 from shunter.plan.schedule import Schedule, port_lower_bound_s, schedule_all_to_all
 from shunter.plan.traffic import routed_counts
-from shunter.sim.cost import fair_share_time_s, sender_queue_time_s
+from shunter.sim.cost import MIXTRAL_8X7B, fair_share_time_s, sender_queue_time_s
 from shunter.trace.routing_trace import load_trace
 
 BANDWIDTH_VARIABLE = "SHUNTER_CLUSTER_BANDWIDTHS"  # bytes/s per host, set by `shunter cluster run`
-DEFAULT_ROW_BYTES = 4096 * 2  # one Mixtral-sized hidden state in bf16
+DEFAULT_ROW_BYTES = MIXTRAL_8X7B.token_bytes  # one Mixtral-sized hidden state in bf16 (8192)
 ELEMENT = torch.float32  # rows are opaque bytes on the wire; fp32 is what every backend moves
 CALIBRATION_SCALES = (1, 2, 4)  # probe sizes of each calibration pattern, in probe units
 CALIBRATION_REPS = 5
