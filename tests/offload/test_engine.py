@@ -172,6 +172,15 @@ def test_placement_pins_blocks_first_then_the_most_popular_experts(tiny_checkpoi
     assert tight.resident_experts == frozenset({(1, 5)})
 
 
+def test_the_engine_reads_prefetch_in_the_simulators_vocabulary():
+    """Oracle: shunter.sim.klotski.Prefetch; its aliases map once, an unknown word is refused."""
+    assert PipelineOptions(2, "hot_only").prefetch == "hot"
+    assert PipelineOptions(2, "whole_layer").prefetch == "layer"
+    assert PipelineOptions(2, "none").prefetch == "none"
+    with pytest.raises(ValueError, match="prefetch 'all' is not one of none, hot, layer"):
+        PipelineOptions(1, "all")
+
+
 def test_a_batch_whose_kv_cache_cannot_fit_says_so(tiny_checkpoint):
     spec = load_spec(tiny_checkpoint("mixtral"))
     fits = plan_placement(spec, 10**9, 4, 0, 0)

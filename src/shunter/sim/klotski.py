@@ -14,10 +14,10 @@ port 0 the host, port 1 the device, full duplex so KV stores do not slow loads).
   by batch (each batch runs its experts; "simple"/FlexGen order) or hot experts first over all n
   batches, then cold experts in the order their transfers were issued (Klotski's reorder);
 - weight stream: attention weights A_l, gate G_l, then either every expert of the layer
-  ("whole_layer": the expert layer starts when all of it is in) or only the K predicted hot
-  experts ("hot_only"); cold experts go on their own stream once batch 0's gate has run. Layer
-  l+1's weights start after layer l's last expert transfer and once layer l's first attention ran
-  (at most two layers in flight);
+  (prefetch "layer": the expert layer starts when all of it is in), only the K predicted hot
+  experts ("hot"), or none ("none"); the experts not prefetched go on their own stream once batch
+  0's gate has run. Layer l+1's weights start after layer l's last expert transfer and once layer
+  l's first attention ran (at most two layers in flight);
 - KV stream: batch k's KV for layer l after attention(l, k-1) (one batch ahead); KV stores of
   attention outputs go device->host.
 prefetch_accuracy p: a prefetched hot expert is used by some token with probability p; the
@@ -36,8 +36,22 @@ import numpy as np
 from shunter.sim.cost import MoEShapes, kv_cache_bytes
 from shunter.sim.timeline import Collective, Compute, Op, TimelineOptions, run_timeline
 
-Prefetch = Literal["whole_layer", "hot_only"]
+# What of a layer's experts is loaded before its gate has run, in the simulator and the offload
+# engine alike: nothing, the K predicted hot experts, or every expert of the layer.
+Prefetch = Literal["none", "hot", "layer"]
+PREFETCH_CHOICES: tuple[Prefetch, ...] = ("none", "hot", "layer")
+# The simulator's first spellings, still accepted (sim/reproduce.py, older scripts).
+PREFETCH_ALIASES: dict[str, Prefetch] = {"hot_only": "hot", "whole_layer": "layer"}
 ExpertOrder = Literal["by_batch", "hot_first"]
+
+
+def canonical_prefetch(prefetch: str) -> Prefetch:
+    """`prefetch` in the one vocabulary (PREFETCH_CHOICES), aliases mapped; ValueError otherwise."""
+    prefetch = PREFETCH_ALIASES.get(prefetch, prefetch)
+    if prefetch not in PREFETCH_CHOICES:
+        choices = ", ".join(PREFETCH_CHOICES + tuple(PREFETCH_ALIASES))
+        raise ValueError(f"prefetch {prefetch!r} is not one of {choices}")
+    return prefetch
 
 
 @dataclass(frozen=True)
@@ -103,13 +117,17 @@ class PipelineTimes:
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """prefetch, expert_order: see the module docstring. num_hot_experts: K (Mixtral: top-2).
-    prefetch_accuracy: share of prefetched hot experts that some token uses."""
+    """prefetch, expert_order: see the module docstring (prefetch also takes PREFETCH_ALIASES).
+    num_hot_experts: K (Mixtral: top-2). prefetch_accuracy: share of prefetched hot experts that
+    some token uses."""
 
-    prefetch: Prefetch = "hot_only"
+    prefetch: Prefetch = "hot"
     expert_order: ExpertOrder = "hot_first"
     num_hot_experts: int = 2
     prefetch_accuracy: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefetch", canonical_prefetch(self.prefetch))
 
 
 @dataclass(frozen=True)
@@ -146,7 +164,8 @@ def pipeline_ops(times: PipelineTimes, num_batches: int, options: PipelineOption
     """The op graph of one step (see the module docstring); exposed for plots and tests."""
     if num_batches < 1:
         raise ValueError("num_batches must be >= 1")
-    n, K = num_batches, min(options.num_hot_experts, times.num_experts)
+    n = num_batches
+    K = 0 if options.prefetch == "none" else min(options.num_hot_experts, times.num_experts)
     tokens = np.asarray(times.expert_tokens_per_batch, dtype=np.float64)
     hot, cold = times.hot_and_cold(K)
     wasted_s = (1.0 - options.prefetch_accuracy) * K * times.expert_transfer_s
@@ -171,10 +190,10 @@ def pipeline_ops(times: PipelineTimes, num_batches: int, options: PipelineOption
         attention_w = weight(f"wA{L}", times.attention_transfer_s, gate_in)
         gate_w = weight(f"wG{L}", times.gate_transfer_s)
         loaded: dict[int, str] = {}
-        prefetched = hot if options.prefetch == "hot_only" else hot + cold
+        prefetched = hot + cold if options.prefetch == "layer" else hot
         for e in prefetched:
             loaded[e] = weight(f"wE{L}.{e}", times.expert_transfer_s)
-        if options.prefetch == "hot_only" and wasted_s > 0:
+        if options.prefetch != "layer" and wasted_s > 0:
             weight(f"wX{L}", wasted_s)
         # Attention and gates, batch by batch; KV one batch ahead.
         for k in range(n):
@@ -196,7 +215,7 @@ def pipeline_ops(times: PipelineTimes, num_batches: int, options: PipelineOption
         for k in range(n):
             ops.append(_compute(f"gate{L}.{k}", times.gate_compute_s, (gate_w, f"att{L}.{k}"), "gate"))
         # Cold experts: requested once batch 0's gate has chosen them (every batch routes alike).
-        if options.prefetch == "hot_only":
+        if options.prefetch != "layer":
             for e in cold:
                 after = (f"gate{L}.0",) + ((last_cold,) if last_cold else ())
                 name = f"wC{L}.{e}"
@@ -204,7 +223,7 @@ def pipeline_ops(times: PipelineTimes, num_batches: int, options: PipelineOption
                 loaded[e] = last_cold = name
         else:
             last_cold = last_weight
-        whole_layer = tuple(loaded.values()) if options.prefetch == "whole_layer" else ()
+        whole_layer = tuple(loaded.values()) if options.prefetch == "layer" else ()
         runs: list[str] = []
         if options.expert_order == "hot_first":
             for e in hot + cold:
