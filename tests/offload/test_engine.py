@@ -12,8 +12,9 @@ from shunter.model.checkpoint import Checkpoint
 from shunter.model.spec import load_spec
 from shunter.offload import PipelineOptions, disk, load_offloaded
 from shunter.offload.disk import DirectReader, HostBufferPool
-from shunter.offload.placement import kv_cache_bytes, plan_placement
+from shunter.offload.placement import plan_placement
 from shunter.offload.prefetcher import CorrelationPrefetcher
+from shunter.sim.cost import kv_cache_bytes
 from tests.tiny_models import FAMILIES
 
 PROMPTS = [[3, 5, 7, 9, 11, 13, 15], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24], [1, 2]]
@@ -171,11 +172,20 @@ def test_placement_pins_blocks_first_then_the_most_popular_experts(tiny_checkpoi
     assert tight.resident_experts == frozenset({(1, 5)})
 
 
+def test_the_engine_reads_prefetch_in_the_simulators_vocabulary():
+    """Oracle: shunter.sim.klotski.Prefetch; its aliases map once, an unknown word is refused."""
+    assert PipelineOptions(2, "hot_only").prefetch == "hot"
+    assert PipelineOptions(2, "whole_layer").prefetch == "layer"
+    assert PipelineOptions(2, "none").prefetch == "none"
+    with pytest.raises(ValueError, match="prefetch 'all' is not one of none, hot, layer"):
+        PipelineOptions(1, "all")
+
+
 def test_a_batch_whose_kv_cache_cannot_fit_says_so(tiny_checkpoint):
     spec = load_spec(tiny_checkpoint("mixtral"))
     fits = plan_placement(spec, 10**9, 4, 0, 0)
     weights = fits.base_bytes + fits.working_set_bytes
-    kv = kv_cache_bytes(spec, sequences=64, slots=512, element_bytes=4)
+    kv = kv_cache_bytes(spec.kv_bytes_per_token(4), sequences=64, context_tokens=512, layers=spec.num_layers)
     assert plan_placement(spec, weights + kv, 4, kv, 0).kv_cache_bytes == kv
     with pytest.raises(
         ShunterError, match=r"the KV cache of this batch needs [0-9.]+ MiB but only [0-9.]+ KiB"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from shunter.errors import ShunterError
-from shunter.sim.cost import ComputeModel, ComputeProfile, MoEShapes, parse_compute_profile
+from shunter.shapes import MIXTRAL_8X7B
+from shunter.sim.cost import ComputeModel, ComputeProfile, kv_cache_bytes, parse_compute_profile
 
 
 def test_compute_time_is_flops_over_speed_with_a_memory_floor() -> None:
@@ -35,9 +36,8 @@ def test_a_bad_profile_is_a_clear_error() -> None:
         parse_compute_profile({"mlp": {"tokens": [1], "seconds": [1]}}, "p.json")
 
 
-def test_mixtral_shapes_give_its_known_sizes() -> None:
-    """Oracle: Mixtral-8x7B has 176M parameters per expert (3 x 4096 x 14336) and ~46.7B in total."""
-    mixtral = MoEShapes("m", 4096, 14336, 8, 2, 32, 32, 8, 128)
-    assert mixtral.expert_params == 3 * 4096 * 14336
-    total = mixtral.num_layers * (8 * mixtral.expert_params + mixtral.attention_params)
-    assert total == pytest.approx(46.5e9, rel=0.01)
+def test_a_kv_cache_is_sequences_times_tokens_times_layers_of_one_tokens_keys_and_values() -> None:
+    """Oracle: Mixtral keeps 8 KV heads of 128 in bf16, 4 KiB per token and layer: 32 sequences of
+    1024 tokens at 32 layers are 4 GiB."""
+    assert MIXTRAL_8X7B.kv_bytes_per_token == 4096
+    assert kv_cache_bytes(MIXTRAL_8X7B.kv_bytes_per_token, 32, 1024, MIXTRAL_8X7B.num_layers) == 4 * 2**30

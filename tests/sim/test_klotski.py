@@ -27,10 +27,10 @@ TIMES = PipelineTimes(
     num_layers=3,
 )
 ORDERS = [
-    PipelineOptions("whole_layer", "by_batch"),
-    PipelineOptions("whole_layer", "hot_first"),
-    PipelineOptions("hot_only", "by_batch"),
-    PipelineOptions("hot_only", "hot_first"),
+    PipelineOptions("layer", "by_batch"),
+    PipelineOptions("layer", "hot_first"),
+    PipelineOptions("hot", "by_batch"),
+    PipelineOptions("hot", "hot_first"),
 ]
 
 
@@ -67,6 +67,25 @@ def test_more_batches_amortise_the_weight_transfers() -> None:
     """Oracle: weights cross once per step whatever n, so time per batch falls as n grows."""
     per_batch = [klotski_step_time(TIMES, n, ORDERS[3]).step_s / n for n in (1, 2, 4, 8)]
     assert all(later < earlier for earlier, later in itertools.pairwise(per_batch))
+
+
+def test_the_simulators_first_prefetch_spellings_mean_hot_and_layer() -> None:
+    """Oracle: the one vocabulary is "none", "hot", "layer" (the offload engine's too);
+    "whole_layer" and "hot_only" (sim/reproduce.py's) are read as "layer" and "hot"."""
+    assert PipelineOptions("whole_layer", "by_batch") == ORDERS[0]
+    assert PipelineOptions("hot_only", "hot_first") == ORDERS[3]
+    with pytest.raises(ValueError, match="prefetch 'cold' is not one of none, hot, layer"):
+        PipelineOptions("cold")
+
+
+def test_no_prefetch_is_hot_only_prefetch_of_no_experts() -> None:
+    """Oracle: with nothing prefetched every expert a layer uses loads after its gate, as the
+    engine's "none" does: the same graph as "hot" with K = 0."""
+    for n in (1, 4):
+        for order in ("by_batch", "hot_first"):
+            none = klotski_step_time(TIMES, n, PipelineOptions("none", order))
+            hot_zero = klotski_step_time(TIMES, n, PipelineOptions("hot", order, num_hot_experts=0))
+            assert none == hot_zero
 
 
 def test_hot_first_reorder_never_loses_to_the_batch_order_with_hot_only_prefetch() -> None:

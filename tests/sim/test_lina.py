@@ -10,7 +10,8 @@ import pytest
 from shunter.network.cost import GBIT_S
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.replication import build_path_estimator
-from shunter.sim.cost import LINA_MOE, ComputeModel
+from shunter.shapes import LINA_MOE
+from shunter.sim.cost import ComputeModel
 from shunter.sim.lina import (
     InferenceSetup,
     TrainingSetup,

@@ -53,10 +53,11 @@ from shunter.parallel.runtime import init_from_environment, run_rank
 from shunter.plan.schedule import Schedule, schedule_all_to_all
 from shunter.plan.slots import ExpertSlots, read_slots
 from shunter.plan.traffic import routed_counts
+from shunter.shapes import MIXTRAL_8X7B
 from shunter.trace.routing_trace import load_trace
 
 BANDWIDTH_VARIABLE = "SHUNTER_CLUSTER_BANDWIDTHS"  # bytes/s per host, set by `shunter cluster run`
-DEFAULT_ROW_BYTES = 4096 * 2  # one Mixtral-sized hidden state in bf16
+DEFAULT_ROW_BYTES = MIXTRAL_8X7B.token_bytes  # one Mixtral-sized hidden state in bf16 (8192)
 ELEMENT = torch.float32  # rows are opaque bytes on the wire; fp32 is what every backend moves
 CALIBRATION_SCALES = (1, 2, 4)  # probe sizes of each calibration pattern, in probe units
 CALIBRATION_REPS = 5

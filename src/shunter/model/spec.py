@@ -88,6 +88,11 @@ class ModelSpec:
         return _DTYPES[self.dtype]
 
     @property
+    def dtype_bytes(self) -> int:
+        """Bytes of one element in the checkpoint's dtype."""
+        return self.torch_dtype.itemsize
+
+    @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
 
@@ -95,6 +100,17 @@ class ModelSpec:
     def kv_dims(self) -> tuple[int, int]:
         """(key dim, value dim) per head held in the KV cache."""
         return self.head_dim, self.v_head_dim
+
+    @property
+    def cached_kv_heads(self) -> int:
+        """Heads the KV cache holds keys and values for: the KV heads, or with MLA every query head
+        (the runtime caches keys and values expanded per head rather than the latent)."""
+        return self.num_heads if self.attention == "mla" else self.num_kv_heads
+
+    def kv_bytes_per_token(self, element_bytes: int) -> int:
+        """Bytes of one token's keys and values at one layer of the runtime's KV cache."""
+        k_dim, v_dim = self.kv_dims
+        return self.cached_kv_heads * (k_dim + v_dim) * element_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,8 +12,9 @@ from shunter.model.checkpoint import Checkpoint
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.offload.device import ComputeDevice
 from shunter.offload.engine import OffloadedModel, PipelineOptions, experts_in_flight
-from shunter.offload.placement import OffloadPlacement, kv_cache_bytes, plan_placement
+from shunter.offload.placement import OffloadPlacement, plan_placement
 from shunter.offload.prefetcher import CorrelationPrefetcher
+from shunter.sim.cost import kv_cache_bytes
 from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.stats import popularity
 
@@ -30,7 +31,9 @@ __all__ = [
 
 
 def model_bytes(checkpoint: Checkpoint, element_bytes: int) -> int:
-    """Bytes of every weight once converted to the compute dtype."""
+    """Bytes of every tensor the checkpoint stores once converted to the compute dtype: what holding
+    the whole model takes. Counted from the files, not from shapes (MoEShapes.weight_bytes, the
+    simulator's, has no embeddings, norms, dense layers or extra tensors a checkpoint may carry)."""
     return sum(loc.num_bytes // loc.dtype.itemsize * element_bytes for loc in checkpoint.locations.values())
 
 
@@ -47,7 +50,7 @@ def offload_placement(
     """What load_offloaded places under `memory_bytes` of the compute device (weights + KV cache +
     working buffers) and `host_memory_bytes` of host RAM; ShunterError naming the minimum when it
     cannot fit."""
-    kv = kv_cache_bytes(spec, sequences, max_slots, element_bytes)
+    kv = kv_cache_bytes(spec.kv_bytes_per_token(element_bytes), sequences, max_slots, spec.num_layers)
     activations = (
         sequences * max_slots * spec.hidden_size * 16 * element_bytes + sequences * spec.vocab_size * 4
     )

@@ -11,7 +11,6 @@ as soon as its tokens are done. The math is the runtime's own layer functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -41,9 +40,8 @@ from shunter.offload.placement import OffloadPlacement
 from shunter.offload.planner import expected_touched_experts
 from shunter.offload.prefetcher import CorrelationPrefetcher
 from shunter.offload.streamer import WeightStreamer
+from shunter.sim.klotski import Prefetch, canonical_prefetch
 from shunter.trace.routing_trace import RoutingRecorder
-
-Prefetch = Literal["none", "hot", "layer"]
 
 # From this many micro-batches on, a streamed layer block is packed into the CPU's fast layout as
 # it loads: packing a Mixtral-like block takes 21 ms on the I/O thread's one thread and saves
@@ -54,11 +52,15 @@ PACK_BLOCK_MIN_BATCHES = 40
 @dataclass(frozen=True)
 class PipelineOptions:
     """The ablation ladder: num_batches=1 + prefetch="layer" + hot_first=False is the simple
-    pipeline; Shunter's default is the planner's n, hot-only prefetch, hot-first order."""
+    pipeline; Shunter's default is the planner's n, hot-only prefetch, hot-first order. prefetch is
+    the simulator's vocabulary (shunter.sim.klotski.Prefetch), so the planner predicts what runs."""
 
     num_batches: int = 1
     prefetch: Prefetch = "hot"
     hot_first: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefetch", canonical_prefetch(self.prefetch))
 
 
 def experts_in_flight(spec: ModelSpec, options: PipelineOptions) -> int:

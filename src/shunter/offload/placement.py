@@ -37,12 +37,6 @@ class OffloadPlacement:
     host_budget_bytes: int = 0
 
 
-def kv_cache_bytes(spec: ModelSpec, sequences: int, slots: int, element_bytes: int) -> int:
-    kv_heads = spec.num_heads if spec.attention == "mla" else spec.num_kv_heads
-    k_dim, v_dim = spec.kv_dims
-    return spec.num_layers * sequences * kv_heads * slots * (k_dim + v_dim) * element_bytes
-
-
 def plan_placement(
     spec: ModelSpec,
     budget_bytes: int,

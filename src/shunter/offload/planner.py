@@ -487,7 +487,7 @@ def predicted_step(times: PipelineTimes, num_batches: int, num_hot_experts: int)
     """One step of the engine's default pipeline in the simulator: hot-only prefetch of the
     num_hot_experts predicted experts, hot experts first."""
     options = klotski.PipelineOptions(
-        prefetch="hot_only", expert_order="hot_first", num_hot_experts=num_hot_experts
+        prefetch="hot", expert_order="hot_first", num_hot_experts=num_hot_experts
     )
     return klotski_step_time(times, num_batches, options)
 

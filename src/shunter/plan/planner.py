@@ -42,12 +42,13 @@ from shunter.plan.replication import (
 )
 from shunter.plan.schedule import Schedule, schedule_all_to_all
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, tokens_per_device
+from shunter.shapes import MIXTRAL_8X7B
 from shunter.trace.routing_trace import RoutingTrace
 
-# A Mixtral-sized expert: hidden 4096 in bf16 on the wire; SwiGLU 4096 -> 14336 -> 4096 is
-# 3 * 4096 * 14336 multiply-adds, 2 FLOPs each.
-DEFAULT_BYTES_PER_TOKEN = 4096 * 2
-DEFAULT_FLOPS_PER_TOKEN = 2 * 3 * 4096 * 14336
+# A Mixtral-sized expert: hidden 4096 in bf16 on the wire (8192 bytes); SwiGLU 4096 -> 14336 -> 4096
+# is 3 * 4096 * 14336 multiply-adds, 2 FLOPs each (an int, as the plan's JSON has always shown it).
+DEFAULT_BYTES_PER_TOKEN = MIXTRAL_8X7B.token_bytes
+DEFAULT_FLOPS_PER_TOKEN = int(MIXTRAL_8X7B.expert_flops_per_token)
 
 Mode = Literal["exclusive", "replicated", "colocated"]
 

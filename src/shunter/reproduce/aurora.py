@@ -30,7 +30,8 @@ from shunter.reproduce.claims import (
     WithinRelative,
     format_range,
 )
-from shunter.sim.cost import LIMOE_B, ComputeModel
+from shunter.shapes import LIMOE_B
+from shunter.sim.cost import ComputeModel
 from shunter.sim.moe_layer import LayerCosts, TokenCosts, layer_costs, simulate_colocated, simulate_exclusive
 from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.synthetic import zipf_trace

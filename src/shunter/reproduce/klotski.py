@@ -19,7 +19,7 @@ from shunter.reproduce.claims import (
     Row,
     WithinFactor,
 )
-from shunter.sim.cost import MIXTRAL_8X7B, MoEShapes
+from shunter.shapes import MIXTRAL_8X7B, MoEShapes
 from shunter.sim.klotski import (
     OffloadMachine,
     PipelineOptions,

@@ -23,7 +23,8 @@ from shunter.reproduce.claims import (
     WithinPoints,
     WithinRelative,
 )
-from shunter.sim.cost import LINA_MOE, ComputeModel
+from shunter.shapes import LINA_MOE
+from shunter.sim.cost import ComputeModel
 from shunter.sim.lina import InferenceSetup, TrainingSetup, inference_batch, split_batches, training_step
 from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.stats import load_skew

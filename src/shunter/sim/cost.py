@@ -19,83 +19,6 @@ from shunter.errors import ShunterError
 
 
 @dataclass(frozen=True)
-class MoEShapes:
-    """The sizes that set an MoE model's costs (element counts; bytes per element separately).
-
-    Attention is grouped-query: num_heads query heads and num_kv_heads key/value heads of head_dim.
-    Experts are SwiGLU (gated: 3 matrices hidden x intermediate) or a plain two-matrix MLP.
-    """
-
-    name: str
-    hidden_size: int
-    expert_intermediate_size: int
-    num_experts: int
-    top_k: int
-    num_layers: int  # MoE layers
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    gated_experts: bool = True
-    bytes_per_param: int = 2
-    bytes_per_activation: int = 2
-
-    @property
-    def expert_params(self) -> int:
-        return (3 if self.gated_experts else 2) * self.hidden_size * self.expert_intermediate_size
-
-    @property
-    def expert_bytes(self) -> int:
-        return self.expert_params * self.bytes_per_param
-
-    @property
-    def expert_flops_per_token(self) -> float:
-        return 2.0 * self.expert_params
-
-    @property
-    def attention_params(self) -> int:
-        """q and o: hidden x (heads * head_dim); k and v: hidden x (kv_heads * head_dim)."""
-        return 2 * self.hidden_size * self.head_dim * (self.num_heads + self.num_kv_heads)
-
-    @property
-    def attention_bytes(self) -> int:
-        return self.attention_params * self.bytes_per_param
-
-    def attention_flops_per_token(self, context_tokens: float) -> float:
-        """Projections, plus q.k and attention-weighted v over `context_tokens` earlier positions."""
-        return 2.0 * self.attention_params + 4.0 * self.num_heads * self.head_dim * context_tokens
-
-    @property
-    def gate_params(self) -> int:
-        return self.hidden_size * self.num_experts
-
-    @property
-    def gate_flops_per_token(self) -> float:
-        return 2.0 * self.gate_params
-
-    @property
-    def aggregation_flops_per_token(self) -> float:
-        """Weighted sum of the k expert outputs."""
-        return 2.0 * self.top_k * self.hidden_size
-
-    @property
-    def token_bytes(self) -> int:
-        """One token's hidden state on the wire."""
-        return self.hidden_size * self.bytes_per_activation
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Keys and values of one token at one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_activation
-
-
-MIXTRAL_8X7B = MoEShapes("Mixtral-8x7B", 4096, 14336, 8, 2, 32, 32, 8, 128)
-# LIMoE-B (Aurora's models): ViT-B width, plain MLP experts, top-1 routing, 4 MoE layers as Aurora uses.
-LIMOE_B = MoEShapes("LIMoE-B", 768, 3072, 8, 1, 4, 12, 12, 64, gated_experts=False)
-# Lina's models are GPT-2 / BERT-Large sized MoE transformers: width 1024, 4x MLP experts, top-2.
-LINA_MOE = MoEShapes("GPT-2-medium MoE (Lina)", 1024, 4096, 16, 2, 12, 16, 16, 64, gated_experts=False)
-
-
-@dataclass(frozen=True)
 class ComputeProfile:
     """Measured op times: for each op name, seconds at a few token counts (linear in between and
     beyond the last two points). Ops: "attention", "gate", "expert", "aggregation"."""
@@ -186,8 +109,8 @@ def expert_bytes_per_device(shares_per_layer: list[np.ndarray], expert_bytes: fl
     return np.zeros(0) if total is None else total
 
 
-def kv_cache_bytes(
-    shapes: MoEShapes, sequences: int, context_tokens: int, layers: int | None = None
-) -> float:
-    """Keys and values of `sequences` sequences of context_tokens at `layers` layers (default all)."""
-    return float(sequences) * context_tokens * shapes.kv_bytes_per_token * (layers or shapes.num_layers)
+def kv_cache_bytes(kv_bytes_per_token: int, sequences: int, context_tokens: int, layers: int) -> int:
+    """Keys and values of `sequences` sequences of `context_tokens` tokens at `layers` layers, from
+    one token's at one layer: MoEShapes.kv_bytes_per_token in the simulator,
+    ModelSpec.kv_bytes_per_token(element_bytes) for the runtime's cache (the offload placement)."""
+    return sequences * context_tokens * kv_bytes_per_token * layers

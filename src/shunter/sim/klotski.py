@@ -15,10 +15,10 @@ slow loads). Per layer l:
   by batch (each batch runs its experts; "simple"/FlexGen order) or hot experts first over all n
   batches, then cold experts in the order their transfers were issued (Klotski's reorder);
 - weight stream: attention weights A_l, gate G_l, then either every expert of the layer
-  ("whole_layer": the expert layer starts when all of it is in) or only the K predicted hot
-  experts ("hot_only"); cold experts go on their own stream once batch 0's gate has run. Layer
-  l+1's weights start after layer l's last expert transfer and once layer l's first attention ran
-  (at most two layers in flight);
+  (prefetch "layer": the expert layer starts when all of it is in), only the K predicted hot
+  experts ("hot"), or none ("none"); the experts not prefetched go on their own stream once batch
+  0's gate has run. Layer l+1's weights start after layer l's last expert transfer and once layer
+  l's first attention ran (at most two layers in flight);
 - KV stream: batch k's KV for layer l after attention(l, k-1) (one batch ahead); KV stores of
   attention outputs go device->host.
 prefetch_accuracy p: a prefetched hot expert is used by some token with probability p; the
@@ -34,11 +34,26 @@ from typing import Literal
 
 import numpy as np
 
-from shunter.sim.cost import MoEShapes
+from shunter.shapes import MoEShapes
+from shunter.sim.cost import kv_cache_bytes
 from shunter.sim.timeline import Collective, Compute, Op, TimelineOptions, run_timeline
 
-Prefetch = Literal["whole_layer", "hot_only"]
+# What of a layer's experts is loaded before its gate has run, in the simulator and the offload
+# engine alike: nothing, the K predicted hot experts, or every expert of the layer.
+Prefetch = Literal["none", "hot", "layer"]
+PREFETCH_CHOICES: tuple[Prefetch, ...] = ("none", "hot", "layer")
+# The simulator's first spellings, still accepted (sim/reproduce.py, older scripts).
+PREFETCH_ALIASES: dict[str, Prefetch] = {"hot_only": "hot", "whole_layer": "layer"}
 ExpertOrder = Literal["by_batch", "hot_first"]
+
+
+def canonical_prefetch(prefetch: str) -> Prefetch:
+    """`prefetch` in the one vocabulary (PREFETCH_CHOICES), aliases mapped; ValueError otherwise."""
+    prefetch = PREFETCH_ALIASES.get(prefetch, prefetch)
+    if prefetch not in PREFETCH_CHOICES:
+        choices = ", ".join(PREFETCH_CHOICES + tuple(PREFETCH_ALIASES))
+        raise ValueError(f"prefetch {prefetch!r} is not one of {choices}")
+    return prefetch
 
 
 @dataclass(frozen=True)
@@ -104,13 +119,17 @@ class PipelineTimes:
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """prefetch, expert_order: see the module docstring. num_hot_experts: K (Mixtral: top-2).
-    prefetch_accuracy: share of prefetched hot experts that some token uses."""
+    """prefetch, expert_order: see the module docstring (prefetch also takes PREFETCH_ALIASES).
+    num_hot_experts: K (Mixtral: top-2). prefetch_accuracy: share of prefetched hot experts that
+    some token uses."""
 
-    prefetch: Prefetch = "hot_only"
+    prefetch: Prefetch = "hot"
     expert_order: ExpertOrder = "hot_first"
     num_hot_experts: int = 2
     prefetch_accuracy: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefetch", canonical_prefetch(self.prefetch))
 
 
 @dataclass(frozen=True)
@@ -147,7 +166,8 @@ def pipeline_ops(times: PipelineTimes, num_batches: int, options: PipelineOption
     """The op graph of one step (see the module docstring); exposed for plots and tests."""
     if num_batches < 1:
         raise ValueError("num_batches must be >= 1")
-    n, K = num_batches, min(options.num_hot_experts, times.num_experts)
+    n = num_batches
+    K = 0 if options.prefetch == "none" else min(options.num_hot_experts, times.num_experts)
     tokens = np.asarray(times.expert_tokens_per_batch, dtype=np.float64)
     hot, cold = times.hot_and_cold(K)
     wasted_s = (1.0 - options.prefetch_accuracy) * K * times.expert_transfer_s
@@ -172,10 +192,10 @@ def pipeline_ops(times: PipelineTimes, num_batches: int, options: PipelineOption
         attention_w = weight(f"wA{L}", times.attention_transfer_s, gate_in)
         gate_w = weight(f"wG{L}", times.gate_transfer_s)
         loaded: dict[int, str] = {}
-        prefetched = hot if options.prefetch == "hot_only" else hot + cold
+        prefetched = hot + cold if options.prefetch == "layer" else hot
         for e in prefetched:
             loaded[e] = weight(f"wE{L}.{e}", times.expert_transfer_s)
-        if options.prefetch == "hot_only" and wasted_s > 0:
+        if options.prefetch != "layer" and wasted_s > 0:
             weight(f"wX{L}", wasted_s)
         # Attention and gates, batch by batch; KV one batch ahead.
         for k in range(n):
@@ -197,7 +217,7 @@ def pipeline_ops(times: PipelineTimes, num_batches: int, options: PipelineOption
         for k in range(n):
             ops.append(_compute(f"gate{L}.{k}", times.gate_compute_s, (gate_w, f"att{L}.{k}"), "gate"))
         # Cold experts: requested once batch 0's gate has chosen them (every batch routes alike).
-        if options.prefetch == "hot_only":
+        if options.prefetch != "layer":
             for e in cold:
                 after = (f"gate{L}.0",) + ((last_cold,) if last_cold else ())
                 name = f"wC{L}.{e}"
@@ -205,7 +225,7 @@ def pipeline_ops(times: PipelineTimes, num_batches: int, options: PipelineOption
                 loaded[e] = last_cold = name
         else:
             last_cold = last_weight
-        whole_layer = tuple(loaded.values()) if options.prefetch == "whole_layer" else ()
+        whole_layer = tuple(loaded.values()) if options.prefetch == "layer" else ()
         runs: list[str] = []
         if options.expert_order == "hot_first":
             for e in hot + cold:
@@ -343,18 +363,11 @@ class OffloadMachine:
     launch_s: float = 0.0
 
 
-def model_bytes(shapes: MoEShapes) -> float:
-    """Weights streamed per step: every layer's attention, gate and experts."""
-    per_layer = shapes.attention_bytes + shapes.gate_params * shapes.bytes_per_param
-    per_layer += shapes.num_experts * shapes.expert_bytes
-    return float(shapes.num_layers * per_layer)
-
-
 def weight_seconds_per_byte(shapes: MoEShapes, machine: OffloadMachine) -> float:
     """Seconds per weight byte reaching the device: over the link from RAM, and for the share that
     does not fit in RAM (10% kept free) first from disk at its rate (a sliding window pipelines
     the two, so the slower sets the pace for that share)."""
-    total = model_bytes(shapes)
+    total = float(shapes.weight_bytes)
     on_disk = max(0.0, total - 0.9 * machine.host_memory_bytes) / total
     return (1 - on_disk) / machine.link_bytes_s + on_disk / min(machine.link_bytes_s, machine.disk_bytes_s)
 
@@ -382,20 +395,14 @@ def mixtral_pipeline_times(
     tokens = batch_size * (prompt_tokens if phase == "prefill" else 1)
     context = prompt_tokens / 2 if phase == "prefill" else context_tokens
     flop_s, hbm = machine.compute_flop_s, machine.memory_bandwidth_bytes_s
-    kv_per_batch_layer = (
-        batch_size * (prompt_tokens if phase == "prefill" else context_tokens) * shapes.kv_bytes_per_token
-    )
+    kv_token_bytes = shapes.kv_bytes_per_token
+    cached_tokens = prompt_tokens if phase == "prefill" else context_tokens
+    kv_per_batch_layer = kv_cache_bytes(kv_token_bytes, batch_size, cached_tokens, 1)
     attention_read = shapes.attention_bytes + (kv_per_batch_layer if phase == "decode" else 0.0)
     attention_s = max(tokens * shapes.attention_flops_per_token(context) / flop_s, attention_read / hbm)
-    gate_s = max(
-        tokens * shapes.gate_flops_per_token / flop_s, shapes.gate_params * shapes.bytes_per_param / hbm
-    )
-    kv_total = (
-        num_batches
-        * batch_size
-        * (prompt_tokens + context_tokens)
-        * shapes.kv_bytes_per_token
-        * shapes.num_layers
+    gate_s = max(tokens * shapes.gate_flops_per_token / flop_s, shapes.gate_bytes / hbm)
+    kv_total = kv_cache_bytes(
+        kv_token_bytes, num_batches * batch_size, prompt_tokens + context_tokens, shapes.num_layers
     )
     working_set = 2 * (shapes.attention_bytes + E * shapes.expert_bytes)
     kv_on_device = kv_total + working_set <= 0.9 * machine.device_memory_bytes
@@ -404,7 +411,7 @@ def mixtral_pipeline_times(
         kv_load = kv_store = 0.0
     else:
         kv_load = kv_per_batch_layer / machine.link_bytes_s if phase == "decode" else 0.0
-        written = batch_size * (prompt_tokens if phase == "prefill" else 1) * shapes.kv_bytes_per_token
+        written = kv_cache_bytes(kv_token_bytes, batch_size, prompt_tokens if phase == "prefill" else 1, 1)
         kv_store = written / machine.link_bytes_s
     return PipelineTimes(
         attention_compute_s=attention_s + machine.launch_s,
@@ -413,7 +420,7 @@ def mixtral_pipeline_times(
         expert_compute_s_per_token=shapes.expert_flops_per_token / flop_s,
         expert_min_compute_s=shapes.expert_bytes / hbm + machine.launch_s,
         attention_transfer_s=shapes.attention_bytes * per_byte,
-        gate_transfer_s=shapes.gate_params * shapes.bytes_per_param * per_byte,
+        gate_transfer_s=shapes.gate_bytes * per_byte,
         expert_transfer_s=shapes.expert_bytes * per_byte,
         num_layers=shapes.num_layers,
         kv_load_s=kv_load,

@@ -34,7 +34,8 @@ from shunter.plan.cluster import ClusterSpec
 from shunter.plan.placement import placement_from_devices
 from shunter.plan.replication import PathEstimator, plan_lina_layer
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, token_home_devices, tokens_per_device
-from shunter.sim.cost import ComputeModel, MoEShapes
+from shunter.shapes import MoEShapes
+from shunter.sim.cost import ComputeModel
 from shunter.sim.timeline import Collective, Compute, Op, TimelineOptions, run_timeline
 from shunter.trace.routing_trace import RoutingTrace
 

@@ -25,7 +25,8 @@ from shunter.network.transport import TimelineTransport, Transport
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.schedule import schedule_all_to_all
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, token_home_devices, tokens_per_device
-from shunter.sim.cost import ComputeModel, MoEShapes
+from shunter.shapes import MoEShapes
+from shunter.sim.cost import ComputeModel
 from shunter.sim.timeline import Collective, Compute, Op, Timeline, TimelineOptions, run_timeline
 
 
