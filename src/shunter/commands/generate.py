@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from shunter.commands.common import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_HELP,
@@ -17,24 +15,14 @@ from shunter.commands.common import (
     print_json,
 )
 from shunter.errors import ShunterError
-from shunter.model.checkpoint import Checkpoint
-from shunter.model.executor import InMemoryModel
 from shunter.model.generate import SamplingParams, generate
-from shunter.model.loader import DTYPE_NAMES, TRACE_FILE, load_model, model_trace, resolve_model_dir
-from shunter.model.spec import ModelSpec, load_spec
+from shunter.model.loader import TRACE_FILE, model_trace, resolve_model_dir
+from shunter.model.spec import load_spec
 from shunter.model.tokenizer import Tokenizer
-from shunter.offload import OffloadedModel, PipelineOptions, load_offloaded, model_bytes
+from shunter.offload import OffloadedModel
+from shunter.offload.choose import choose_executor
 from shunter.offload.device import resolve_device
-from shunter.offload.planner import (
-    MAX_PLANNED_BATCHES,
-    BatchPlan,
-    expert_share_from_trace,
-    explain,
-    machine_profile,
-    plan_as_dict,
-    plan_batches,
-    profile_cache_path,
-)
+from shunter.offload.planner import plan_as_dict
 from shunter.trace import load_trace
 from shunter.units import parse_bytes
 
@@ -114,7 +102,28 @@ def run(args: argparse.Namespace) -> int:
 
     # the planner sizes a decode step at its mean context over the run
     context_tokens = len(prompt) + args.max_new_tokens // 2
-    model, plan = _open_model(args, path, spec, len(prompt) + args.max_new_tokens, batches, context_tokens)
+    # a model directory that carries its own routing trace (the built-in model does) seeds the prefetcher
+    trace = load_trace(args.trace) if args.trace else model_trace(path)
+    choice = choose_executor(
+        path,
+        spec,
+        dtype=args.dtype,
+        memory_bytes=None if args.memory is None else parse_bytes(args.memory, "--memory"),
+        host_memory_bytes=parse_bytes(args.host_memory, "--host-memory"),
+        device=resolve_device(args.device),
+        sequences=args.batch,
+        max_slots=len(prompt) + args.max_new_tokens,
+        context_tokens=context_tokens,
+        batches=batches,
+        trace=trace,
+        trace_source=str(args.trace),
+        explain_plan=args.explain,
+    )
+    model, plan = choice.model, choice.plan
+    for note in choice.notes:
+        print(note, file=sys.stderr)
+    if choice.batches_note:
+        print(f"--batches {args.batches}: {choice.batches_note} (--batch)", file=sys.stderr)
     streamed: list[int] = []
     printed = ""
 
@@ -201,63 +210,3 @@ def parse_batches(text: str) -> int | None:
     if value < 1:
         raise ShunterError(f"--batches: must be at least 1 (or 'auto'), got {value}")
     return value
-
-
-def _open_model(
-    args: argparse.Namespace,
-    path: Path,
-    spec: ModelSpec,
-    slots: int,
-    batches: int | None,
-    context_tokens: int,
-) -> tuple[InMemoryModel | OffloadedModel, BatchPlan | None]:
-    """The in-memory executor when the weights fit the budget (or there is none), else the offload
-    engine; with the planner's choice when it ran (--batches auto or --explain, offload only)."""
-    dtype = DTYPE_NAMES[args.dtype] if args.dtype else spec.torch_dtype
-    budget = None if args.memory is None else parse_bytes(args.memory, "--memory")
-    host_budget = parse_bytes(args.host_memory, "--host-memory")
-    device = resolve_device(args.device)
-    # in memory only with room to spare: the KV cache and activations need their share too
-    element_bytes = torch.tensor([], dtype=dtype).element_size()
-    if budget is None or model_bytes(Checkpoint(path), element_bytes) <= budget // 2:
-        if batches is None or args.explain:
-            print(
-                "shunter: the model runs in memory (it fits --memory, or none was given), "
-                "so the offload planner is not used and --batches does not apply",
-                file=sys.stderr,
-            )
-        if device.type != "cpu":
-            raise ShunterError(
-                f"--device {args.device}: the in-memory executor runs on the CPU; with --memory below the "
-                "model's size the offload engine computes on the GPU"
-            )
-        return load_model(path, args.dtype).model, None
-    # a model directory that carries its own routing trace (the built-in model does) seeds the prefetcher
-    trace = load_trace(args.trace) if args.trace else model_trace(path)
-    if trace is not None and trace.num_experts != spec.num_experts:
-        raise ShunterError(
-            f"{args.trace}: trace has {trace.num_experts} experts, the model {spec.num_experts}"
-        )
-    plan = None
-    if batches is None or args.explain:
-        # one sequence per micro-batch: the engine splits the --batch sequences of a forward
-        profile = machine_profile(spec, path, dtype, batch_size=1)
-        share = expert_share_from_trace(trace) if trace is not None else None
-        plan = plan_batches(spec, profile, 1, context_tokens, share, MAX_PLANNED_BATCHES)
-    num_batches = batches if batches is not None else min(plan.num_batches, args.batch)
-    if args.explain:
-        assert plan is not None
-        how = "--batches auto" if batches is None else f"--batches {batches}"
-        print(explain(plan, sequences_given=args.batch), file=sys.stderr)
-        print(
-            f"{how}: running {num_batches} micro-batch{'es' * (num_batches > 1)} of the "
-            f"{args.batch} sequence{'s' * (args.batch > 1)} (--batch); machine profile cached in "
-            f"{profile_cache_path(spec, path, dtype)} (delete it to measure again)",
-            file=sys.stderr,
-        )
-    options = PipelineOptions(num_batches=num_batches)
-    model = load_offloaded(
-        path, budget, dtype, options, sequences=args.batch, max_slots=slots, trace=trace,
-        device=device, host_memory_bytes=host_budget,
-    )  # fmt: skip
-    return model, plan
