@@ -17,7 +17,7 @@ from shunter.bench.report import ContenderRow
 from shunter.cli import main
 from shunter.model.export import mixtral_config, random_weights, save_checkpoint
 from shunter.model.spec import load_spec, spec_from_config
-from shunter.offload.planner import MachineProfile
+from shunter.offload.profile import MachineProfile
 
 RESERVE_BYTES = 900 * 2**20  # the runtime's share of the cap: accelerate's process peaks near 600 MiB
 WEIGHT_BUDGET_BYTES = 14_000_000  # about half the tiny model: room for 128 sequences in flight

@@ -11,16 +11,9 @@ import pytest
 from shunter.cli import main
 from shunter.errors import ShunterError
 from shunter.model.spec import load_spec, spec_from_config
-from shunter.offload import planner
-from shunter.offload.planner import (
-    MachineProfile,
-    expected_routing,
-    explain,
-    machine_profile,
-    pipeline_times,
-    plan_batches,
-    profile_cache_path,
-)
+from shunter.offload import profile as machine_profiles
+from shunter.offload.planner import expected_routing, explain, pipeline_times, plan_batches
+from shunter.offload.profile import MachineProfile, machine_profile, profile_cache_path
 from shunter.sim.klotski import bubble_free_sides
 from tests.tiny_models import _COMMON, FAMILIES, FAMILY_CONFIGS
 
@@ -189,7 +182,7 @@ def test_profile_cache_round_trips_and_re_measures_a_corrupt_file(tiny_checkpoin
         measured.append(batch_size)
         return random_profile(np.random.default_rng(len(measured)), dtype="float32")
 
-    monkeypatch.setattr(planner, "measure_profile", fake_measure)
+    monkeypatch.setattr(machine_profiles, "measure_profile", fake_measure)
     first = machine_profile(spec, path, torch.float32)
     cache_file = profile_cache_path(spec, path, torch.float32)
     assert cache_file.parent == tmp_path / "cache" and cache_file.is_file()
@@ -216,7 +209,7 @@ def test_a_real_profile_is_sane(tiny_checkpoint, family):
     import torch
 
     path = tiny_checkpoint(family)
-    profile = planner.measure_profile(load_spec(path), path, torch.float32)
+    profile = machine_profiles.measure_profile(load_spec(path), path, torch.float32)
     assert profile.attention_s_per_token > 0 and profile.gate_s_per_token > 0
     assert profile.expert_min_s > 0 and profile.read_bytes_s > 1e5
 

@@ -40,13 +40,12 @@ from shunter.offload import most_sequences_that_fit, offload_placement
 from shunter.offload.engine import PipelineOptions
 from shunter.offload.planner import (
     BatchPlan,
-    MachineProfile,
     expert_share_from_trace,
-    machine_profile,
     pipeline_times,
     plan_batches,
     predicted_step,
 )
+from shunter.offload.profile import MachineProfile, machine_profile
 from shunter.units import format_bytes
 
 # the cgroup counts the Python and torch runtime and the page cache of its shared libraries too

@@ -20,10 +20,9 @@ from shunter.offload.planner import (
     BatchPlan,
     expert_share_from_trace,
     explain,
-    machine_profile,
     plan_batches,
-    profile_cache_path,
 )
+from shunter.offload.profile import machine_profile, profile_cache_path
 from shunter.trace import RoutingTrace
 
 
