@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shunter.network.bounds import matching_lower_bound_s, port_lower_bound_s
+from shunter.plan.decompose import decompose_into_matchings
 from shunter.plan.schedule import (
     Schedule,
     choose_lanes,
-    decompose_into_matchings,
     merge_short_rounds,
     schedule_all_to_all,
     schedule_violations,

@@ -23,6 +23,9 @@ slow loads). Per layer l:
   attention outputs go device->host.
 prefetch_accuracy p: a prefetched hot expert is used by some token with probability p; the
 expected wasted transfer (1 - p) * K * tIO_E follows the hot experts on the weight stream.
+
+One room on purpose (a little over 450 lines): the step timeline and the bubble-free inequalities
+are two readings of the same per-layer times, and a change to one must be checked against the other.
 """
 
 from __future__ import annotations
