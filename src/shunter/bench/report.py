@@ -7,9 +7,6 @@ the same as a fresh one.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -131,18 +128,6 @@ def fastest(rows: list[ContenderRow]) -> ContenderRow | None:
     """The row with the highest decode tok/s among those that ran (None when none did)."""
     ran = [row for row in rows if row.decode_tok_s is not None]
     return max(ran, key=lambda row: row.decode_tok_s) if ran else None
-
-
-def write_json_atomically(report: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    handle, partial = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

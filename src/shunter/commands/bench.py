@@ -19,11 +19,12 @@ from pathlib import Path
 
 from shunter.bench import offload as offload_bench
 from shunter.bench.a2a import DEFAULT_ROW_BYTES
-from shunter.bench.report import print_offload_table, write_json_atomically
+from shunter.bench.report import print_offload_table
 from shunter.bench.workers import PROMPT_TOKENS
 from shunter.commands.cluster import add_congestion_control_argument
 from shunter.commands.common import print_json
 from shunter.errors import ShunterError
+from shunter.files import write_json
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.loader import default_trace_path, resolve_model_dir
 from shunter.model.spec import load_spec
@@ -189,9 +190,7 @@ def run_a2a(args: argparse.Namespace) -> int:
         report = json.loads(result_path.read_text())
     report["congestion_control"] = args.congestion_control
     if args.out:
-        partial = Path(args.out).with_suffix(".partial")
-        partial.write_text(json.dumps(report, indent=1))
-        partial.replace(args.out)
+        write_json(args.out, report)
     if args.json:
         print_json(report)
     else:
@@ -275,7 +274,7 @@ def run_offload(args: argparse.Namespace) -> int:
     config = offload_config(args)
     report = offload_bench.run_benchmark(config, progress=sys.stderr)
     if args.out:
-        write_json_atomically(report, Path(args.out))
+        write_json(args.out, report)
     if args.json:
         print_json(report)
     else:

@@ -28,8 +28,6 @@ against what it is used with change together whenever the format does (slots are
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from shunter.errors import ShunterError
+from shunter.files import write_json
 from shunter.network.schedule import Schedule
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.slots import ExpertSlots, read_slots, slots_from_placement
@@ -241,17 +240,7 @@ def model_info_of_trace(trace: Any) -> ModelInfo:
 
 def write_plan(document: PlanDocument, path: str | Path) -> None:
     """Atomically: a temporary file in the same directory, then a rename (no half-written plan)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document.to_dict(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, document.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------

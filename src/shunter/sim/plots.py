@@ -5,12 +5,12 @@ matplotlib is imported inside each function (Agg backend) so the command line st
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from shunter.files import atomic_output
 
 if TYPE_CHECKING:
     from shunter.sim.predict import PlanPrediction
@@ -27,16 +27,9 @@ def pyplot():
 
 
 def save_png(figure: object, path: Path) -> None:
-    """Write atomically: a temporary PNG in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (shunter.files.atomic_output)."""
+    with atomic_output(path, binary=True) as f:
+        figure.savefig(f, format="png", dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
 
 
 def plot_plan_prediction(prediction: PlanPrediction, path: Path) -> None:

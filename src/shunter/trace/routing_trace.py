@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 
 from shunter.errors import ShunterError
+from shunter.files import atomic_output
 
 FORMAT_VERSION = 1
 
@@ -92,15 +91,8 @@ class RoutingTrace:
         }
         if self.token_ids is not None:
             arrays["token_ids"] = np.asarray(self.token_ids, dtype=np.int64)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(path, binary=True) as f:
+            np.savez_compressed(f, **arrays)
 
 
 def load_trace(path: str | Path) -> RoutingTrace:

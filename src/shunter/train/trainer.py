@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shunter.errors import FieldError, ShunterError
+from shunter.files import atomic_output
 from shunter.model.export import check_replaceable, mixtral_config, random_weights, save_checkpoint
 from shunter.model.spec import ModelSpec, spec_from_config
 from shunter.model.tokenizer import END_OF_TEXT, Tokenizer, train_byte_level_bpe
@@ -200,9 +201,8 @@ class Trainer:
         path = self.work_dir / f"{name}-tokens.npy"
         if not path.is_file():
             stream = token_stream(self.tokenizer, read_texts(files))
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, stream)
-            os.replace(tmp, path)
+            with atomic_output(path, binary=True) as f:
+                np.save(f, stream)
         return torch.from_numpy(np.load(path).astype(np.int64))
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> TrainResult | None:
@@ -353,9 +353,8 @@ class Trainer:
             "optimizer": optimizer.state_dict(),
             "train_seconds": train_seconds,
         }
-        tmp = self.work_dir / (self.STATE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.work_dir / self.STATE)
+        with atomic_output(self.work_dir / self.STATE, binary=True) as f:
+            torch.save(state, f)
 
     def _export(self, weights: ModelWeights, result: TrainResult) -> None:
         summary = {

@@ -1,0 +1,62 @@
+"""Output files written whole or not at all, and output paths checked before any work is done.
+
+Every file Shunter writes for a user (plans, traces, reports, plots, checkpoints' state) goes
+through `atomic_output`: a temporary file in the same directory, renamed over the target only once
+it is complete, and removed on any error or interrupt, so no reader ever sees half a file and a
+failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from shunter.errors import ShunterError
+
+
+def check_output_path(path: str | Path, field: str = "output") -> Path:
+    """The path, if a file can be written there; else one ShunterError naming `field`.
+
+    Called before the work whose result goes there: a path that is a directory, under a file, or in
+    a directory that cannot be written fails now instead of after minutes of work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ShunterError(f"{field}: {path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ShunterError(f"{field}: cannot write {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ShunterError(f"{field}: cannot write {path}: {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ShunterError(f"{field}: cannot write {path}: the file is read-only")
+    return path
+
+
+@contextmanager
+def atomic_output(path: str | Path, binary: bool = False) -> Iterator[IO[Any]]:
+    """with atomic_output(path) as f: write to f; `path` appears (or is replaced) only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes a private file; an output is as readable as any other
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, document: object, indent: int = 1) -> None:
+    """JSON to `path`, atomically, with a final newline."""
+    with atomic_output(path) as f:
+        json.dump(document, f, indent=indent)
+        f.write("\n")
