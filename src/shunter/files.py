@@ -19,6 +19,20 @@ from typing import IO, Any
 from shunter.errors import ShunterError
 
 
+def read_text_input(path: str | Path, kind: str, text_format: str) -> str:
+    """The UTF-8 text of an input file (a `kind` file in `text_format`, e.g. a plan in JSON); one
+    ShunterError naming the file when it is missing, unreadable or not text."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShunterError(f"{path}: {kind} file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ShunterError(f"{path}: not valid {text_format}: {exc}") from None
+    except OSError as exc:
+        raise ShunterError(f"{path}: cannot read the {kind} file: {exc.strerror or exc}") from None
+
+
 def check_output_path(path: str | Path, field: str = "output") -> Path:
     """The path, if a file can be written there; else one ShunterError naming `field`.
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from shunter.errors import ShunterError
+from shunter.files import read_text_input
 from shunter.units import parse_bandwidth, parse_bytes, parse_compute
 
 DEFAULT_COMPUTE = "100TFLOP/s"
@@ -157,12 +158,10 @@ def parse_cluster(document: dict[str, object], source: str = "cluster") -> Clust
 
 def load_cluster(path: str | Path) -> ClusterSpec:
     """Read a cluster TOML file (see the module docstring for the format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShunterError(f"{path}: cluster file not found")
+    text = read_text_input(path, "cluster", "TOML")
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ShunterError(f"{path}: not valid TOML: {exc}") from None
     return parse_cluster(document, str(path))
 

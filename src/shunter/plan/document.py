@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from shunter.errors import ShunterError
-from shunter.files import write_json
+from shunter.files import read_text_input, write_json
 from shunter.network.schedule import Schedule
 from shunter.plan.cluster import ClusterSpec
 from shunter.plan.slots import ExpertSlots, read_slots, slots_from_placement
@@ -249,14 +249,10 @@ def write_plan(document: PlanDocument, path: str | Path) -> None:
 
 def load_plan(path: str | Path) -> PlanDocument:
     """Read a plan file; every problem is one ShunterError naming the file and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShunterError(f"{path}: plan file not found")
+    text = read_text_input(path, "plan", "JSON")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ShunterError(f"{path}: cannot read the plan: {exc}") from None
-    except ValueError as exc:  # UnicodeDecodeError is one too
+        document = json.loads(text)
+    except ValueError as exc:
         raise ShunterError(f"{path}: not valid JSON: {exc}") from None
     return read_plan(document, str(path))
 

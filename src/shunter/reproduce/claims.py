@@ -32,61 +32,65 @@ class Rule(Protocol):
     def holds(self, ours: Figure, paper: Figure) -> bool: ...
 
 
-@dataclass(frozen=True)
-class WithinRelative:
-    """|ours / paper - 1| <= tolerance, at the top of each range (an "up to" figure is its top)."""
-
-    tolerance: float  # 0.25: within 25%
+class _TopValues:
+    """A rule on the top of each range (an "up to" figure is its top); no number never holds."""
 
     def holds(self, ours: Figure, paper: Figure) -> bool:
         if ours.high is None or paper.high is None:
             return False
-        return abs(ours.high / paper.high - 1) <= self.tolerance
+        return self.compare(ours.high, paper.high)
+
+    def compare(self, ours: float, paper: float) -> bool:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class WithinRelative(_TopValues):
+    """|ours / paper - 1| <= tolerance."""
+
+    tolerance: float  # 0.25: within 25%
+
+    def compare(self, ours: float, paper: float) -> bool:
+        return abs(ours / paper - 1) <= self.tolerance
 
     def __str__(self) -> str:
         return f"within {self.tolerance:.0%}"
 
 
 @dataclass(frozen=True)
-class WithinPoints:
+class WithinPoints(_TopValues):
     """|ours - paper| <= points, for figures that are percentages."""
 
     points: float
 
-    def holds(self, ours: Figure, paper: Figure) -> bool:
-        if ours.high is None or paper.high is None:
-            return False
-        return abs(ours.high - paper.high) <= self.points
+    def compare(self, ours: float, paper: float) -> bool:
+        return abs(ours - paper) <= self.points
 
     def __str__(self) -> str:
         return f"within {self.points:g} points"
 
 
 @dataclass(frozen=True)
-class WithinFactor:
+class WithinFactor(_TopValues):
     """paper / factor <= ours <= paper * factor."""
 
     factor: float  # 2: within 2x either way
 
-    def holds(self, ours: Figure, paper: Figure) -> bool:
-        if ours.high is None or paper.high is None:
-            return False
-        return 1 / self.factor <= ours.high / paper.high <= self.factor
+    def compare(self, ours: float, paper: float) -> bool:
+        return 1 / self.factor <= ours / paper <= self.factor
 
     def __str__(self) -> str:
         return f"within {self.factor:g}x"
 
 
 @dataclass(frozen=True)
-class GainWithinFactor:
+class GainWithinFactor(_TopValues):
     """For speedups: our gain (ours - 1) within `factor` either way of the paper's (paper - 1)."""
 
     factor: float
 
-    def holds(self, ours: Figure, paper: Figure) -> bool:
-        if ours.high is None or paper.high is None:
-            return False
-        return 1 / self.factor <= (ours.high - 1) / (paper.high - 1) <= self.factor
+    def compare(self, ours: float, paper: float) -> bool:
+        return 1 / self.factor <= (ours - 1) / (paper - 1) <= self.factor
 
     def __str__(self) -> str:
         return f"our gain within a factor {self.factor:g} of the paper's"
