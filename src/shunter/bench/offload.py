@@ -46,6 +46,7 @@ from shunter.offload.planner import (
     predicted_step,
 )
 from shunter.offload.profile import MachineProfile, machine_profile
+from shunter.sim.klotski import PipelineResult
 from shunter.units import format_bytes
 
 # the cgroup counts the Python and torch runtime and the page cache of its shared libraries too
@@ -116,24 +117,6 @@ def check_budget_fits(spec: ModelSpec, config: BenchConfig, max_sequences: int) 
         )
 
 
-def predicted_and_bound_tok_s(
-    spec: ModelSpec,
-    profile: MachineProfile,
-    sequences: int,
-    num_batches: int,
-    context_tokens: int,
-    expert_share: np.ndarray | None,
-) -> tuple[float, float]:
-    """The planner's cost model at `sequences` in `num_batches` micro-batches: (the predicted decode
-    tok/s, as plan_batches predicts it; the bound: the same step's disk reads and compute fully
-    overlapped, sequences / max(compute, reads), which no schedule beats on this profile)."""
-    times = pipeline_times(
-        spec, profile, sequences / num_batches, context_tokens, expert_share, num_batches=num_batches
-    )
-    step = predicted_step(times, num_batches, spec.top_k)
-    return sequences / step.step_s, sequences / max(step.compute_s, step.link_busy_s)
-
-
 def model_figures_tok_s(
     spec: ModelSpec,
     profile: MachineProfile,
@@ -143,16 +126,27 @@ def model_figures_tok_s(
     expert_share: np.ndarray | None,
     disk_bytes_s: float | None,
 ) -> tuple[float, float, float]:
-    """(predicted, bound, bound at the profile's disk rate) tok/s, as predicted_and_bound_tok_s.
-    The bound reads at `disk_bytes_s`, the rate a run's own reads got (None: the profile's): this
-    disk moves between 0.5 and 2.5 GB/s minutes apart, so the profile's second of reads at the
-    start of a benchmark is no bound for a run half an hour later."""
-    args = (sequences, num_batches, context_tokens, expert_share)
-    predicted, bound_at_profile = predicted_and_bound_tok_s(spec, profile, *args)
+    """The planner's cost model at `sequences` in `num_batches` micro-batches: (the predicted decode
+    tok/s, as plan_batches predicts it; the bound; the bound at the profile's disk rate).
+
+    The bound is the same step's disk reads and compute fully overlapped, sequences / max(compute,
+    reads), which no schedule beats. It reads at `disk_bytes_s`, the rate a run's own reads got
+    (None: the profile's): this disk moves between 0.5 and 2.5 GB/s minutes apart, so the
+    profile's second of reads at the start of a benchmark is no bound for a run half an hour later."""
+
+    def step(at: MachineProfile) -> PipelineResult:
+        times = pipeline_times(
+            spec, at, sequences / num_batches, context_tokens, expert_share, num_batches=num_batches
+        )
+        return predicted_step(times, num_batches, spec.top_k)
+
+    at_profile = step(profile)
+    predicted = sequences / at_profile.step_s
+    bound_at_profile = sequences / max(at_profile.compute_s, at_profile.link_busy_s)
     if disk_bytes_s is None:
         return predicted, bound_at_profile, bound_at_profile
-    _, bound = predicted_and_bound_tok_s(spec, replace(profile, read_bytes_s=disk_bytes_s), *args)
-    return predicted, bound, bound_at_profile
+    in_run = step(replace(profile, read_bytes_s=disk_bytes_s))
+    return predicted, sequences / max(in_run.compute_s, in_run.link_busy_s), bound_at_profile
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,9 +22,8 @@ from shunter.bench.a2a import DEFAULT_ROW_BYTES
 from shunter.bench.report import print_offload_table
 from shunter.bench.workers import PROMPT_TOKENS
 from shunter.commands.cluster import add_congestion_control_argument
-from shunter.commands.common import print_json
+from shunter.commands.common import emit_report
 from shunter.errors import ShunterError
-from shunter.files import write_json
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.loader import default_trace_path, resolve_model_dir
 from shunter.model.spec import load_spec
@@ -189,13 +188,7 @@ def run_a2a(args: argparse.Namespace) -> int:
             raise ShunterError(f"the benchmark ranks failed (exit status {status}); their output is above")
         report = json.loads(result_path.read_text())
     report["congestion_control"] = args.congestion_control
-    if args.out:
-        write_json(args.out, report)
-    if args.json:
-        print_json(report)
-    else:
-        print_a2a_table(report)
-    return 0
+    return emit_report(report, args, print_a2a_table)
 
 
 def parse_sequence_list(text: str, field: str) -> list[int]:
@@ -273,13 +266,7 @@ def offload_config(args: argparse.Namespace) -> offload_bench.BenchConfig:
 def run_offload(args: argparse.Namespace) -> int:
     config = offload_config(args)
     report = offload_bench.run_benchmark(config, progress=sys.stderr)
-    if args.out:
-        write_json(args.out, report)
-    if args.json:
-        print_json(report)
-    else:
-        print_offload_table(report)
-    return 0
+    return emit_report(report, args, print_offload_table)
 
 
 def _plan_placements(plan_path: str, trace, hosts: int, trace_path: Path) -> list[dict[str, list]]:

@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from shunter.errors import ShunterError
+from shunter.files import write_json
 from shunter.model.loader import DEFAULT_MODEL as DEFAULT_MODEL
 from shunter.model.spec import ModelSpec
 from shunter.model.tokenizer import Tokenizer
@@ -51,3 +54,15 @@ def encode_prompt(text: str, tokenizer: Tokenizer | None, model_dir: object) -> 
 def print_json(obj: dict[str, Any]) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+
+
+def emit_report(report: dict, args: argparse.Namespace, print_table: Callable[[dict], None]) -> int:
+    """A command's result: written to --out (atomically) when given, then printed as one JSON object
+    with --json, else as the command's table. Returns the exit status 0."""
+    if getattr(args, "out", None):
+        write_json(args.out, report)
+    if args.json:
+        print_json(report)
+    else:
+        print_table(report)
+    return 0

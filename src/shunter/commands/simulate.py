@@ -57,6 +57,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _plan_trace(plan, plan_path: Path, given: str | None, key: str, model: str) -> tuple[object, Path]:
+    """The trace of a plan's model `model` ("a", or "b" when colocated): the path given by --trace /
+    --colocate, else the one the plan names under inputs.`key`; checked against the plan."""
+    from shunter.plan.document import check_trace_against
+    from shunter.trace.routing_trace import load_trace
+
+    if given:
+        path = Path(given)
+    else:
+        named = plan.trace_path if key == "trace" else plan.colocate_path
+        if named is None:
+            what = "inputs.trace is missing" if key == "trace" else "a colocated plan needs the second trace"
+            raise ShunterError(f"{plan_path}: {what}; pass --{key}")
+        path = _resolve(named, plan_path, f"inputs.{key}")
+    trace = load_trace(path)
+    check_trace_against(plan, trace, str(path), model=model)
+    return trace, path
+
+
 def _resolve(path_text: str, plan_path: Path, field: str) -> Path:
     """A path the plan names: as written, else relative to the plan's folder."""
     path = Path(path_text)
@@ -72,10 +91,9 @@ def _resolve(path_text: str, plan_path: Path, field: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from shunter.plan.cluster import load_cluster
-    from shunter.plan.document import check_plan_against, check_trace_against, load_plan
+    from shunter.plan.document import check_plan_against, load_plan
     from shunter.sim.cost import ComputeModel, parse_compute_profile
     from shunter.sim.predict import SimulateOptions, predict_plan
-    from shunter.trace.routing_trace import load_trace
 
     latency_s = parse_seconds(args.latency, "--latency")
     if not 0 < args.efficiency <= 1 or not math.isfinite(args.efficiency):
@@ -84,22 +102,10 @@ def run(args: argparse.Namespace) -> int:
     plan_path = Path(args.plan)
     plan = load_plan(plan_path)
     notes = check_plan_against(plan, cluster, args.cluster)
-    trace_path = Path(args.trace) if args.trace else None
-    if trace_path is None:
-        if plan.trace_path is None:
-            raise ShunterError(f"{plan_path}: inputs.trace is missing; pass the trace with --trace")
-        trace_path = _resolve(plan.trace_path, plan_path, "inputs.trace")
-    trace = load_trace(trace_path)
-    check_trace_against(plan, trace, str(trace_path))
+    trace, trace_path = _plan_trace(plan, plan_path, args.trace, "trace", "a")
     colocated = None
     if plan.mode == "colocated":
-        colocate_path = Path(args.colocate) if args.colocate else None
-        if colocate_path is None:
-            if plan.colocate_path is None:
-                raise ShunterError(f"{plan_path}: a colocated plan needs the second trace; pass --colocate")
-            colocate_path = _resolve(plan.colocate_path, plan_path, "inputs.colocate")
-        colocated = load_trace(colocate_path)
-        check_trace_against(plan, colocated, str(colocate_path), model="b")
+        colocated, _ = _plan_trace(plan, plan_path, args.colocate, "colocate", "b")
     profile = None
     if args.compute_profile:
         profile_path = Path(args.compute_profile)
