@@ -40,17 +40,7 @@ MIXTRAL_8X7B_CONFIG = {
 
 def test_mixtral_shapes_give_its_known_sizes() -> None:
     """Oracle: Mixtral-8x7B has 176M parameters per expert (3 x 4096 x 14336) and ~46.7B in total."""
-    mixtral = MoEShapes(
-        name="m",
-        hidden_size=4096,
-        expert_intermediate_size=14336,
-        num_experts=8,
-        top_k=2,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-    )
+    mixtral = MIXTRAL_8X7B
     assert mixtral.expert_params == 3 * 4096 * 14336
     total = mixtral.num_layers * (8 * mixtral.expert_params + mixtral.attention_params)
     assert total == pytest.approx(46.5e9, rel=0.01)
