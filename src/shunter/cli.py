@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from shunter.errors import FieldError, ShunterError
+from shunter.files import check_output_path, check_plot_path
 
 COMMAND_MODULES = [
     "shunter.commands.generate",
@@ -27,8 +29,16 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported on one line (the flag, what is wrong, where to look)
+    like every other error, instead of the usage block and then the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="shunter",
         description="Run Mixture-of-Experts models fast where memory or network is the bottleneck.",
     )
@@ -59,10 +69,22 @@ def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     return found
 
 
+def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The files the command will write (its `outputs` default: {dest: "file" | "figure"}) checked
+    before its work, so a bad --out or --plot fails in a second, not after minutes of work."""
+    for dest, kind in getattr(args, "outputs", {}).items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        flag = flag_of(parser, args, dest)
+        (check_plot_path if kind == "figure" else check_output_path)(value, flag)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_outputs(parser, args)
         return int(args.func(args) or 0)
     except FieldError as exc:
         print(f"shunter: error: {exc.render(flag_of(parser, args, exc.field))}", file=sys.stderr)

@@ -91,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a2a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a2a.add_argument("--out", default=None, help="also write the JSON result to this file")
-    a2a.set_defaults(func=run_a2a)
+    a2a.set_defaults(func=run_a2a, outputs={"out": "file"})
 
     offload = kinds.add_parser(
         "offload",
@@ -149,7 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     offload.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     offload.add_argument("--out", default=None, help="also write the JSON result to this file")
-    offload.set_defaults(func=run_offload)
+    offload.set_defaults(func=run_offload, outputs={"out": "file"})
 
 
 def run_a2a(args: argparse.Namespace) -> int:

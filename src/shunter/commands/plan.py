@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--include-schedules", action="store_true", help="put every round of every schedule into the plan"
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, outputs={"out": "file"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,8 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="schedule every layer again instead of using the plan's makespan and rounds",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw per-layer times to this PNG")
-    parser.set_defaults(func=run)
+    parser.add_argument("--plot", metavar="FILE", help="draw per-layer times to this .png, .pdf or .svg")
+    parser.set_defaults(func=run, outputs={"plot": "figure"})
 
 
 def _plan_trace(plan, plan_path: Path, given: str | None, key: str, model: str) -> tuple[object, Path]:

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs={"out": "file"})
 
 
 def run(args: argparse.Namespace) -> int:
