@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from shunter.errors import ShunterError
-from shunter.units import parse_seconds
+from shunter.units import flag_type, parse_number, parse_seconds
 
 FAIR_SHARE_MAX_DEVICES = 256
 
@@ -32,7 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--latency", default="5us", help="per-message latency, e.g. 5us, 0.01ms, 0 (default 5us)"
     )
     parser.add_argument(
-        "--efficiency", type=float, default=1.0, help="share of peak FLOP/s compute reaches (default 1.0)"
+        "--efficiency",
+        type=flag_type(parse_number, above=0),
+        default=1.0,
+        help="share of peak FLOP/s compute reaches (default 1.0)",
     )
     parser.add_argument(
         "--compute-profile",

@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.text.is_file():
         raise ShunterError(f"{args.text}: text file not found")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ShunterError(f"--max-tokens: must be at least 1, got {args.max_tokens}")
     if args.window < 1:
         raise ShunterError(f"--window: must be at least 1, got {args.window}")
     try:
