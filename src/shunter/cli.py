@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import NoReturn
 
@@ -81,6 +82,23 @@ def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The entry point. Ctrl-C at any moment, even while the commands import torch, is one line and
+    status 130; a reader that stops early (`shunter plan ... | head`) ends it quietly."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at interpreter exit
+        return code
+    except KeyboardInterrupt:
+        print("shunter: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # as the Python docs advise for SIGPIPE: point stdout at devnull so the flush at exit is quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the closed pipe
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -92,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     except ShunterError as exc:
         print(f"shunter: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("shunter: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
