@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from shunter.errors import ShunterError
-from shunter.units import flag_type, parse_number, parse_seconds
+from shunter.units import parse_seconds
 
 FAIR_SHARE_MAX_DEVICES = 256
 
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--efficiency",
-        type=flag_type(parse_number, above=0),
+        type=float,
         default=1.0,
         help="share of peak FLOP/s compute reaches (default 1.0)",
     )
