@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from typing import NoReturn
 
 from shunter.errors import FieldError, ShunterError
+from shunter.files import check_output_path, check_plot_path
 
 COMMAND_MODULES = [
     "shunter.commands.generate",
@@ -27,8 +30,16 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported on one line (the flag, what is wrong, where to look)
+    like every other error, instead of the usage block and then the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="shunter",
         description="Run Mixture-of-Experts models fast where memory or network is the bottleneck.",
     )
@@ -59,10 +70,39 @@ def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     return found
 
 
+def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The files the command will write (its `outputs` default: {dest: "file" | "figure"}) checked
+    before its work, so a bad --out or --plot fails in a second, not after minutes of work."""
+    for dest, kind in getattr(args, "outputs", {}).items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        flag = flag_of(parser, args, dest)
+        (check_plot_path if kind == "figure" else check_output_path)(value, flag)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The entry point. Ctrl-C at any moment, even while the commands import torch, is one line and
+    status 130; a reader that stops early (`shunter plan ... | head`) ends it quietly."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at interpreter exit
+        return code
+    except KeyboardInterrupt:
+        print("shunter: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # as the Python docs advise for SIGPIPE: point stdout at devnull so the flush at exit is quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the closed pipe
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_outputs(parser, args)
         return int(args.func(args) or 0)
     except FieldError as exc:
         print(f"shunter: error: {exc.render(flag_of(parser, args, exc.field))}", file=sys.stderr)
@@ -70,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     except ShunterError as exc:
         print(f"shunter: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("shunter: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Python standard-library files, then runs `shunter generate` on a Python prompt.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import sysconfig
 from pathlib import Path
@@ -56,13 +57,17 @@ def main() -> int:
             "--seed",
             "1",
         ]
-        print(f"$ shunter generate {' '.join(args)}   # the built-in {DEFAULT_MODEL}", file=sys.stderr)
+        print(
+            f"$ {shlex.join(['shunter', 'generate', *args])}   # the built-in {DEFAULT_MODEL}",
+            file=sys.stderr,
+        )
         return cli_main(["generate", *args])
     if not (DEMO_DIR / "config.json").is_file():
         print(f"building the demo model in {DEMO_DIR} (random weights, deterministic) ...", file=sys.stderr)
         build_demo_model(DEMO_DIR)
-    print(f"$ shunter generate {DEMO_DIR} --prompt {PROMPT!r} --max-new-tokens 32", file=sys.stderr)
-    return cli_main(["generate", str(DEMO_DIR), "--prompt", PROMPT, "--max-new-tokens", "32"])
+    args = ["generate", str(DEMO_DIR), "--prompt", PROMPT, "--max-new-tokens", "32"]
+    print(f"$ {shlex.join(['shunter', *args])}", file=sys.stderr)  # quoted: it can be pasted into a shell
+    return cli_main(args)
 
 
 if __name__ == "__main__":

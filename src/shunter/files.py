@@ -53,17 +53,46 @@ def check_output_path(path: str | Path, field: str = "output") -> Path:
     return path
 
 
+# what `--plot FILE` can write, named by FILE's suffix (matplotlib's savefig formats without extras)
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def plot_format(path: str | Path, field: str = "plot") -> str:
+    """The figure format `path`'s suffix names ("x.pdf" -> "pdf"); one error naming `field` when the
+    suffix is missing or not one of PLOT_FORMATS, so a .pdf never holds PNG bytes."""
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix not in PLOT_FORMATS:
+        raise ShunterError(
+            f"{field}: cannot draw {path}: the suffix names the format, one of "
+            + ", ".join("." + name for name in PLOT_FORMATS)
+        )
+    return suffix
+
+
+def check_plot_path(path: str | Path, field: str = "plot") -> Path:
+    """check_output_path for a figure, whose suffix must also name a format it can be drawn in."""
+    plot_format(path, field)
+    return check_output_path(path, field)
+
+
 @contextmanager
 def atomic_output(path: str | Path, binary: bool = False) -> Iterator[IO[Any]]:
     """with atomic_output(path) as f: write to f; `path` appears (or is replaced) only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ShunterError(f"{path}: cannot write: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             yield f
         os.chmod(tmp, 0o644)  # mkstemp makes a private file; an output is as readable as any other
         os.replace(tmp, path)
+    except OSError as exc:
+        # a disk that fills up, or a target that became a directory, after the work: still one line
+        Path(tmp).unlink(missing_ok=True)
+        raise ShunterError(f"{path}: cannot write: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

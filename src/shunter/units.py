@@ -10,8 +10,12 @@ that lists the accepted ones, never a guess. Every value must be finite; each pa
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 from shunter.errors import ShunterError
 
@@ -152,3 +156,70 @@ def format_bytes(num_bytes: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+SEED_LIMIT = 2**63  # torch.manual_seed and numpy take seeds in [0, 2^63)
+
+
+def parse_number(
+    value: str | int | float, field: str, *, minimum: float | None = None, above: float | None = None
+) -> float:
+    """A finite number from text or a number, at least `minimum` / above `above` when given."""
+    if isinstance(value, bool):
+        raise ShunterError(f"{field}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ShunterError(f"{field}: expected a number, got {value!r}") from None
+    finite(number, field)
+    if minimum is not None and number < minimum:
+        raise ShunterError(f"{field}: must be at least {minimum:g}, got {value!r}")
+    if above is not None and not number > above:
+        raise ShunterError(f"{field}: must be greater than {above:g}, got {value!r}")
+    return number
+
+
+def parse_seed(value: str | int | float, field: str = "seed") -> int:
+    """A random seed: a whole number in [0, 2^63), the range torch and numpy both accept."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ShunterError(f"{field}: a seed is a whole number, got {value!r}")
+    try:
+        seed = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ShunterError(f"{field}: a seed is a whole number, got {value!r}") from None
+    if not 0 <= seed < SEED_LIMIT:
+        raise ShunterError(f"{field}: a seed must lie in [0, 2^63), got {value!r}")
+    return seed
+
+
+def flag_type(parse: Callable[..., Any], **limits: Any) -> Callable[[str], Any]:
+    """An argparse `type=` from a parser above: its error becomes argparse's one line, which names
+    the flag ("argument --seed: a seed must lie in [0, 2^63), got '-1'")."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, "value", **limits)
+        except ShunterError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
+
+    convert.__name__ = parse.__name__.removeprefix("parse_")  # argparse names the type in errors
+    return convert
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM (Linux and macOS); 0 when it cannot be read."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def check_fits_in_memory(num_bytes: float, what: str, source: str) -> None:
+    """An error naming `source` when `what` would need more than this machine's memory, with the
+    size it would need: refused at once instead of swapping for minutes or failing half way."""
+    available = physical_memory_bytes()
+    if available and num_bytes > available:
+        raise ShunterError(
+            f"{source}: {what} would need {format_bytes(num_bytes)}, more than this machine's "
+            f"{format_bytes(available)} of memory"
+        )

@@ -34,7 +34,7 @@ from shunter.bench.sandbox import check_environment
 from shunter.bench.workers import PROMPT_TOKENS
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
-from shunter.model.loader import model_trace
+from shunter.model.loader import TRACE_FILE, model_trace
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.offload import most_sequences_that_fit, offload_placement
 from shunter.offload.engine import PipelineOptions
@@ -187,6 +187,8 @@ def _plan_under_the_cap(config: BenchConfig, progress: IO[str]) -> _Setting:
     checkpoint = Checkpoint(path)
     model_size = checkpoint_bytes(checkpoint)
     trace = model_trace(path)
+    if trace is not None:
+        trace.check_fits(spec, str(path / TRACE_FILE))
     share = expert_share_from_trace(trace) if trace is not None else None
     context_tokens = PROMPT_TOKENS + config.new_tokens // 2
     profile = machine_profile(spec, path, spec.torch_dtype, batch_size=1)

@@ -25,7 +25,7 @@ from shunter.commands.cluster import add_congestion_control_argument
 from shunter.commands.common import emit_report
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
-from shunter.model.loader import default_trace_path, resolve_model_dir
+from shunter.model.loader import TRACE_FILE, default_trace_path, model_trace, resolve_model_dir
 from shunter.model.spec import load_spec
 from shunter.offload.planner import MAX_PLANNED_BATCHES
 from shunter.parallel.cluster import (
@@ -37,7 +37,7 @@ from shunter.parallel.cluster import (
 from shunter.parallel.launch import run_on_cluster
 from shunter.plan.document import check_trace_against, load_plan
 from shunter.trace.routing_trace import load_trace
-from shunter.units import format_bytes, parse_bytes
+from shunter.units import flag_type, format_bytes, parse_bytes, parse_number
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,13 +85,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="lanes per port Shunter's schedule may use on mixed ports (default 16; 1: plain matchings)",
     )
     add_congestion_control_argument(a2a)
-    a2a.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may wait")
+    a2a.add_argument(
+        "--timeout",
+        type=flag_type(parse_number, above=0),
+        default=120.0,
+        help="seconds any collective may wait",
+    )
     a2a.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
     )
     a2a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a2a.add_argument("--out", default=None, help="also write the JSON result to this file")
-    a2a.set_defaults(func=run_a2a)
+    a2a.set_defaults(func=run_a2a, outputs={"out": "file"})
 
     offload = kinds.add_parser(
         "offload",
@@ -137,7 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     offload.add_argument(
         "--run-timeout",
-        type=float,
+        type=flag_type(parse_number, minimum=0),
         default=offload_bench.DEFAULT_RUN_TIMEOUT_S,
         help="seconds one run may take before it is killed and its contender reported as timed out, "
         f"not run again (default {offload_bench.DEFAULT_RUN_TIMEOUT_S:g}; 0: no limit)",
@@ -149,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     offload.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     offload.add_argument("--out", default=None, help="also write the JSON result to this file")
-    offload.set_defaults(func=run_offload)
+    offload.set_defaults(func=run_offload, outputs={"out": "file"})
 
 
 def run_a2a(args: argparse.Namespace) -> int:
@@ -220,6 +225,9 @@ def offload_config(args: argparse.Namespace) -> offload_bench.BenchConfig:
     reserve = parse_bytes(args.runtime_reserve, "--runtime-reserve")
     path = resolve_model_dir(args.model)
     spec = load_spec(path)
+    trace = model_trace(path)  # the planner's expert shares come from it: it must fit the model
+    if trace is not None:
+        trace.check_fits(spec, str(path / TRACE_FILE))
     model_bytes = offload_bench.checkpoint_bytes(Checkpoint(path))
     if cap <= reserve:
         raise ShunterError(
@@ -245,8 +253,6 @@ def offload_config(args: argparse.Namespace) -> offload_bench.BenchConfig:
         work_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ShunterError(f"--work-dir {work_dir}: cannot create it: {exc.strerror}") from None
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        raise ShunterError(f"--out {args.out}: its directory does not exist")
     return offload_bench.BenchConfig(
         model_dir=path,
         cap_bytes=cap,

@@ -19,6 +19,7 @@ from shunter.parallel.cluster import (
     parse_latency,
 )
 from shunter.parallel.launch import DEFAULT_GRACE_S, run_on_cluster
+from shunter.units import flag_type, parse_number
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_congestion_control_argument(run_parser)
     run_parser.add_argument(
         "--timeout",
-        type=float,
+        type=flag_type(parse_number, minimum=0),
         default=DEFAULT_GRACE_S,
         metavar="SECONDS",
         help="once a rank fails, how long the others get to exit on their own before they are killed "

@@ -24,7 +24,7 @@ from shunter.offload.choose import choose_executor
 from shunter.offload.device import resolve_device
 from shunter.offload.planner import plan_as_dict
 from shunter.trace import load_trace
-from shunter.units import parse_bytes
+from shunter.units import flag_type, parse_bytes, parse_number, parse_seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,9 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--temperature", type=flag_type(parse_number, minimum=0), default=0.0, help="0 = greedy (default)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=flag_type(parse_number, above=0),
+        default=1.0,
+        help="nucleus sampling mass (default 1.0)",
+    )
+    p.add_argument("--seed", type=flag_type(parse_seed), default=0, help="sampling seed (default 0)")
     p.add_argument("--batch", type=int, default=1, help="run the prompt as a batch of this many sequences")
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)"

@@ -21,7 +21,7 @@ from shunter.plan.planner import (
     plan_exclusive,
 )
 from shunter.trace.routing_trace import load_trace
-from shunter.units import parse_bytes
+from shunter.units import flag_type, parse_bytes, parse_number, parse_seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,19 +51,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--flops-per-token",
-        type=float,
+        type=flag_type(parse_number, above=0),
         default=float(DEFAULT_FLOPS_PER_TOKEN),
         help=f"expert FLOPs per token (default {DEFAULT_FLOPS_PER_TOKEN:.3g}: SwiGLU 4096 -> 14336)",
     )
     parser.add_argument("--max-experts-per-device", type=int, help="memory limit, in experts per device")
     parser.add_argument("--no-baselines", action="store_true", help="skip the baseline simulations")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random baselines (default 0)")
+    parser.add_argument(
+        "--seed", type=flag_type(parse_seed), default=0, help="seed of the random baselines (default 0)"
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument("--out", help="write the plan (JSON) to this file")
     parser.add_argument(
         "--include-schedules", action="store_true", help="put every round of every schedule into the plan"
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, outputs={"out": "file"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,9 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("paper", choices=PAPERS, help="which paper's experiment")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw ours beside the paper's to this PNG")
+    parser.add_argument(
+        "--plot", metavar="FILE", help="draw ours beside the paper's to this .png, .pdf or .svg"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller workloads (seconds; for tests)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, outputs={"plot": "figure"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 from shunter.errors import ShunterError
 from shunter.plan.planner import plan_all_to_all
 from shunter.plan.traffic import check_traffic_matrix
-from shunter.units import format_bytes, parse_rates
+from shunter.units import flag_type, format_bytes, parse_rates, parse_seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--no-baselines", action="store_true", help="skip the three baseline simulations")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random-order baseline (default 0)")
+    parser.add_argument(
+        "--seed", type=flag_type(parse_seed), default=0, help="seed of the random-order baseline (default 0)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -45,7 +47,7 @@ def load_traffic(path: str | Path) -> np.ndarray:
         raise ShunterError(f"{path}: traffic file not found")
     try:
         matrix = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ShunterError(f"{path}: not a .npy matrix of bytes: {exc}") from None
     if not isinstance(matrix, np.ndarray):
         raise ShunterError(f"{path}: expected one .npy matrix, found an archive of several arrays")

@@ -32,7 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--latency", default="5us", help="per-message latency, e.g. 5us, 0.01ms, 0 (default 5us)"
     )
     parser.add_argument(
-        "--efficiency", type=float, default=1.0, help="share of peak FLOP/s compute reaches (default 1.0)"
+        "--efficiency",
+        type=float,
+        default=1.0,
+        help="share of peak FLOP/s compute reaches (default 1.0)",
     )
     parser.add_argument(
         "--compute-profile",
@@ -53,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="schedule every layer again instead of using the plan's makespan and rounds",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw per-layer times to this PNG")
-    parser.set_defaults(func=run)
+    parser.add_argument("--plot", metavar="FILE", help="draw per-layer times to this .png, .pdf or .svg")
+    parser.set_defaults(func=run, outputs={"plot": "figure"})
 
 
 def _plan_trace(plan, plan_path: Path, given: str | None, key: str, model: str) -> tuple[object, Path]:

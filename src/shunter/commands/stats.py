@@ -15,6 +15,7 @@ import numpy as np
 from shunter.commands.common import print_json
 from shunter.model.loader import default_trace_path
 from shunter.trace import expert_load, load_trace, successor_hit_rate, transition_mutual_information
+from shunter.units import check_fits_in_memory, flag_type, parse_seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "trace", metavar="TRACE", nargs="?", type=Path, help="trace file (default: the built-in model's)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled control")
+    p.add_argument("--seed", type=flag_type(parse_seed), default=0, help="seed of the shuffled control")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     path = args.trace or default_trace_path()
     trace = load_trace(path)
+    # transition counts and their shuffled control, [L-1, E, E] each, and the temporaries beside them
+    pairs = max(trace.num_layers - 1, 0) * trace.num_experts**2
+    check_fits_in_memory(4 * 8 * pairs, "the layer-to-layer statistics", str(path))
     load = expert_load(trace).astype(np.float64)
     hit = successor_hit_rate(trace)
     control = successor_hit_rate(trace, shuffle_seed=args.seed)

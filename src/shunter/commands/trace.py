@@ -26,12 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs={"out": "file"})
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.text.is_file():
         raise ShunterError(f"{args.text}: text file not found")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ShunterError(f"--max-tokens: must be at least 1, got {args.max_tokens}")
     if args.window < 1:
         raise ShunterError(f"--window: must be at least 1, got {args.window}")
     try:

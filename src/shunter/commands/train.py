@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from shunter.commands.common import print_json
-from shunter.errors import ShunterError
+from shunter.errors import FieldError, ShunterError
+from shunter.files import read_text_input
 from shunter.train import TrainConfig, Trainer
 from shunter.train.corpus import stdlib_dir
 
@@ -54,9 +55,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if args.config is not None:
         try:
-            values = tomllib.loads(args.config.read_text())
-        except FileNotFoundError:
-            raise ShunterError(f"{args.config}: config file not found") from None
+            values = tomllib.loads(read_text_input(args.config, "config", "TOML"))
         except tomllib.TOMLDecodeError as exc:
             raise ShunterError(f"{args.config}: not valid TOML ({exc})") from None
         unknown = sorted(set(values) - names)
@@ -64,14 +63,37 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
             raise ShunterError(
                 f"{args.config}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})"
             )
+        _check_types(values, str(args.config))
+        try:  # a bad value from the file is named by the file and its key, not by the flag
+            TrainConfig(**values).validate()
+        except FieldError as exc:
+            raise ShunterError(f"{args.config}: {exc}") from None
     values |= {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return TrainConfig(**values)
+
+
+def _check_types(values: dict[str, Any], source: str) -> None:
+    """Each key of a config file holds the type its TrainConfig field has (an int may stand for a
+    float; a bool is not a number)."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():
+        kind = kinds[key]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+        }[kind]
+        if not ok:
+            raise ShunterError(
+                f"{source}: {key}: expected {'an' if kind == 'int' else 'a'} {kind}, got {value!r}"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     corpus = args.corpus if args.corpus is not None else stdlib_dir()
-    trainer = Trainer(config, corpus, args.out, args.work, overwrite=args.overwrite)
+    trainer = Trainer(config, corpus, args.out, args.work, overwrite=args.overwrite, resume=args.resume)
     result = trainer.run(resume=args.resume)
     assert result is not None
     summary = {

@@ -114,13 +114,20 @@ class Checkpoint:
     def read(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Load one tensor (a copy in memory). Checks its shape when `expected_shape` is given."""
         loc = self.location(name) if expected_shape is None else self.checked_location(name, expected_shape)
-        handle = self._handles.get(loc.file)
-        if handle is None:
-            handle = self._handles[loc.file] = safe_open(str(loc.file), framework="pt")
-        try:
-            return handle.get_tensor(name)  # type: ignore[attr-defined]
-        except Exception as exc:  # safetensors raises its own error types
+        try:  # safe_open runs safetensors' own header checks, which raise its own error types
+            handle = self._handles.get(loc.file)
+            if handle is None:
+                handle = self._handles[loc.file] = safe_open(str(loc.file), framework="pt")
+            tensor = handle.get_tensor(name)  # type: ignore[attr-defined]
+        except Exception as exc:
             raise ShunterError(f"{loc.file}: cannot read tensor {name!r}: {exc}") from None
+        if expected_shape is not None and not tensor.is_floating_point():
+            # a weight in int32 or bool would be cast to the compute dtype and change every token
+            raise ShunterError(
+                f"{loc.file}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, "
+                "expected floating-point weights"
+            )
+        return tensor
 
 
 def _read_header(file: Path) -> dict[str, TensorLocation]:

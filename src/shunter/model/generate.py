@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shunter.errors import ShunterError
 from shunter.model.executor import Batch, InMemoryModel
 from shunter.trace.routing_trace import RoutingRecorder
 
@@ -49,6 +50,8 @@ def sample_next(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Next token per row of logits [B, V] -> [B] int64."""
+    if not bool(torch.isfinite(logits).all()):  # one check per step; argmax of NaN picks token 0 silently
+        raise ShunterError("the model computed NaN or infinite logits: its weights hold NaN or inf values")
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)

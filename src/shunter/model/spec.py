@@ -220,7 +220,7 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
-        rms_norm_eps=float(c.opt("rms_norm_eps", 1e-6)),
+        rms_norm_eps=c.positive_float("rms_norm_eps", 1e-6),
         dtype=dtype,
         tie_word_embeddings=bool(c.opt("tie_word_embeddings", False)),
         max_position_embeddings=c.int("max_position_embeddings", default=4096),
@@ -404,6 +404,20 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ShunterError(f"{self.source}: field {key!r} must be a non-negative integer, got {value!r}")
         return value
+
+    def positive_float(self, key: str, default: float) -> float:
+        """A finite number above zero (an epsilon, a base frequency)."""
+        value = self.config.get(key)
+        if value is None:
+            return default
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ShunterError(f"{self.source}: field {key!r} must be a positive number, got {value!r}")
+        return float(value)
 
     def int_any(self, keys: tuple[str, ...]) -> int:
         for key in keys:

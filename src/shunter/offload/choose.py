@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from shunter.errors import FieldError, ShunterError
+from shunter.errors import FieldError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.executor import InMemoryModel
 from shunter.model.loader import DTYPE_NAMES, load_model
@@ -58,6 +58,8 @@ def choose_executor(
     batches None: the planner picks the number of micro-batches for a decode step at
     `context_tokens` (explain_plan also runs it and says why). In memory when there is no budget or
     the weights take at most half of it: the KV cache and activations need their share too."""
+    if trace is not None:  # checked even when in memory: a wrong --trace is a mistake either way
+        trace.check_fits(spec, trace_source)
     torch_dtype = DTYPE_NAMES[dtype] if dtype else spec.torch_dtype
     element_bytes = torch.tensor([], dtype=torch_dtype).element_size()
     if memory_bytes is None or model_bytes(Checkpoint(path), element_bytes) <= memory_bytes // 2:
@@ -75,10 +77,6 @@ def choose_executor(
                 str(device),
             )
         return ExecutorChoice(load_model(path, dtype).model, None, notes)
-    if trace is not None and trace.num_experts != spec.num_experts:
-        raise ShunterError(
-            f"{trace_source}: trace has {trace.num_experts} experts, the model {spec.num_experts}"
-        )
     plan, notes, batches_note = None, [], None
     if batches is None or explain_plan:
         # one sequence per micro-batch: the engine splits the sequences of a forward

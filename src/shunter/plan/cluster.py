@@ -23,10 +23,11 @@ import numpy as np
 
 from shunter.errors import ShunterError
 from shunter.files import read_text_input
-from shunter.units import parse_bandwidth, parse_bytes, parse_compute
+from shunter.units import format_bytes, parse_bandwidth, parse_bytes, parse_compute
 
 DEFAULT_COMPUTE = "100TFLOP/s"
 DEFAULT_MEMORY = "80GiB"
+MAX_DEVICES = 4096  # an expert-parallel group far beyond today's (hundreds of devices)
 _DEVICE_KEYS = {"name", "count", "bandwidth", "compute", "memory"}
 
 
@@ -131,6 +132,12 @@ def parse_cluster(document: dict[str, object], source: str = "cluster") -> Clust
         count = entry.get("count", 1)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ShunterError(f"{where}.count: expected a positive integer, got {count!r}")
+        total = len(devices) + count
+        if total > MAX_DEVICES:
+            raise ShunterError(
+                f"{where}.count: {total} devices in all, more than the {MAX_DEVICES} a plan can hold "
+                f"(each n x n traffic matrix would need {format_bytes(8 * total**2)})"
+            )
         name = entry.get("name", f"dev{index}")
         if not isinstance(name, str) or not name:
             raise ShunterError(f"{where}.name: expected a non-empty string, got {name!r}")

@@ -285,6 +285,10 @@ def read_plan(document: object, source: str) -> PlanDocument:
         raise ShunterError(
             f"{source}: cluster.devices: each needs bandwidth_bytes_s and compute_flop_s"
         ) from None
+    if not all(np.isfinite(value) and value > 0 for spec in specs for value in spec):
+        raise ShunterError(
+            f"{source}: cluster.devices: bandwidth_bytes_s and compute_flop_s must be positive numbers"
+        )
     options = document["options"]
     try:
         bytes_per_token = float(options["bytes_per_token"])
@@ -381,6 +385,11 @@ def _dispatch(dispatch: object, n: int, where: str) -> DispatchSummary | None:
     values = (dispatch.get("makespan_s"), dispatch.get("rounds"), dispatch.get("total_bytes"))
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         return None
+    rounds = values[1]
+    if not all(np.isfinite(v) and v >= 0 for v in values):
+        raise ShunterError(f"{where}: makespan_s, rounds and total_bytes must be finite and not negative")
+    if not float(rounds).is_integer():  # type: ignore[arg-type]
+        raise ShunterError(f"{where}.rounds: expected a whole number of rounds, got {rounds!r}")
     schedule = _schedule(dispatch["schedule"], n, f"{where}.schedule") if "schedule" in dispatch else None
     return DispatchSummary(float(values[0]), int(values[1]), float(values[2]), schedule)  # type: ignore[arg-type]
 
@@ -394,10 +403,22 @@ def _schedule(data: object, n: int, where: str) -> Schedule:
     src, dst = arrays[0].astype(np.int64), arrays[1].astype(np.int64)
     if not all(a.shape == round_of.shape for a in arrays):
         raise ShunterError(f"{where}: round_of, src, dst, bytes and rate_bytes_s differ in length")
+    if round_of.size and (
+        round_of.min() < 0 or min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= n
+    ):
+        raise ShunterError(f"{where}: round_of must not be negative and src, dst must be devices 0..{n - 1}")
+    try:
+        sizes, rates = arrays[2].astype(np.float64), arrays[3].astype(np.float64)
+    except (TypeError, ValueError):
+        raise ShunterError(f"{where}: bytes and rate_bytes_s must be numbers") from None
+    if not (
+        np.all(np.isfinite(sizes)) and np.all(sizes >= 0) and np.all(np.isfinite(rates)) and np.all(rates > 0)
+    ):
+        raise ShunterError(
+            f"{where}: bytes must be finite and not negative, rate_bytes_s finite and positive"
+        )
     rounds = int(round_of.max()) + 1 if round_of.size else 0
-    return Schedule(
-        round_of, src, dst, arrays[2].astype(np.float64), arrays[3].astype(np.float64), rounds, n, "from plan"
-    )
+    return Schedule(round_of, src, dst, sizes, rates, rounds, n, "from plan")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ the combine matrix is the transpose of the dispatch matrix.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from shunter.errors import ShunterError
@@ -67,6 +69,9 @@ def tokens_per_device(expert_ids: np.ndarray, shares: np.ndarray) -> np.ndarray:
     return load @ shares
 
 
+MAX_TRAFFIC_BYTES = float(2**63)
+
+
 def check_traffic_matrix(matrix: object, source: str = "traffic") -> np.ndarray:
     """A traffic matrix as [n, n] float64, or a ShunterError saying what is wrong with it."""
     array = np.asarray(matrix)
@@ -85,4 +90,12 @@ def check_traffic_matrix(matrix: object, source: str = "traffic") -> np.ndarray:
     if np.any(array < 0):
         i, j = np.argwhere(array < 0)[0]
         raise ShunterError(f"{source}: traffic[{i}, {j}] is {array[i, j]:g}, bytes cannot be negative")
+    # the schedules subtract and compare sums of rows and columns; past 2^63 bytes (9.2 EB) they
+    # lose every small entry to rounding, or overflow to inf, and the decomposition never ends
+    total = float(array.sum(dtype=np.float64)) if np.all(array < MAX_TRAFFIC_BYTES) else math.inf
+    if not total < MAX_TRAFFIC_BYTES:
+        raise ShunterError(
+            f"{source}: the matrix holds {total:.3g} bytes in all; at most {MAX_TRAFFIC_BYTES:.3g} (2^63) "
+            "can be scheduled"
+        )
     return array

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from shunter.reproduce.claims import Reproduction
-from shunter.sim.plots import pyplot, save_png
+from shunter.sim.plots import pyplot, save_figure
 
 
 def plot_reproduction(reproduction: Reproduction, path: Path) -> None:
@@ -40,5 +40,5 @@ def plot_reproduction(reproduction: Reproduction, path: Path) -> None:
         axis.set_ylabel(unit)
         axis.legend(fontsize=8)
     figure.suptitle(f"reproduce {reproduction.paper}: ours beside the paper's")
-    save_png(figure, path)
+    save_figure(figure, path)
     plt.close(figure)

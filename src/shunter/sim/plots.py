@@ -1,4 +1,5 @@
-"""PNG plots for `shunter simulate --plot` (and the helpers `shunter reproduce --plot` draws with).
+"""Plots for `shunter simulate --plot` (and the helpers `shunter reproduce --plot` draws with), as
+PNG, PDF or SVG: the file's suffix says which.
 
 matplotlib is imported inside each function (Agg backend) so the command line starts fast.
 """
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shunter.files import atomic_output
+from shunter.files import atomic_output, plot_format
 
 if TYPE_CHECKING:
     from shunter.sim.predict import PlanPrediction
@@ -26,10 +27,11 @@ def pyplot():
     return plt
 
 
-def save_png(figure: object, path: Path) -> None:
-    """Write atomically (shunter.files.atomic_output)."""
+def save_figure(figure: object, path: Path) -> None:
+    """Write atomically (shunter.files.atomic_output) in the format `path`'s suffix names."""
+    file_format = plot_format(path)
     with atomic_output(path, binary=True) as f:
-        figure.savefig(f, format="png", dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
+        figure.savefig(f, format=file_format, dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
 
 
 def plot_plan_prediction(prediction: PlanPrediction, path: Path) -> None:
@@ -51,5 +53,5 @@ def plot_plan_prediction(prediction: PlanPrediction, path: Path) -> None:
     axis.set_ylabel("ms")
     axis.set_title(f"{prediction.mode} plan: {prediction.total_planned_s * 1e3:.3f} ms per forward")
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    save_png(figure, path)
+    save_figure(figure, path)
     plt.close(figure)

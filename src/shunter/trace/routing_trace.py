@@ -5,14 +5,21 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from shunter.errors import ShunterError
 from shunter.files import atomic_output
+from shunter.units import format_bytes
+
+if TYPE_CHECKING:
+    from shunter.model.spec import ModelSpec
 
 FORMAT_VERSION = 1
+# far above any model's experts per layer (DeepSeek-V3: 256); E^2 statistics must fit in memory
+MAX_EXPERTS = 4096
 
 
 @dataclass
@@ -63,18 +70,45 @@ class RoutingTrace:
                 f"{source}: gate_weights shape {list(self.gate_weights.shape)} differs from "
                 f"expert_ids shape {list(ids.shape)}"
             )
+        if 0 in ids.shape:
+            raise ShunterError(
+                f"{source}: an empty trace ({ids.shape[0]} layers, {ids.shape[1]} tokens, "
+                f"top-{ids.shape[2]}); a trace needs at least one layer, one token and one choice per token"
+            )
         if self.num_experts <= 0:
             raise ShunterError(f"{source}: num_experts must be positive, got {self.num_experts}")
+        if self.num_experts > MAX_EXPERTS:
+            raise ShunterError(
+                f"{source}: num_experts is {self.num_experts}, more than the {MAX_EXPERTS} a trace may have "
+                f"(per-layer expert-to-expert statistics would need {format_bytes(8 * self.num_experts**2)})"
+            )
+        if self.top_k > self.num_experts:
+            raise ShunterError(f"{source}: top-{self.top_k} of only {self.num_experts} experts")
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise ShunterError(
                 f"{source}: expert_ids must lie in [0, {self.num_experts}), "
                 f"found {int(ids.min())}..{int(ids.max())}"
             )
-        if self.layer_indices.shape != (ids.shape[0],):
+        if not np.all(np.isfinite(self.gate_weights)):
+            raise ShunterError(f"{source}: gate_weights holds NaN or infinite values")
+        if self.layer_indices.shape != (ids.shape[0],) or not np.issubdtype(
+            self.layer_indices.dtype, np.integer
+        ):
             raise ShunterError(f"{source}: layer_indices must have one entry per layer ({ids.shape[0]})")
         if self.token_ids is not None and len(self.token_ids) != ids.shape[1]:
             raise ShunterError(
                 f"{source}: token_ids has {len(self.token_ids)} entries for {ids.shape[1]} tokens"
+            )
+
+    def check_fits(self, spec: ModelSpec, source: str = "trace") -> None:
+        """ShunterError unless this trace was recorded on a model of `spec`'s shape: as many MoE
+        layers, experts per layer and choices per token (an engine indexes its layers by it)."""
+        expected = (spec.num_moe_layers, spec.num_experts, spec.top_k)
+        found = (self.num_layers, self.num_experts, self.top_k)
+        if found != expected:
+            raise ShunterError(
+                f"{source}: the trace has {found[0]} MoE layers x {found[1]} experts, top-{found[2]}; "
+                f"the model {spec.name or ''} has {expected[0]} x {expected[1]}, top-{expected[2]}"
             )
 
     def save(self, path: str | Path) -> None:
@@ -100,19 +134,33 @@ def load_trace(path: str | Path) -> RoutingTrace:
     path = Path(path)
     if not path.is_file():
         raise ShunterError(f"{path}: trace file not found")
+    not_a_trace = f"{path}: not a routing trace (an .npz written by `shunter trace`)"
+    if path.stat().st_size == 0:
+        raise ShunterError(f"{not_a_trace}: the file is empty")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # a single .npy array, not an archive of named fields
+            raise ShunterError(f"{not_a_trace}: it holds a single .npy array")
+        with loaded as data:
             fields = dict(data.items())
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ShunterError(f"{path}: not a routing trace (.npz): {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        # numpy's "pickled data" message would send a user to allow_pickle; a trace never needs it
+        detail = "not an .npz archive" if "pickle" in str(exc) else str(exc)
+        raise ShunterError(f"{not_a_trace}: {detail}") from None
     for key in ("expert_ids", "gate_weights", "num_experts"):
         if key not in fields:
             raise ShunterError(f"{path}: field {key!r} is missing")
-    ids = fields["expert_ids"]
+    ids, weights, experts = fields["expert_ids"], fields["gate_weights"], fields["num_experts"]
+    if experts.shape != () or not np.issubdtype(experts.dtype, np.integer):
+        raise ShunterError(
+            f"{path}: num_experts must be one integer, got {experts.dtype} {list(experts.shape)}"
+        )
+    if not np.issubdtype(weights.dtype, np.floating):
+        raise ShunterError(f"{path}: gate_weights must be floats, got {weights.dtype}")
     trace = RoutingTrace.__new__(RoutingTrace)
     trace.expert_ids = ids
-    trace.gate_weights = np.asarray(fields["gate_weights"], dtype=np.float32)
-    trace.num_experts = int(fields["num_experts"])
+    trace.gate_weights = np.asarray(weights, dtype=np.float32)
+    trace.num_experts = int(experts)
     trace.layer_indices = np.asarray(fields.get("layer_indices", np.arange(ids.shape[0] if ids.ndim else 0)))
     trace.model = str(fields.get("model", ""))
     trace.source = str(fields.get("source", ""))

@@ -24,9 +24,21 @@ from shunter.model.tokenizer import END_OF_TEXT, Tokenizer, train_byte_level_bpe
 from shunter.model.weights import ModelWeights
 from shunter.train.corpus import Corpus, read_texts, token_stream
 from shunter.train.objective import bits_per_byte, language_model_loss, total_nats
+from shunter.units import SEED_LIMIT
 
 # a resumed run may be lengthened or shortened, or checkpoint at another interval; nothing else
 RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+
+
+MIN_VOCAB_SIZE = 257  # byte-level BPE: 256 byte tokens and END_OF_TEXT before any merge
+# (field, minimum, strictly above the minimum) of the float settings
+FLOAT_LIMITS = (
+    ("lr", 0.0, True),
+    ("min_lr_ratio", 0.0, False),
+    ("weight_decay", 0.0, False),
+    ("grad_clip", 0.0, True),
+    ("aux_loss_coef", 0.0, False),
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,25 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise FieldError(
+                "vocab_size",
+                f"must be at least {MIN_VOCAB_SIZE} (the 256 bytes of the byte-level tokenizer and its "
+                f"end-of-text token), got {self.vocab_size}",
+            )
+        for name, minimum, above in FLOAT_LIMITS:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < minimum or (above and value <= minimum):
+                bound = f"greater than {minimum:g}" if above else f"at least {minimum:g}"
+                raise FieldError(name, f"must be a finite number {bound}, got {value!r}")
+        if self.min_lr_ratio > 1:
+            raise FieldError("min_lr_ratio", f"must be at most 1, got {self.min_lr_ratio!r}")
+        if not self.warmup_steps >= 0:
+            raise FieldError("warmup_steps", f"must not be negative, got {self.warmup_steps}")
+        if not 0 < self.heldout_percent < 100:
+            raise FieldError("heldout_percent", f"must lie in 1..99, got {self.heldout_percent}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise FieldError("seed", f"must lie in [0, 2^63), got {self.seed}")
         if self.top_k > self.num_experts:
             raise FieldError(
                 "top_k", f"{self.top_k} is greater than the number of experts ({self.num_experts})"
@@ -163,6 +194,7 @@ class Trainer:
         work_dir: Path | None = None,
         log: Callable[[str], None] | None = None,
         overwrite: bool = False,
+        resume: bool = False,
     ) -> None:
         config.validate()
         self.config, self.out_dir = config, Path(os.path.abspath(out_dir))
@@ -172,6 +204,9 @@ class Trainer:
         self.progress = log or _progress_to_stderr
         _check_writable(self.out_dir)
         check_replaceable(self.out_dir, overwrite)
+        if resume and not (self.work_dir / self.STATE).is_file():  # before the work directory is made
+            state = self.work_dir / self.STATE
+            raise ShunterError(f"{state}: no checkpoint to resume; run without --resume to start training")
         self.corpus = Corpus.from_path(Path(corpus_root), config.heldout_percent)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = self._tokenizer()
