@@ -183,6 +183,8 @@ def test_profile_cache_round_trips_and_re_measures_a_corrupt_file(tiny_checkpoin
         return random_profile(np.random.default_rng(len(measured)), dtype="float32")
 
     monkeypatch.setattr(machine_profiles, "measure_profile", fake_measure)
+    # the spot check sees a machine as fast as any profile here, so no cached profile looks busy
+    monkeypatch.setattr(machine_profiles, "attention_now_s", lambda *args: 1.0)
     first = machine_profile(spec, path, torch.float32)
     cache_file = profile_cache_path(spec, path, torch.float32)
     assert cache_file.parent == tmp_path / "cache" and cache_file.is_file()
@@ -253,3 +255,33 @@ def test_bad_batches_is_one_clear_error(tiny_checkpoint, capsys, value):
         from shunter.commands.generate import parse_batches
 
         parse_batches(value)
+
+
+def test_a_profile_measured_while_the_machine_was_busy_is_an_outlier():
+    """Oracle: the case seen here, attention cached at 44 ms/token where it takes 0.3-1 ms."""
+    busy = random_profile(np.random.default_rng(0), attention_s_per_token=44e-3)
+    assert machine_profiles.measured_while_busy(busy, 1e-3, context=32)
+    calm = random_profile(
+        np.random.default_rng(0), attention_s_per_token=1.1e-3, attention_s_per_token_per_context_token=0.0
+    )
+    assert not machine_profiles.measured_while_busy(calm, 1e-3, context=32)
+    assert not machine_profiles.measured_while_busy(calm, 1.0, context=32)  # slower now: keep it
+
+
+def test_a_cached_profile_from_a_busy_machine_is_measured_again(tiny_checkpoint, tmp_path, monkeypatch):
+    """The real spot check on a tiny model (microseconds) against a cached 44 ms/token: re-measured."""
+    import torch
+
+    monkeypatch.setenv("SHUNTER_CACHE_DIR", str(tmp_path / "cache"))
+    path = tiny_checkpoint("mixtral")
+    spec = load_spec(path)
+    measured = []
+
+    def fake_measure(spec, model_dir, dtype, batch_size=1):
+        measured.append(batch_size)
+        return random_profile(np.random.default_rng(1), dtype="float32", attention_s_per_token=44e-3)
+
+    monkeypatch.setattr(machine_profiles, "measure_profile", fake_measure)
+    machine_profile(spec, path, torch.float32)
+    machine_profile(spec, path, torch.float32)
+    assert len(measured) == 2  # the cached 44 ms/token was not trusted

@@ -51,6 +51,7 @@ TIMING_ROUNDS = 5
 TIMING_ROUND_S = 0.05
 READ_BUDGET_S = 1.0  # timed disk reads stop after this much reading (and at least 3 experts)
 READ_MAX_EXPERTS = 48
+BUSY_FACTOR = 4.0  # a cached attention time this many times today's spot check is re-measured
 READ_WARMUP_EXPERTS = 2  # read before timing: the first reads fault in fresh memory
 
 
@@ -168,27 +169,55 @@ def moe_layers(spec: ModelSpec) -> list[int]:
 
 
 @torch.inference_mode()
+def _profile_contexts(spec: ModelSpec) -> tuple[int, ...]:
+    return tuple(min(c, spec.max_position_embeddings - 1) for c in PROFILE_CONTEXT_TOKENS)
+
+
+def _attention_s_per_token(
+    spec: ModelSpec, weights: object, layer: int, dtype: torch.dtype, batch_size: int, context: int
+) -> float:
+    """One decode step's attention norm and attention over `context` cached tokens, per sequence."""
+    b = batch_size
+    inv_freq, rope_factor = rope_inverse_frequencies(spec)
+    x = torch.randn(b, 1, spec.hidden_size).to(dtype)
+    kv = _FixedContext(spec, b, context, dtype)
+    rotary = Rotary.at(torch.full((b, 1), context), inv_freq, spec.rope_interleaved, dtype, rope_factor)
+    mask = attention_mask(torch.ones(b, context + 1, dtype=torch.bool), context, 1, spec.sliding_window)
+
+    def attend() -> torch.Tensor:
+        normed = rms_norm(x, weights.attn_norm, spec.rms_norm_eps)  # type: ignore[attr-defined]
+        return attention(normed, weights.attention, spec, rotary, mask, kv, layer)  # type: ignore[attr-defined]
+
+    return best_seconds_per_call(attend) / b
+
+
+def attention_now_s(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, batch_size: int) -> float:
+    """A spot check of the profile: attention at the shortest profiled context, timed now."""
+    checkpoint = Checkpoint(model_dir)
+    layer = moe_layers(spec)[0]
+    weights = _RandomWeights(spec, checkpoint).layer(layer, dtype, with_experts=False)
+    return _attention_s_per_token(spec, weights, layer, dtype, batch_size, _profile_contexts(spec)[0])
+
+
+def measured_while_busy(profile: MachineProfile, attention_now: float, context: int) -> bool:
+    """True when a cached profile's attention is over BUSY_FACTOR x what it takes now: it was
+    measured while other work held the cores (a profile once cached 44 ms/token where 0.3-1 ms is
+    this machine's), and every plan made from it would be wrong. The best-of-rounds timing only
+    ever errs slow, so a faster cached figure is never an outlier."""
+    cached = profile.attention_s_per_token + profile.attention_s_per_token_per_context_token * context
+    return cached > BUSY_FACTOR * attention_now
+
+
 def measure_compute(spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype, batch_size: int) -> dict:
     """The compute fields of a MachineProfile, timed on random weights of the model's first MoE layer."""
     layer = moe_layers(spec)[0]
     weights = _RandomWeights(spec, checkpoint).layer(layer, dtype, with_experts=False)
     assert weights.moe is not None
     H, b = spec.hidden_size, batch_size
-    inv_freq, rope_factor = rope_inverse_frequencies(spec)
     x = torch.randn(b, 1, H).to(dtype)
 
-    contexts = tuple(min(c, spec.max_position_embeddings - 1) for c in PROFILE_CONTEXT_TOKENS)
-    attention_s = []
-    for context in contexts:
-        kv = _FixedContext(spec, b, context, dtype)
-        rotary = Rotary.at(torch.full((b, 1), context), inv_freq, spec.rope_interleaved, dtype, rope_factor)
-        mask = attention_mask(torch.ones(b, context + 1, dtype=torch.bool), context, 1, spec.sliding_window)
-
-        def attend(kv=kv, rotary=rotary, mask=mask) -> torch.Tensor:
-            normed = rms_norm(x, weights.attn_norm, spec.rms_norm_eps)
-            return attention(normed, weights.attention, spec, rotary, mask, kv, layer)
-
-        attention_s.append(best_seconds_per_call(attend) / b)
+    contexts = _profile_contexts(spec)
+    attention_s = [_attention_s_per_token(spec, weights, layer, dtype, b, context) for context in contexts]
     if contexts[0] == contexts[1]:
         attention_base_s, attention_per_context_s = attention_s[0], 0.0
     else:
@@ -330,13 +359,16 @@ def machine_profile(
     refresh: bool = False,
 ) -> MachineProfile:
     """This machine's profile for the model: from the cache when present (unless `refresh`), else
-    measured and saved. A corrupt cache file is measured over, not trusted."""
+    measured and saved. A corrupt cache file is measured over, not trusted, and so is one whose
+    attention is far slower than a spot check now (measured while the machine was busy)."""
     key = profile_key(spec, model_dir, dtype, batch_size)
     path = _cache_path(key)
     if not refresh:
         cached = read_cached_profile(path, key)
         if cached is not None:
-            return cached
+            now = attention_now_s(spec, model_dir, dtype, batch_size)
+            if not measured_while_busy(cached, now, _profile_contexts(spec)[0]):
+                return cached
     profile = measure_profile(spec, model_dir, dtype, batch_size)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
