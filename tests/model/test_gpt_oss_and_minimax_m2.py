@@ -11,6 +11,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shunter.cli import main
 from shunter.errors import ShunterError
@@ -163,3 +165,50 @@ def test_sliding_layers_make_the_planner_cost_less_attention():
     full = pipeline_times(dataclasses.replace(spec, layer_windows=()), profile, 2, 100).attention_compute_s
     assert sliding == pytest.approx(2 * (1e-4 + 1e-6 * 110 / 3))
     assert full == pytest.approx(2 * (1e-4 + 1e-6 * 100))
+
+
+# rope_parameters is left out: the parsing every family shares takes any truthy value for a dict
+FIELDS_READ = {
+    "gpt_oss": (
+        "head_dim",
+        "intermediate_size",
+        "layer_types",
+        "sliding_window",
+        "attention_bias",
+        "swiglu_limit",
+        "swiglu_alpha",
+        "quantization_config",
+    ),
+    "minimax_m2": (
+        "head_dim",
+        "intermediate_size",
+        "rotary_dim",
+        "scoring_func",
+        "quantization_config",
+    ),
+}
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_value_of_a_field_the_family_reads_is_refused_or_read(family, data):
+    """Random JSON in one of the family's fields: a ModelSpec or a ShunterError, never another exception."""
+    from shunter.model.spec import ModelSpec, spec_from_config
+
+    field = data.draw(st.sampled_from(FIELDS_READ[family]))
+    value = data.draw(_JSON)
+    config = {"model_type": family, **_COMMON, **FAMILY_CONFIGS[family], field: value}
+    try:
+        assert isinstance(spec_from_config(config), ModelSpec)
+    except ShunterError as error:
+        assert "\n" not in str(error)
