@@ -71,6 +71,12 @@ def test_recorded_expert_choices_equal_reference_router_top_k(tiny_checkpoint, f
         for module in reference.modules()
         if type(module).__name__.lower().endswith("topkrouter")
     ]
+    top_k = reference.config.num_experts_per_tok
+    hooks += [  # Llama 4's router returns (scores, logits) and picks the top-k logits
+        module.register_forward_hook(lambda _m, _i, out: chosen.append(out[1].topk(top_k).indices))
+        for module in reference.modules()
+        if type(module).__name__ == "Llama4Router"
+    ]
     tokens, valid, positions = _padded_inputs()
     with torch.no_grad():
         reference(input_ids=tokens, attention_mask=valid.long(), position_ids=positions)
