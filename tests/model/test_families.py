@@ -100,6 +100,18 @@ def test_recorded_expert_choices_equal_reference_router_top_k(tiny_checkpoint, f
 SCALED_ROPE = [
     ("mixtral", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
     (
+        "llama4_text",  # Llama 4 Scout's scaling, with a context short enough that every band shows
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        },
+    ),
+    ("glm4_moe", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    (
         "qwen3_moe",
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
     ),
@@ -157,6 +169,6 @@ def test_unsupported_rope_type_is_a_clear_error(tmp_path):
     config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        ShunterError, match="rope type 'longrope' is not supported; supported: default, linear, yarn"
+        ShunterError, match="rope type 'longrope' is not supported; supported: default, linear, yarn, llama3"
     ):
         load_model(tmp_path)

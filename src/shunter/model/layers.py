@@ -60,7 +60,22 @@ def rope_inverse_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
         return inv_freq / spec.rope_factor, 1.0
     if spec.rope_type == "yarn":
         return _yarn_frequencies(inv_freq, rot_dim, spec)
+    if spec.rope_type == "llama3":
+        return _llama3_frequencies(inv_freq, spec), 1.0
     return inv_freq, 1.0
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths shorter than original/high_freq_factor keep their frequency,
+    those longer than original/low_freq_factor are divided by `factor`, a smooth blend between."""
+    p, factor = spec.rope_scaling, spec.rope_factor
+    original, low, high = p["original_max_position_embeddings"], p["low_freq_factor"], p["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(medium, blended, scaled)
 
 
 def _yarn_frequencies(inv_freq: torch.Tensor, rot_dim: int, spec: ModelSpec) -> tuple[torch.Tensor, float]:

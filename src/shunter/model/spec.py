@@ -23,7 +23,7 @@ SUPPORTED_FAMILIES = (
     "ernie4_5_moe",
     "llama4_text",
 )
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -235,6 +235,8 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
         rope_factor = float(factor)
         if rope_type == "yarn" and not original:
             raise ShunterError(f"{source}: rope type 'yarn' needs 'original_max_position_embeddings'")
+        if rope_type == "llama3":
+            _check_llama3_rope(rope, source)
 
     eos = config.get("eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
@@ -407,6 +409,16 @@ def _deepseek_spec(c: _Fields, common: dict[str, Any], family: str) -> ModelSpec
         gate_weights_in_model_dtype=False,
     )
     return ModelSpec(**common)
+
+
+def _check_llama3_rope(rope: dict[str, Any], source: str) -> None:
+    """Llama 3.1's frequency-dependent scaling (Llama 4 Scout uses it) needs three more numbers."""
+    for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        value = rope.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ShunterError(f"{source}: rope type 'llama3' needs a positive {key!r}, got {value!r}")
+    if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+        raise ShunterError(f"{source}: rope type 'llama3' needs high_freq_factor > low_freq_factor")
 
 
 def _gqa_attention(c: _Fields, common: dict[str, Any], default_head_dim: int | None = None) -> dict[str, Any]:
