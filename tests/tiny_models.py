@@ -13,6 +13,9 @@ FAMILIES = (
     "olmoe",
     "deepseek_v2",
     "deepseek_v3",
+    "glm4_moe",
+    "ernie4_5_moe",
+    "llama4_text",
     "gpt_oss",
     "minimax_m2",
 )
@@ -85,6 +88,46 @@ FAMILY_CONFIGS = {
         num_key_value_heads=4,
         routed_scaling_factor=2.5,
     ),
+    # GLM-4.5: partial rotary (half of each head), qk-norm, q/k/v bias, DeepSeek-V3 routing
+    "glm4_moe": dict(
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        partial_rotary_factor=0.5,
+        use_qk_norm=True,
+        attention_bias=True,
+    ),
+    # ERNIE 4.5: softmax routing with a correction bias, shared experts, MoE from layer 1
+    "ernie4_5_moe": dict(
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        moe_num_experts=8,
+        moe_k=2,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,
+        moe_layer_interval=1,
+    ),
+    # Llama 4: MoE every other layer, layer 3 NoPE with temperature tuning (floor_scale small enough
+    # to matter in a short test), chunked attention over 8 tokens on the RoPE layers
+    "llama4_text": dict(
+        num_hidden_layers=4,
+        head_dim=16,
+        intermediate_size=32,
+        intermediate_size_mlp=96,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=8,
+        floor_scale=4,
+        attn_scale=0.1,
+        use_qk_norm=True,
+    ),
     # sliding, full, sliding layers with a window shorter than the prompts; a SwiGLU limit the
     # tiny activations reach, so the clamp is exercised; YaRN without truncation, as gpt-oss ships
     "gpt_oss": dict(
@@ -131,10 +174,13 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(hf_config(family, **overrides)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
+            # gate.weight: most families; router.weight: gpt-oss and Llama 4
             if name.endswith(("gate.weight", "router.weight")) and "shared_expert_gate" not in name:
                 param.mul_(10.0)
             if name.endswith(("proj_bias", "sinks")):  # gpt-oss initialises these to zero or near it
                 param.copy_(torch.randn_like(param) * 0.5)
+            if name.endswith("e_score_correction_bias"):  # ERNIE 4.5 keeps it as a parameter
+                param.copy_(torch.randn_like(param) * 0.1)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn_like(buffer) * 0.1)

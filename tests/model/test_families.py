@@ -71,6 +71,12 @@ def test_recorded_expert_choices_equal_reference_router_top_k(tiny_checkpoint, f
         for module in reference.modules()
         if type(module).__name__.lower().endswith("topkrouter")
     ]
+    top_k = reference.config.num_experts_per_tok
+    hooks += [  # Llama 4's router returns (scores, logits) and picks the top-k logits
+        module.register_forward_hook(lambda _m, _i, out: chosen.append(out[1].topk(top_k).indices))
+        for module in reference.modules()
+        if type(module).__name__ == "Llama4Router"
+    ]
     tokens, valid, positions = _padded_inputs()
     with torch.no_grad():
         reference(input_ids=tokens, attention_mask=valid.long(), position_ids=positions)
@@ -93,6 +99,18 @@ def test_recorded_expert_choices_equal_reference_router_top_k(tiny_checkpoint, f
 
 SCALED_ROPE = [
     ("mixtral", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    (
+        "llama4_text",  # Llama 4 Scout's scaling, with a context short enough that every band shows
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        },
+    ),
+    ("glm4_moe", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
     (
         "qwen3_moe",
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
@@ -151,6 +169,6 @@ def test_unsupported_rope_type_is_a_clear_error(tmp_path):
     config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        ShunterError, match="rope type 'longrope' is not supported; supported: default, linear, yarn"
+        ShunterError, match="rope type 'longrope' is not supported; supported: default, linear, yarn, llama3"
     ):
         load_model(tmp_path)

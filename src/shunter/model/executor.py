@@ -17,6 +17,7 @@ from shunter.model.layers import (
     linear,
     moe_block,
     rms_norm,
+    with_llama4_positions,
 )
 from shunter.model.layers import rope_inverse_frequencies as _inv_freq
 from shunter.model.spec import ModelSpec
@@ -83,6 +84,8 @@ class Batch:
     ) -> tuple[Rotary, torch.Tensor | None]:
         """The rotary embedding and attention mask every layer of this forward shares."""
         rotary = Rotary.at(self.positions, inv_freq, spec.rope_interleaved, dtype, rope_factor)
+        if spec.family == "llama4_text":
+            rotary = with_llama4_positions(rotary, self.key_valid, self.start, self.tokens.shape[1], spec)
         return rotary, attention_mask(self.key_valid, self.start, self.tokens.shape[1], spec.sliding_window)
 
     def start_recording(self, recorder: RoutingRecorder | None) -> torch.Tensor | None:

@@ -60,7 +60,22 @@ def rope_inverse_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
         return inv_freq / spec.rope_factor, 1.0
     if spec.rope_type == "yarn":
         return _yarn_frequencies(inv_freq, rot_dim, spec)
+    if spec.rope_type == "llama3":
+        return _llama3_frequencies(inv_freq, spec), 1.0
     return inv_freq, 1.0
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths shorter than original/high_freq_factor keep their frequency,
+    those longer than original/low_freq_factor are divided by `factor`, a smooth blend between."""
+    p, factor = spec.rope_scaling, spec.rope_factor
+    original, low, high = p["original_max_position_embeddings"], p["low_freq_factor"], p["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(medium, blended, scaled)
 
 
 def _yarn_frequencies(inv_freq: torch.Tensor, rot_dim: int, spec: ModelSpec) -> tuple[torch.Tensor, float]:
@@ -94,11 +109,19 @@ def _yarn_frequencies(inv_freq: torch.Tensor, rot_dim: int, spec: ModelSpec) -> 
 
 @dataclass
 class Rotary:
-    """cos/sin for the positions of one forward: each [B, 1, T, rot_dim/2]."""
+    """cos/sin for the positions of one forward: each [B, 1, T, rot_dim/2]; with Llama 4, the
+    other position-dependent inputs of its attention (see `with_llama4_positions`)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     interleaved: bool
+    chunk_mask: torch.Tensor | None = None  # [B, 1, T, S] for chunked-attention layers
+    nope_query_scale: torch.Tensor | None = None  # [T] temperature of NoPE layers' queries
+
+    def rows(self, rows: slice) -> Rotary:
+        """The inputs of sequences `rows` of the batch (a micro-batch)."""
+        chunk_mask = None if self.chunk_mask is None else self.chunk_mask[rows]
+        return Rotary(self.cos[rows], self.sin[rows], self.interleaved, chunk_mask, self.nope_query_scale)
 
     @staticmethod
     def at(
@@ -117,7 +140,7 @@ class Rotary:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, heads, T, rot_dim]. Interleaved rotates pairs (2i, 2i+1) and returns them
         de-interleaved; queries and keys get the same permutation, so their dot products are unchanged.
-        Dims past rot_dim (partial rotary, MiniMax-M2) pass through unturned."""
+        Dims past rot_dim (partial rotary: GLM, MiniMax-M2) pass through unrotated."""
         rot_dim = 2 * self.cos.shape[-1]
         if x.shape[-1] > rot_dim:
             return torch.cat([self.apply(x[..., :rot_dim]), x[..., rot_dim:]], dim=-1)
@@ -150,8 +173,12 @@ def attention(
     attend), or None for plain causal attention over T fresh tokens."""
     if spec.attention == "mla":
         q, k, v = _mla_qkv(x, w, spec, rotary)
+    elif spec.family == "llama4_text":
+        q, k, v = _llama4_qkv(x, w, spec, rotary, layer)
     else:
         q, k, v = _gqa_qkv(x, w, spec, rotary)
+    if rotary.chunk_mask is not None and spec.chunked_attention_layers[layer]:
+        mask = rotary.chunk_mask
     if kv is not None:
         k, v = kv.update(layer, k, v)
     window = spec.layer_window(layer)
@@ -253,6 +280,29 @@ def _gqa_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rota
     return rotary.apply(q), rotary.apply(k), v
 
 
+def _llama4_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rotary, layer: int):
+    """Llama 4: RoPE layers rotate then L2-normalise q and k per head; NoPE layers leave them
+    unrotated and scale q by a temperature that grows with the query's slot."""
+    B, T, _ = x.shape
+    q, k, v = linear(x, w.q, w.q_bias), linear(x, w.k, w.k_bias), linear(x, w.v, w.v_bias)
+    q = q.view(B, T, spec.num_heads, spec.head_dim).transpose(1, 2)
+    k = k.view(B, T, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+    v = v.view(B, T, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+    if spec.uses_rope(layer):
+        q, k = rotary.apply(q), rotary.apply(k)
+        if spec.qk_norm == "l2":
+            q, k = l2_norm(q, spec.rms_norm_eps), l2_norm(k, spec.rms_norm_eps)
+    elif rotary.nope_query_scale is not None:
+        q = (q * rotary.nope_query_scale[:, None]).to(q.dtype)
+    return q, k, v
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight over the last dim, in fp32 (Llama 4's qk-norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def _mla_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rotary):
     """Multi-head latent attention (DeepSeek-V2/V3), expanded to per-head keys and values."""
     B, T, _ = x.shape
@@ -294,6 +344,38 @@ def attention_mask(
         allowed = allowed & (q_slot - k_slot < sliding_window)[None]
     allowed = allowed | (k_slot == q_slot)[None]
     return allowed[:, None]
+
+
+def chunked_attention_mask(
+    key_valid: torch.Tensor, start: int, num_new: int, chunk_size: int
+) -> torch.Tensor:
+    """[B, 1, T, S] bool: `attention_mask` restricted to keys in the query's chunk of `chunk_size`
+    positions (Llama 4). Chunks count from each sequence's first real token, as transformers'
+    chunked mask does for left padding."""
+    S = key_valid.shape[1]
+    q_slot = torch.arange(start, start + num_new, device=key_valid.device)[None, :, None]  # [1, T, 1]
+    k_slot = torch.arange(S, device=key_valid.device)[None, None, :]  # [1, 1, S]
+    pads = (key_valid.cumsum(dim=-1) == 0).sum(dim=-1)[:, None, None]  # [B, 1, 1] leading padding
+    same_chunk = (q_slot - pads).div(chunk_size, rounding_mode="floor") == (k_slot - pads).div(
+        chunk_size, rounding_mode="floor"
+    )
+    allowed = (k_slot <= q_slot) & key_valid[:, None, :] & same_chunk  # [B, T, S]
+    return (allowed | (k_slot == q_slot))[:, None]
+
+
+def with_llama4_positions(
+    rotary: Rotary, key_valid: torch.Tensor, start: int, num_new: int, spec: ModelSpec
+) -> Rotary:
+    """`rotary` with Llama 4's chunk mask and NoPE query temperature for one forward writing
+    slots [start, start + num_new). The temperature follows the cache slot, as transformers'
+    does (it counts a left-padded sequence's padding)."""
+    if spec.attention_chunk_size:
+        rotary.chunk_mask = chunked_attention_mask(key_valid, start, num_new, spec.attention_chunk_size)
+    if spec.nope_temperature_floor:
+        slots = torch.arange(start, start + num_new, dtype=torch.float32)
+        scale = torch.log1p(torch.floor((slots + 1.0) / spec.nope_temperature_floor))
+        rotary.nope_query_scale = (scale * spec.nope_temperature_scale + 1.0).to(key_valid.device)
+    return rotary
 
 
 # -- routing and experts ------------------------------------------------------------------------
@@ -379,22 +461,50 @@ def group_tokens_by_expert(expert_ids: torch.Tensor) -> list[ExpertGroup]:
 
 
 def routed_experts(
-    x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor, weights: MoEWeights
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    gate_weights: torch.Tensor,
+    weights: MoEWeights,
+    gate_on_input: bool = False,
 ) -> torch.Tensor:
-    """Sum over each token's experts of gate weight * expert(x); x [N, H] -> [N, H]."""
+    """Sum over each token's experts of gate weight * expert(x) (with gate_on_input, Llama 4's
+    expert(gate weight * x)); x [N, H] -> [N, H]."""
     out = torch.zeros_like(x)
     for g in group_tokens_by_expert(expert_ids):
-        add_expert_output(out, x, g, weights.expert(g.expert), gate_weights)
+        add_expert_output(out, x, g, weights.expert(g.expert), gate_weights, gate_on_input)
     return out
 
 
 def add_expert_output(
-    out: torch.Tensor, x: torch.Tensor, group: ExpertGroup, expert: MLPWeights, gate_weights: torch.Tensor
+    out: torch.Tensor,
+    x: torch.Tensor,
+    group: ExpertGroup,
+    expert: MLPWeights,
+    gate_weights: torch.Tensor,
+    gate_on_input: bool = False,
 ) -> None:
-    """out[tokens] += gate weight * expert(x[tokens]) for the tokens of one expert group (in place)."""
-    add_weighted_rows(
-        out, expert_mlp(x[group.token_index], expert), group.token_index, group.slot_index, gate_weights
+    """out[tokens] += gate weight * expert(x[tokens]) for the tokens of one expert group (in place);
+    with gate_on_input, out[tokens] += expert(gate weight * x[tokens])."""
+    rows, gate_weights = gated_expert_inputs(
+        x, group.token_index, group.slot_index, gate_weights, gate_on_input
     )
+    add_weighted_rows(out, expert_mlp(rows, expert), group.token_index, group.slot_index, gate_weights)
+
+
+def gated_expert_inputs(
+    x: torch.Tensor,
+    token_index: torch.Tensor,
+    slot_index: torch.Tensor,
+    gate_weights: torch.Tensor,
+    gate_on_input: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows x[token_index] [R, H] an expert computes on, the gate weights [N, k] its outputs are
+    summed with). Llama 4 scales the input by the gate weight and sums outputs as they are."""
+    rows = x[token_index]
+    if not gate_on_input:
+        return rows, gate_weights
+    rows = (rows * gate_weights[token_index, slot_index, None]).to(x.dtype)
+    return rows, torch.ones_like(gate_weights)
 
 
 def add_weighted_rows(
@@ -441,7 +551,8 @@ def moe_block(x: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> MoEResult:
     scores = router_scores(x, w, spec)
     expert_ids, gate_weights = select_experts(scores, w, spec)
     applied = applied_gate_weights(gate_weights, x.dtype, spec)
-    out = add_shared_experts(x, routed_experts(x, expert_ids, applied, w), w)
+    routed = routed_experts(x, expert_ids, applied, w, spec.gate_on_expert_input)
+    out = add_shared_experts(x, routed, w)
     return MoEResult(out, expert_ids, gate_weights, scores)
 
 

@@ -19,10 +19,13 @@ SUPPORTED_FAMILIES = (
     "olmoe",
     "deepseek_v2",
     "deepseek_v3",
+    "glm4_moe",
+    "ernie4_5_moe",
+    "llama4_text",
     "gpt_oss",
     "minimax_m2",
 )
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -56,7 +59,7 @@ class ModelSpec:
     v_head_dim: int
     qkv_bias: bool
     o_bias: bool
-    qk_norm: Literal["none", "per_head", "full"]
+    qk_norm: Literal["none", "per_head", "full", "l2"]  # l2: Llama 4's weightless norm, RoPE layers only
     clip_qkv: float | None
     sliding_window: int | None
     rope_theta: float
@@ -91,14 +94,27 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
-    # gpt-oss and MiniMax-M2
-    rotary_dim: int = 0  # leading dims of each q/k head that RoPE turns; 0: the whole head_dim
+    # GLM-4.5, MiniMax-M2: RoPE rotates the leading `rotary_dim` dims of each head (0: all of them)
+    rotary_dim: int = 0
+    # gpt-oss
     layer_windows: tuple[int, ...] = ()  # per layer: sliding window in slots, 0 full; () none
     attention_sinks: bool = False  # a learned per-head logit in the softmax denominator
     router_bias: bool = False
     expert_bias: bool = False  # gate_up and down biases on every routed expert
     swiglu_limit: float | None = None  # clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha g)
     swiglu_alpha: float = 1.0
+    # Llama 4: layers without RoPE (NoPE), whose queries get a temperature that grows with
+    # position: q *= 1 + scale * log1p(floor((slot + 1) / floor)); floor 0: no temperature
+    nope_layers: tuple[bool, ...] = ()
+    nope_temperature_floor: int = 0
+    nope_temperature_scale: float = 0.0
+    # Llama 4: these layers attend only within chunks of `attention_chunk_size` positions
+    chunked_attention_layers: tuple[bool, ...] = ()
+    attention_chunk_size: int = 0
+    gate_on_expert_input: bool = False  # Llama 4 scales an expert's input by the gate, not its output
+
+    def uses_rope(self, layer: int) -> bool:
+        return not (self.nope_layers and self.nope_layers[layer])
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -198,6 +214,12 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
 def spec_from_config(config: dict[str, Any], source: str = "config.json") -> ModelSpec:
     """Normalise one family's config dictionary; `source` names the file in error messages."""
     family = config.get("model_type")
+    if family == "llama4":
+        raise ShunterError(
+            f"{source}: model_type 'llama4' is the multimodal Llama 4 (its text model sits under text_config "
+            "and its tensors under language_model.*); only the text model is supported: a Llama4ForCausalLM "
+            "checkpoint, model_type 'llama4_text'"
+        )
     if family not in SUPPORTED_FAMILIES:
         raise ShunterError(
             f"{source}: model_type {family!r} is not supported; supported families: "
@@ -212,10 +234,11 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
     layers = c.int("num_hidden_layers")
     heads = c.int("num_attention_heads")
     kv_heads = c.int("num_key_value_heads", default=heads)
-    num_experts = c.int_any(("num_local_experts", "num_experts", "n_routed_experts"))
-    top_k = c.int("num_experts_per_tok")
+    num_experts = c.int_any(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+    top_k_field = "moe_k" if family == "ernie4_5_moe" else "num_experts_per_tok"
+    top_k = c.int(top_k_field)
     if not 0 < top_k <= num_experts:
-        raise ShunterError(f"{source}: num_experts_per_tok={top_k} must be between 1 and {num_experts}")
+        raise ShunterError(f"{source}: {top_k_field}={top_k} must be between 1 and {num_experts}")
     if heads % kv_heads:
         raise ShunterError(f"{source}: num_attention_heads={heads} is not a multiple of {kv_heads=}")
 
@@ -238,6 +261,8 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
         rope_factor = float(factor)
         if rope_type == "yarn" and not original:
             raise ShunterError(f"{source}: rope type 'yarn' needs 'original_max_position_embeddings'")
+        if rope_type == "llama3":
+            _check_llama3_rope(rope, source)
 
     eos = config.get("eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
@@ -291,6 +316,12 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
         return _gpt_oss_spec(c, common)
     if family == "minimax_m2":
         return _minimax_m2_spec(c, common)
+    if family == "glm4_moe":
+        return _glm4_moe_spec(c, common)
+    if family == "ernie4_5_moe":
+        return _ernie4_5_moe_spec(c, common)
+    if family == "llama4_text":
+        return _llama4_text_spec(c, common)
 
     head_dim = c.opt("head_dim") or hidden // heads
     sparse_step = c.int("decoder_sparse_step", default=1)
@@ -406,6 +437,188 @@ def _deepseek_spec(c: _Fields, common: dict[str, Any], family: str) -> ModelSpec
         router_correction_bias=family == "deepseek_v3",
         router_in_fp32=True,
         gate_weights_in_model_dtype=False,
+    )
+    return ModelSpec(**common)
+
+
+def _check_llama3_rope(rope: dict[str, Any], source: str) -> None:
+    """Llama 3.1's frequency-dependent scaling (Llama 4 Scout uses it) needs three more numbers."""
+    for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        value = rope.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ShunterError(f"{source}: rope type 'llama3' needs a positive {key!r}, got {value!r}")
+    if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+        raise ShunterError(f"{source}: rope type 'llama3' needs high_freq_factor > low_freq_factor")
+
+
+def _gqa_attention(c: _Fields, common: dict[str, Any], default_head_dim: int | None = None) -> dict[str, Any]:
+    """Grouped-query attention fields shared by GLM-4.5, ERNIE 4.5 and Llama 4."""
+    head_dim = c.int("head_dim", default=default_head_dim or common["hidden_size"] // common["num_heads"])
+    if head_dim == 0 or head_dim % 2:
+        raise ShunterError(f"{c.source}: field 'head_dim' must be a positive even integer, got {head_dim}")
+    return dict(attention="gqa", head_dim=head_dim, v_head_dim=head_dim, attention_scale=head_dim**-0.5)
+
+
+def _glm4_moe_spec(c: _Fields, common: dict[str, Any]) -> ModelSpec:
+    """GLM-4.5/4.6: GQA with partial RoPE, optional qk-norm and q/k/v bias; DeepSeek-V3 routing
+    (sigmoid, correction bias, group-limited top-k) and shared experts after `first_k_dense_replace`."""
+    layers, num_experts = common["num_layers"], common["num_experts"]
+    attention = _gqa_attention(c, common)
+    # transformers keeps the factor in rope_parameters; older configs have it at the top level
+    factor = common["rope_scaling"].get("partial_rotary_factor", c.opt("partial_rotary_factor", 0.5))
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor <= 1:
+        raise ShunterError(f"{c.source}: field 'partial_rotary_factor' must be in (0, 1], got {factor!r}")
+    rotary_dim = int(attention["head_dim"] * factor)
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ShunterError(
+            f"{c.source}: field 'partial_rotary_factor' ({factor}) leaves {rotary_dim} rotary dims of "
+            f"head_dim {attention['head_dim']}; need a positive even number"
+        )
+    n_group, topk_group = c.int("n_group", default=1), c.int("topk_group", default=1)
+    _check_groups(c, num_experts, n_group, topk_group, "n_routed_experts")
+    first_dense = c.int("first_k_dense_replace", default=1)
+    moe_intermediate = c.int("moe_intermediate_size")
+    bias = c.bool("attention_bias", False)
+    common.update(
+        attention,
+        rotary_dim=rotary_dim if rotary_dim < attention["head_dim"] else 0,
+        qkv_bias=bias,
+        o_bias=False,
+        qk_norm="per_head" if c.bool("use_qk_norm", False) else "none",
+        moe_layers=tuple(i >= first_dense for i in range(layers)),
+        dense_intermediate_size=c.int("intermediate_size"),
+        expert_intermediate_size=moe_intermediate,
+        shared_intermediate_size=moe_intermediate * c.int("n_shared_experts", default=1),
+        scoring="sigmoid",
+        topk_method="noaux_tc",
+        norm_topk_prob=c.bool("norm_topk_prob", True),
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=c.positive_float("routed_scaling_factor", 1.0),
+        router_correction_bias=True,
+        router_in_fp32=True,
+        gate_weights_in_model_dtype=False,
+    )
+    return ModelSpec(**common)
+
+
+def _check_groups(c: _Fields, num_experts: int, n_group: int, topk_group: int, experts_field: str) -> None:
+    # noaux_tc scores a group by its two best experts, so a group needs two
+    if n_group == 0 or num_experts % n_group or num_experts // n_group < 2:
+        raise ShunterError(
+            f"{c.source}: field 'n_group' ({n_group}) must divide {experts_field}={num_experts} into groups "
+            "of at least 2 experts"
+        )
+    if not 0 < topk_group <= n_group:
+        raise ShunterError(
+            f"{c.source}: field 'topk_group' ({topk_group}) must be between 1 and n_group={n_group}"
+        )
+
+
+def _ernie4_5_moe_spec(c: _Fields, common: dict[str, Any]) -> ModelSpec:
+    """ERNIE 4.5 MoE: GQA with interleaved RoPE; softmax routing whose top-k is chosen on the
+    probabilities plus a correction bias (weights stay the plain probabilities, renormalised);
+    shared experts; MoE layers from `moe_layer_start_index` to `moe_layer_end_index` every
+    `moe_layer_interval`."""
+    layers = common["num_layers"]
+    if c.bool("use_bias", False):
+        raise ShunterError(
+            f"{c.source}: field 'use_bias' is true: ERNIE 4.5 with biases on every projection is "
+            "not supported"
+        )
+    start, interval = c.int("moe_layer_start_index", default=1), c.int("moe_layer_interval", default=1)
+    end = c.config.get("moe_layer_end_index", -1)
+    if end is None:
+        end = -1
+    if isinstance(end, bool) or not isinstance(end, int) or end < -1:
+        raise ShunterError(f"{c.source}: field 'moe_layer_end_index' must be an integer >= -1, got {end!r}")
+    if interval == 0:
+        raise ShunterError(f"{c.source}: field 'moe_layer_interval' must be a positive integer, got 0")
+    end = layers - 1 if end == -1 else end
+    moe_intermediate = c.int("moe_intermediate_size")
+    common.update(
+        _gqa_attention(c, common),
+        tie_word_embeddings=c.bool("tie_word_embeddings", True),
+        rope_interleaved=True,
+        qkv_bias=False,
+        o_bias=False,
+        qk_norm="none",
+        moe_layers=tuple((i + 1) % interval == 0 and start <= i <= end for i in range(layers)),
+        dense_intermediate_size=c.int("intermediate_size"),
+        expert_intermediate_size=moe_intermediate,
+        shared_intermediate_size=moe_intermediate * c.int("moe_num_shared_experts", default=2),
+        scoring="softmax",
+        topk_method="greedy",
+        norm_topk_prob=True,
+        router_correction_bias=True,
+        router_in_fp32=True,
+        gate_weights_in_model_dtype=True,
+    )
+    return ModelSpec(**common)
+
+
+def _llama4_text_spec(c: _Fields, common: dict[str, Any]) -> ModelSpec:
+    """Llama 4 text: dense and MoE layers interleaved; a shared expert beside top-k experts whose
+    input (not output) is scaled by a sigmoid gate; RoPE layers with L2 qk-norm and chunked
+    attention, NoPE layers with attention temperature tuning. Defaults are transformers'."""
+    layers = common["num_layers"]
+    step = c.int("interleave_moe_layer_step", default=1)
+    if step == 0:
+        raise ShunterError(f"{c.source}: field 'interleave_moe_layer_step' must be a positive integer, got 0")
+    moe_list = c.int_list("moe_layers", layers, upper=layers)
+    moe_layers = set(moe_list) if moe_list is not None else set(range(step - 1, layers, step))
+    rope_flags = c.int_list("no_rope_layers", layers, upper=2, per_layer=True)  # 1: RoPE, 0: NoPE
+    if not rope_flags:
+        interval = c.int("no_rope_layer_interval", default=4)
+        if interval == 0:
+            raise ShunterError(
+                f"{c.source}: field 'no_rope_layer_interval' must be a positive integer, got 0"
+            )
+        rope_flags = [int((i + 1) % interval != 0) for i in range(layers)]
+    chunk = c.opt("attention_chunk_size")
+    if chunk is not None:
+        chunk = c.int("attention_chunk_size")
+    layer_types = c.opt("layer_types")
+    if layer_types is None:
+        layer_types = ["chunked_attention" if r and chunk else "full_attention" for r in rope_flags[:layers]]
+    if (
+        not isinstance(layer_types, list)
+        or len(layer_types) < layers
+        or any(t not in ("chunked_attention", "full_attention") for t in layer_types)
+    ):
+        raise ShunterError(
+            f"{c.source}: field 'layer_types' must list 'chunked_attention' or 'full_attention' for each "
+            f"of the {layers} layers"
+        )
+    chunked = tuple(t == "chunked_attention" for t in layer_types[:layers])
+    if any(chunked) and not chunk:
+        raise ShunterError(
+            f"{c.source}: field 'attention_chunk_size' is missing (layer_types has chunked layers)"
+        )
+    bias = c.bool("attention_bias", False)
+    intermediate = c.int("intermediate_size")
+    tuning = c.bool("attn_temperature_tuning", True)
+    common.update(
+        _gqa_attention(c, common, default_head_dim=128),
+        rope_interleaved=True,
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm="l2" if c.bool("use_qk_norm", True) else "none",
+        nope_layers=tuple(not r for r in rope_flags[:layers]),
+        nope_temperature_floor=c.int("floor_scale", default=8192) if tuning else 0,
+        nope_temperature_scale=c.positive_float("attn_scale", 0.1) if tuning else 0.0,
+        chunked_attention_layers=chunked if any(chunked) else (),
+        attention_chunk_size=(chunk or 0) if any(chunked) else 0,
+        moe_layers=tuple(i in moe_layers for i in range(layers)),
+        dense_intermediate_size=c.int("intermediate_size_mlp") if len(moe_layers) < layers else 0,
+        expert_intermediate_size=intermediate,
+        shared_intermediate_size=intermediate,
+        scoring="sigmoid",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        router_in_fp32=False,
+        gate_weights_in_model_dtype=True,
+        gate_on_expert_input=True,
     )
     return ModelSpec(**common)
 
@@ -564,6 +777,33 @@ class _Fields:
         ):
             raise ShunterError(f"{self.source}: field {key!r} must be a positive number, got {value!r}")
         return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.config.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ShunterError(f"{self.source}: field {key!r} must be true or false, got {value!r}")
+        return value
+
+    def int_list(self, key: str, length: int, upper: int, per_layer: bool = False) -> list[int] | None:
+        """A list of integers in [0, upper) (layer indices, flags); None when absent. A per_layer
+        list that is not empty holds an entry for each of the `length` layers (or more)."""
+        value = self.config.get(key)
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < upper for v in value)
+            or (per_layer and value and len(value) < length)
+        ):
+            what = (
+                f"one integer in [0, {upper}) per layer ({length})"
+                if per_layer
+                else f"integers in [0, {upper})"
+            )
+            raise ShunterError(f"{self.source}: field {key!r} must be a list of {what}, got {value!r}")
+        return value
 
     def int_any(self, keys: tuple[str, ...]) -> int:
         for key in keys:

@@ -128,6 +128,8 @@ class CheckpointLayout:
         legacy = f"model.layers.{layer}.block_sparse_moe."
         if self.spec.family in ("mixtral", "minimax_m2") and legacy + "gate.weight" in self.ckpt:
             return legacy
+        if self.spec.family == "llama4_text":
+            return f"model.layers.{layer}.feed_forward."
         return f"model.layers.{layer}.mlp."
 
     def fused_experts(self, layer: int) -> bool:
@@ -224,6 +226,8 @@ class CheckpointLayout:
         H, eI = s.hidden_size, s.expert_intermediate_size
         if s.family == "gpt_oss":
             return self._gpt_oss_expert(layer, expert, dtype)
+        if s.family == "llama4_text":
+            return self._llama4_expert(layer, expert, dtype)
         if self.fused_experts(layer):
             p = self.moe_prefix(layer) + "experts."
             gate_up = self.read_row(p + "gate_up_proj", (s.num_experts, 2 * eI, H), expert, dtype)
@@ -238,13 +242,17 @@ class CheckpointLayout:
     def moe(self, layer: int, dtype: torch.dtype, with_experts: bool = True) -> MoEWeights:
         """The MoE block of `layer`; with_experts=False leaves the routed experts out (streamed)."""
         s, p = self.spec, self.moe_prefix(layer)
-        H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
-        router_dtype = torch.float32 if s.router_in_fp32 else dtype
         if s.family == "gpt_oss":
             return self._gpt_oss_moe(layer, dtype, with_experts)
-        router = self.read(p + "gate.weight", (E, H), router_dtype)
+        H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
+        router_dtype = torch.float32 if s.router_in_fp32 else dtype
+        router = self.read(
+            p + ("router.weight" if s.family == "llama4_text" else "gate.weight"), (E, H), router_dtype
+        )
         if not with_experts:
             gate_up = down = None
+        elif s.family == "llama4_text":
+            gate_up, down = self._llama4_experts(layer, dtype)
         elif self.fused_experts(layer):
             gate_up = self.read(p + "experts.gate_up_proj", (E, 2 * eI, H), dtype)
             down = self.read(p + "experts.down_proj", (E, H, eI), dtype)
@@ -253,14 +261,17 @@ class CheckpointLayout:
             gate_up = torch.stack([w.gate_up for w in per_expert])
             down = torch.stack([w.down for w in per_expert])
         moe = MoEWeights(router=router, experts_gate_up=gate_up, experts_down=down)
-        if s.router_correction_bias:
+        if s.family == "ernie4_5_moe":
+            moe.correction_bias = self._ernie_correction_bias(layer)
+        elif s.router_correction_bias:
             # MiniMax-M2 keeps the bias beside the gate rather than in it
             bias_name = (
                 "e_score_correction_bias" if s.family == "minimax_m2" else "gate.e_score_correction_bias"
             )
             moe.correction_bias = self.read(p + bias_name, (E,), torch.float32)
         if s.shared_intermediate_size:
-            shared_prefix = p + ("shared_expert." if s.family == "qwen2_moe" else "shared_experts.")
+            single = s.family in ("qwen2_moe", "llama4_text")
+            shared_prefix = p + ("shared_expert." if single else "shared_experts.")
             moe.shared = self.mlp(shared_prefix, s.shared_intermediate_size, dtype)
         if s.shared_expert_gate:
             moe.shared_gate = self.read(p + "shared_expert_gate.weight", (1, H), dtype)
@@ -315,8 +326,36 @@ class CheckpointLayout:
         else:
             if not s.dense_intermediate_size:
                 raise ShunterError(f"config.json: layer {layer} is dense but intermediate_size is missing")
-            weights.mlp = self.mlp(p + "mlp.", s.dense_intermediate_size, dtype)
+            dense_prefix = p + ("feed_forward." if s.family == "llama4_text" else "mlp.")
+            weights.mlp = self.mlp(dense_prefix, s.dense_intermediate_size, dtype)
         return weights
+
+    # -- family layouts -----------------------------------------------------------------------
+    def _llama4_expert(self, layer: int, expert: int, dtype: torch.dtype) -> MLPWeights:
+        """Llama 4 stores experts fused and input-major: gate_up_proj [E, H, 2I], down_proj [E, I, H];
+        one expert's weights are the transposes of its rows (views, no copy)."""
+        s, p = self.spec, self.moe_prefix(layer) + "experts."
+        H, eI = s.hidden_size, s.expert_intermediate_size
+        gate_up = self.read_row(p + "gate_up_proj", (s.num_experts, H, 2 * eI), expert, dtype)
+        down = self.read_row(p + "down_proj", (s.num_experts, eI, H), expert, dtype)
+        return MLPWeights(gate_up.t(), down.t())
+
+    def _llama4_experts(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of a Llama 4 layer's experts as [E, 2I, H] and [E, H, I] (transposed views)."""
+        s, p = self.spec, self.moe_prefix(layer) + "experts."
+        H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
+        gate_up = self.read(p + "gate_up_proj", (E, H, 2 * eI), dtype)
+        down = self.read(p + "down_proj", (E, eI, H), dtype)
+        return gate_up.transpose(1, 2), down.transpose(1, 2)
+
+    def _ernie_correction_bias(self, layer: int) -> torch.Tensor:
+        """ERNIE 4.5's [1, E] bias: under `gate.moe_statics` as transformers names it, or under
+        `moe_statics` in the original (per-expert) checkpoints."""
+        p, E = self.moe_prefix(layer), self.spec.num_experts
+        name = p + "gate.moe_statics.e_score_correction_bias"
+        if name not in self.ckpt and p + "moe_statics.e_score_correction_bias" in self.ckpt:
+            name = p + "moe_statics.e_score_correction_bias"
+        return self.read(name, (1, E), torch.float32).reshape(E)
 
 
 def deinterleave_gate_up(gate_up: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.executor import Batch, KVCache, output_logits
 from shunter.model.layers import (
-    Rotary,
     add_expert_output,
     add_shared_experts,
     applied_gate_weights,
@@ -171,7 +170,7 @@ class OffloadedModel:
             block = streamer.block(layer)
             for first, last in bounds:
                 rows = slice(first, last)
-                part_rotary = Rotary(rotary.cos[rows], rotary.sin[rows], rotary.interleaved)
+                part_rotary = rotary.rows(rows)
                 part_mask = None if mask is None else mask[rows]
                 kv = _RowCache(cache, first, last) if cache is not None else None
                 attn_in = rms_norm(h[rows], block.attn_norm, spec.rms_norm_eps)
@@ -225,7 +224,9 @@ class OffloadedModel:
             order = sorted(groups)
         out = torch.zeros_like(x)
         for e in order:
-            add_expert_output(out, x, groups[e], streamer.expert(layer, e), applied)
+            add_expert_output(
+                out, x, groups[e], streamer.expert(layer, e), applied, spec.gate_on_expert_input
+            )
             streamer.drop_expert(layer, e)
         return add_shared_experts(x, out, moe), ids_np
 

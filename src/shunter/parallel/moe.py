@@ -33,6 +33,7 @@ from shunter.model.layers import (
     add_weighted_rows,
     applied_gate_weights,
     expert_mlp,
+    gated_expert_inputs,
     router_scores,
     select_experts,
 )
@@ -237,8 +238,11 @@ class ExpertParallelMoE:
         token_index, choice_index = order // k, order % k
 
         dispatch_schedule, combine_schedule = self._schedules(rows, x.shape[1] * x.element_size())
+        sent, applied = gated_expert_inputs(
+            x, token_index, choice_index, applied, self.spec.gate_on_expert_input
+        )
         received = exchange(
-            x[token_index], rows, self.strategy, schedule=dispatch_schedule, seed=self.seed,
+            sent, rows, self.strategy, schedule=dispatch_schedule, seed=self.seed,
             group=self.group, links=self.links,
         )  # fmt: skip
         computed = self._run_local_slots(received, slot_counts)
