@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "qwen3_next")
 
 _COMMON = dict(
     vocab_size=96,
@@ -76,6 +76,25 @@ FAMILY_CONFIGS = {
         num_key_value_heads=4,
         routed_scaling_factor=2.5,
     ),
+    # hybrid: Gated DeltaNet (linear) layers around one gated full-attention layer, 2 value heads
+    # per key head, partial RoPE; a shared expert with a sigmoid gate
+    "qwen3_next": dict(
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        intermediate_size=96,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=80,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        partial_rotary_factor=0.5,
+        mlp_only_layers=[1],
+    ),
 }
 
 
@@ -95,6 +114,10 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
         for name, param in model.named_parameters():
             if name.endswith("gate.weight") and "shared_expert_gate" not in name:
                 param.mul_(10.0)
+        if family == "qwen3_next":  # its RMSNorms scale by 1 + w and start at w = 0: test the offset
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(torch.randn_like(param) * 0.2)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn_like(buffer) * 0.1)

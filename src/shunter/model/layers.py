@@ -52,9 +52,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # -- rotary position embedding ------------------------------------------------------------------
 def rope_inverse_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
-    """([rot_dim/2] fp32 inverse frequencies, factor on cos/sin); rot_dim is the head dim (MLA:
-    its rope part). Default, linear (positions divided by `factor`) and YaRN scaling."""
-    rot_dim = spec.qk_rope_head_dim if spec.attention == "mla" else spec.head_dim
+    """([rot_dim/2] fp32 inverse frequencies, factor on cos/sin); rot_dim is `spec.rotary_dim` (the
+    head dim, its partial share, or MLA's rope part). Default, linear (positions divided by
+    `factor`) and YaRN scaling."""
+    rot_dim = spec.rotary_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
     if spec.rope_type == "linear":
         return inv_freq / spec.rope_factor, 1.0
@@ -116,7 +117,11 @@ class Rotary:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, heads, T, rot_dim]. Interleaved rotates pairs (2i, 2i+1) and returns them
-        de-interleaved; queries and keys get the same permutation, so their dot products are unchanged."""
+        de-interleaved; queries and keys get the same permutation, so their dot products are unchanged.
+        With partial rotary (x wider than rot_dim) the dims past rot_dim pass through."""
+        rot_dim = 2 * self.cos.shape[-1]
+        if x.shape[-1] > rot_dim:
+            return torch.cat([self.apply(x[..., :rot_dim]), x[..., rot_dim:]], dim=-1)
         if self.interleaved:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
@@ -144,10 +149,11 @@ def attention(
 ) -> torch.Tensor:
     """Self-attention of x [B, T, H] over the cache plus itself; mask [B, 1, T, S] (True = may
     attend), or None for plain causal attention over T fresh tokens."""
+    output_gate = None
     if spec.attention == "mla":
         q, k, v = _mla_qkv(x, w, spec, rotary)
     else:
-        q, k, v = _gqa_qkv(x, w, spec, rotary)
+        q, k, v, output_gate = _gqa_qkv(x, w, spec, rotary)
     if kv is not None:
         k, v = kv.update(layer, k, v)
     if q.shape[2] == 1:
@@ -164,7 +170,10 @@ def attention(
             enable_gqa=q.shape[1] != k.shape[1],
         )
     B, _, T, _ = out.shape
-    return linear(out.transpose(1, 2).reshape(B, T, -1), w.o, w.o_bias)
+    out = out.transpose(1, 2).reshape(B, T, -1)
+    if output_gate is not None:  # Qwen3-Next's gated attention
+        out = out * torch.sigmoid(output_gate)
+    return linear(out, w.o, w.o_bias)
 
 
 def single_query_attention(
@@ -189,6 +198,10 @@ def single_query_attention(
 def _gqa_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rotary):
     B, T, _ = x.shape
     q, k, v = linear(x, w.q, w.q_bias), linear(x, w.k, w.k_bias), linear(x, w.v, w.v_bias)
+    output_gate = None
+    if spec.attention_output_gate:  # per head: head_dim query columns, then head_dim gate columns
+        q, output_gate = q.view(B, T, spec.num_heads, 2 * spec.head_dim).chunk(2, dim=-1)
+        q, output_gate = q.reshape(B, T, -1), output_gate.reshape(B, T, -1)
     if spec.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
         q, k = rms_norm(q, w.q_norm, spec.rms_norm_eps), rms_norm(k, w.k_norm, spec.rms_norm_eps)
     if spec.clip_qkv is not None:
@@ -199,7 +212,7 @@ def _gqa_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rota
     if spec.qk_norm == "per_head":  # Qwen3 normalises each head
         q, k = rms_norm(q, w.q_norm, spec.rms_norm_eps), rms_norm(k, w.k_norm, spec.rms_norm_eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-    return rotary.apply(q), rotary.apply(k), v
+    return rotary.apply(q), rotary.apply(k), v, output_gate
 
 
 def _mla_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rotary):
