@@ -70,7 +70,7 @@ def tiny_config(family: str) -> dict[str, object]:
     return {**base, "num_attention_heads": 4, "num_key_value_heads": 2, **FAMILY_CONFIGS[family]}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "minimax_m2"])
 def test_shapes_from_a_spec_hold_as_many_kv_bytes_per_token_as_the_runtime_caches(family: str) -> None:
     """Oracle: ModelSpec.kv_bytes_per_token, what the runtime's KV cache holds (qwen3_moe's
     head_dim 32 is not hidden / heads)."""

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "qwen3_next")
+FAMILIES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+    "minimax_m2",
+    "qwen3_next",
+)
 
 _COMMON = dict(
     vocab_size=96,
@@ -76,6 +86,35 @@ FAMILY_CONFIGS = {
         num_key_value_heads=4,
         routed_scaling_factor=2.5,
     ),
+    # sliding, full, sliding layers with a window shorter than the prompts; a SwiGLU limit the
+    # tiny activations reach, so the clamp is exercised; YaRN without truncation, as gpt-oss ships
+    "gpt_oss": dict(
+        intermediate_size=96,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=5,
+        swiglu_limit=0.5,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "rope_theta": 150000.0,
+        },
+    ),
+    # RoPE on half of each head (rotary_dim 8 of head_dim 16)
+    "minimax_m2": dict(
+        intermediate_size=96,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        rotary_dim=8,
+        bos_token_id=None,
+        eos_token_id=None,
+    ),
     # hybrid: Gated DeltaNet (linear) layers around one gated full-attention layer, 2 value heads
     # per key head, partial RoPE; a shared expert with a sigmoid gate
     "qwen3_next": dict(
@@ -112,8 +151,10 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(hf_config(family, **overrides)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("gate.weight") and "shared_expert_gate" not in name:
+            if name.endswith(("gate.weight", "router.weight")) and "shared_expert_gate" not in name:
                 param.mul_(10.0)
+            if name.endswith(("proj_bias", "sinks")):  # gpt-oss initialises these to zero or near it
+                param.copy_(torch.randn_like(param) * 0.5)
         if family == "qwen3_next":  # its RMSNorms scale by 1 + w and start at w = 0: test the offset
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):

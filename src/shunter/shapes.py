@@ -33,6 +33,7 @@ class MoEShapes:
     num_kv_heads: int
     head_dim: int
     gated_experts: bool = True
+    expert_bias: bool = False  # biases on each expert's projections (gpt-oss): 2I + H more elements
     bytes_per_param: int = 2
     bytes_per_activation: int = 2
 
@@ -79,13 +80,17 @@ class MoEShapes:
             num_kv_heads=spec.num_kv_heads,
             head_dim=spec.head_dim,
             gated_experts=True,  # every family shunter.model reads has SwiGLU experts
+            expert_bias=spec.expert_bias,
             bytes_per_param=element if bytes_per_param is None else bytes_per_param,
             bytes_per_activation=element if bytes_per_activation is None else bytes_per_activation,
         )
 
     @property
     def expert_params(self) -> int:
-        return (3 if self.gated_experts else 2) * self.hidden_size * self.expert_intermediate_size
+        H, eI = self.hidden_size, self.expert_intermediate_size
+        return (3 if self.gated_experts else 2) * H * eI + (
+            (1 + self.gated_experts) * eI + H
+        ) * self.expert_bias
 
     @property
     def expert_bytes(self) -> int:

@@ -166,7 +166,7 @@ def test_a_replicated_plan_splits_a_replicated_experts_tokens_and_matches_single
         assert np.all(slot_rows[:, columns].sum(axis=0) > 0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "qwen3_next"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss", "minimax_m2", "qwen3_next"])
 def test_families_with_shared_experts_and_group_routing(tiny_checkpoint, family):
     model = tiny_checkpoint(family)
     result = torchrun(2, "shunter.parallel.check", str(model), "--json", "--tokens", "6,3")

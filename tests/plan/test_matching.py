@@ -1,4 +1,5 @@
-"""Matchings: Hopcroft–Karp and the bottleneck matching against brute force."""
+"""Matchings: Hopcroft–Karp (scipy's and the Python reference) and the bottleneck matching
+against brute force."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from shunter.plan.matching import (
     bottleneck_matching_brute_force,
     bottleneck_perfect_matching,
     hopcroft_karp,
+    maximum_matching,
     maximum_matching_size_brute_force,
 )
 
@@ -35,10 +37,11 @@ def cost_matrices(draw: st.DrawFn, max_n: int = 7) -> np.ndarray:
 
 
 @settings(max_examples=150, deadline=None)
-@given(bipartite_graphs())
-def test_hopcroft_karp_finds_a_maximum_matching(adjacency: np.ndarray) -> None:
-    """Oracle: the largest matching found by trying every injective assignment."""
-    match = hopcroft_karp(adjacency)
+@given(bipartite_graphs(), st.sampled_from([hopcroft_karp, maximum_matching]))
+def test_hopcroft_karp_finds_a_maximum_matching(adjacency: np.ndarray, matching) -> None:
+    """Oracle: the largest matching found by trying every injective assignment (both the compiled
+    matching and the Python reference)."""
+    match = matching(adjacency)
     matched = np.flatnonzero(match != UNMATCHED)
     assert all(adjacency[u, match[u]] for u in matched)
     assert len(set(match[matched].tolist())) == matched.size  # no right vertex used twice
@@ -51,6 +54,7 @@ def test_bottleneck_matching_equals_brute_force_for_n_up_to_7(cost: np.ndarray) 
     """Oracle: the smallest largest cost over all n! permutations."""
     fast = bottleneck_perfect_matching(cost)
     reference = bottleneck_matching_brute_force(cost)
+    assert bottleneck_perfect_matching(cost, reference=True).bottleneck == reference.bottleneck
     n = cost.shape[0]
     assert sorted(fast.right_of_left.tolist()) == list(range(n))  # a perfect matching
     assert fast.bottleneck == reference.bottleneck

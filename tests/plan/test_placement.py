@@ -128,13 +128,14 @@ def test_case4_heuristic_is_never_better_than_brute_force(seed: int) -> None:
 
 @pytest.mark.slow
 def test_case4_heuristic_gap_to_brute_force_report() -> None:
-    """Report (200 random instances, n <= 6): the heuristic with local search is within 1.03 of
-    the brute-force optimum on average (Aurora's two stages alone: 1.07 in the paper)."""
-    report = colocated_gap_report(instances=200, seed=0)
+    """Report (200 random instances, n <= 6): the heuristic with local search and random starts is
+    within 1.03 of the brute-force optimum at worst (Aurora's two stages alone: 1.07 on average in
+    the paper), and the random starts never make it worse than the one-start search."""
+    report = colocated_gap_report(instances=200, seed=0, max_devices=6)
     print(
         f"\ncase 4 gap over {report.instances}: mean {report.mean_gap:.4f}, worst {report.worst_gap:.4f}; "
-        f"two stages only: mean {report.mean_gap_two_stage_only:.4f}, "
-        f"worst {report.worst_gap_two_stage_only:.4f}"
+        f"one start: worst {report.worst_gap_one_start:.4f}; two stages only: mean "
+        f"{report.mean_gap_two_stage_only:.4f}, worst {report.worst_gap_two_stage_only:.4f}"
     )
-    assert report.mean_gap <= 1.03
-    assert report.mean_gap <= report.mean_gap_two_stage_only
+    assert report.worst_gap <= 1.03
+    assert report.mean_gap <= report.mean_gap_one_start <= report.mean_gap_two_stage_only

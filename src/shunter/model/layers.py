@@ -52,10 +52,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # -- rotary position embedding ------------------------------------------------------------------
 def rope_inverse_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
-    """([rot_dim/2] fp32 inverse frequencies, factor on cos/sin); rot_dim is `spec.rotary_dim` (the
-    head dim, its partial share, or MLA's rope part). Default, linear (positions divided by
-    `factor`) and YaRN scaling."""
-    rot_dim = spec.rotary_dim
+    """([rot_dim/2] fp32 inverse frequencies, factor on cos/sin); rot_dim is the head dim (MLA:
+    its rope part). Default, linear (positions divided by `factor`) and YaRN scaling."""
+    rot_dim = spec.qk_rope_head_dim if spec.attention == "mla" else (spec.rotary_dim or spec.head_dim)
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
     if spec.rope_type == "linear":
         return inv_freq / spec.rope_factor, 1.0
@@ -118,7 +117,7 @@ class Rotary:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, heads, T, rot_dim]. Interleaved rotates pairs (2i, 2i+1) and returns them
         de-interleaved; queries and keys get the same permutation, so their dot products are unchanged.
-        With partial rotary (x wider than rot_dim) the dims past rot_dim pass through."""
+        Dims past rot_dim (partial rotary, MiniMax-M2) pass through unturned."""
         rot_dim = 2 * self.cos.shape[-1]
         if x.shape[-1] > rot_dim:
             return torch.cat([self.apply(x[..., :rot_dim]), x[..., rot_dim:]], dim=-1)
@@ -156,7 +155,12 @@ def attention(
         q, k, v, output_gate = _gqa_qkv(x, w, spec, rotary)
     if kv is not None:
         k, v = kv.update(layer, k, v)
-    if q.shape[2] == 1:
+    window = spec.layer_window(layer)
+    if window is not None:
+        k, v, mask = keys_in_window(k, v, mask, q.shape[2], window)
+    if w.sinks is not None:
+        out = attention_with_sinks(q, k, v, mask, spec.attention_scale, w.sinks)
+    elif q.shape[2] == 1:
         out = single_query_attention(q, k, v, mask, spec.attention_scale)
     else:
         # mask None: a fresh causal prefill without padding, where the kernel can skip masked blocks
@@ -193,6 +197,48 @@ def single_query_attention(
         scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return (probs @ v).reshape(B, heads, 1, v.shape[-1])
+
+
+def keys_in_window(
+    k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, num_new: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cached keys/values [B, kv_heads, S, d] a sliding layer's last `num_new` queries can reach
+    (slots S - num_new - window + 1 on; a decode step reads `window` slots, not S) and the mask
+    [B, 1, T, S'] over them, with the window applied: query slot q sees key slot s if q - s < window."""
+    S = k.shape[2]
+    first = max(0, S - num_new - window + 1)
+    q_slot = torch.arange(S - num_new, S, device=k.device)[:, None]
+    k_slot = torch.arange(first, S, device=k.device)[None, :]
+    allowed = ((k_slot <= q_slot) & (q_slot - k_slot < window))[None, None]
+    mask = allowed.expand(k.shape[0], 1, num_new, S - first) if mask is None else mask[..., first:] & allowed
+    return k[:, :, first:], v[:, :, first:], mask
+
+
+def attention_with_sinks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    sinks: torch.Tensor,
+) -> torch.Tensor:
+    """Attention whose softmax denominator also holds exp(sink) of the query's head (gpt-oss): a
+    head may attend to nothing. q [B, heads, T, d], k [B, kv_heads, S, d], v [B, kv_heads, S, dv],
+    mask [B or 1, 1, T, S] (None: causal, the T queries being the last T slots), sinks [heads]
+    -> [B, heads, T, dv]. The query heads of each KV group are stacked as rows, as in
+    `single_query_attention`, so the cache is never repeated per head."""
+    B, heads, T, d = q.shape
+    kv_heads, S = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scores = (q.reshape(B, kv_heads, group * T, d) @ k.transpose(-1, -2)) * scale
+    scores = scores.view(B, kv_heads, group, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    sink = sinks.view(1, kv_heads, group, 1, 1).expand(B, kv_heads, group, T, 1).to(scores.dtype)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1]
+    out = probs.to(v.dtype).view(B, kv_heads, group * T, S) @ v
+    return out.view(B, heads, T, v.shape[-1])
 
 
 def _gqa_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rotary):
@@ -264,7 +310,7 @@ def router_scores(x: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> torch.Tens
     if spec.router_in_fp32:
         logits = F.linear(x.float(), w.router.float())
     else:
-        logits = F.linear(x, w.router).float()
+        logits = F.linear(x, w.router, w.router_bias).float()
     return logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
 
 
@@ -297,12 +343,26 @@ def select_experts(scores: torch.Tensor, w: MoEWeights, spec: ModelSpec) -> tupl
 
 
 def expert_mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
-    """SwiGLU MLP: down(silu(gate x) * up x) for x [n, H]."""
+    """SwiGLU MLP: down(silu(gate x) * up x) for x [n, H]; with `swiglu_limit` (gpt-oss) the
+    clamped form `clamped_swiglu`, and biases where the weights carry them."""
     if w.up is None:
-        gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
+        gate, up = linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
     else:
+        assert w.gate_up_bias is None, "a biased gate/up is stored joined"
         gate, up = linear(x, w.gate_up), linear(x, w.up)
-    return linear(F.silu(gate) * up, w.down)
+    if w.swiglu_limit is not None:
+        hidden = clamped_swiglu(gate, up, w.swiglu_limit, w.swiglu_alpha)
+    else:
+        hidden = F.silu(gate) * up
+    return linear(hidden, w.down, w.down_bias)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's gated activation: gate clamped above at `limit`, up to [-limit, limit], then
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 @dataclass

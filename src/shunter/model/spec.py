@@ -19,6 +19,8 @@ SUPPORTED_FAMILIES = (
     "olmoe",
     "deepseek_v2",
     "deepseek_v3",
+    "gpt_oss",
+    "minimax_m2",
     "qwen3_next",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
@@ -90,6 +92,14 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    # gpt-oss and MiniMax-M2
+    rotary_dim: int = 0  # leading dims of each q/k head that RoPE turns; 0: the whole head_dim
+    layer_windows: tuple[int, ...] = ()  # per layer: sliding window in slots, 0 full; () none
+    attention_sinks: bool = False  # a learned per-head logit in the softmax denominator
+    router_bias: bool = False
+    expert_bias: bool = False  # gate_up and down biases on every routed expert
+    swiglu_limit: float | None = None  # clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha g)
+    swiglu_alpha: float = 1.0
     # hybrid attention (Qwen3-Next): Gated DeltaNet layers hold a fixed-size state instead of KV
     linear_attention_layers: tuple[bool, ...] = ()  # empty: every layer is full attention
     linear_num_key_heads: int = 0
@@ -98,7 +108,6 @@ class ModelSpec:
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0  # causal conv1d width over q, k, v
     attention_output_gate: bool = False  # q_proj also yields a per-head sigmoid gate on the output
-    partial_rotary_factor: float = 1.0  # share of the (GQA) head dim that RoPE rotates
     zero_centred_norms: bool = False  # RMSNorm scales by 1 + w (folded into the weights on load)
 
     @property
@@ -139,13 +148,6 @@ class ModelSpec:
         return self.num_layers - sum(self.linear_attention_layers)
 
     @property
-    def rotary_dim(self) -> int:
-        """Dims of each query/key head that RoPE rotates (MLA: its rope part)."""
-        if self.attention == "mla":
-            return self.qk_rope_head_dim
-        return int(self.head_dim * self.partial_rotary_factor)
-
-    @property
     def linear_conv_dim(self) -> int:
         """Channels of a linear-attention layer's causal conv: q and k (key heads) and v (value heads)."""
         return 2 * self.linear_num_key_heads * self.linear_key_head_dim + (
@@ -165,12 +167,27 @@ class ModelSpec:
         kv = sequences * context_tokens * self.kv_bytes_per_token(element_bytes) * self.num_kv_layers
         return kv + sequences * self.linear_state_bytes_per_sequence(element_bytes)
 
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer` when it slides on its own (gpt-oss `layer_types`), else None
+        (the model-wide `sliding_window`, if any, is already in the batch's mask)."""
+        return (self.layer_windows[layer] or None) if self.layer_windows else None
+
+    def mean_attended_tokens(self, context_tokens: float) -> float:
+        """Cached tokens one decode step's attention reads, averaged over the layers: a sliding
+        layer reads at most its window of the cache."""
+        if not self.layer_windows:
+            return float(context_tokens)
+        return sum(min(context_tokens, w) if w else context_tokens for w in self.layer_windows) / len(
+            self.layer_windows
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def expert_parameters(self) -> int:
-        """Elements of one routed expert (gate, up, down)."""
-        return 3 * self.hidden_size * self.expert_intermediate_size
+        """Elements of one routed expert (gate, up, down, and their biases where the family has them)."""
+        H, eI = self.hidden_size, self.expert_intermediate_size
+        return 3 * H * eI + (2 * eI + H) * self.expert_bias
 
     def block_parameters(self, layer: int) -> int:
         """Elements of everything in `layer` except its routed experts: norms, attention, router,
@@ -193,9 +210,10 @@ class ModelSpec:
                 else (q_out + kv_out) * (self.qk_norm == "full")
             )
         if not self.is_linear_attention(layer):
-            attention += heads * self.v_head_dim * H + H * self.o_bias
+            attention += heads * self.v_head_dim * H + H * self.o_bias + heads * self.attention_sinks
         if self.moe_layers[layer]:
-            ffn = self.num_experts * (H + self.router_correction_bias) + 3 * H * self.shared_intermediate_size
+            router = H + self.router_correction_bias + self.router_bias
+            ffn = self.num_experts * router + 3 * H * self.shared_intermediate_size
             ffn += H * self.shared_expert_gate
         else:
             ffn = 3 * H * self.dense_intermediate_size
@@ -235,6 +253,7 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
             f"{source}: model_type {family!r} is not supported; supported families: "
             + ", ".join(SUPPORTED_FAMILIES)
         )
+    refuse_quantized(config, source)
     c = _Fields(config, source)
     if c.opt("hidden_act", "silu") != "silu":
         raise ShunterError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
@@ -318,6 +337,10 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
 
     if family in ("deepseek_v2", "deepseek_v3"):
         return _deepseek_spec(c, common, family)
+    if family == "gpt_oss":
+        return _gpt_oss_spec(c, common)
+    if family == "minimax_m2":
+        return _minimax_m2_spec(c, common)
 
     head_dim = c.opt("head_dim") or hidden // heads
     sparse_step = c.int("decoder_sparse_step", default=1)
@@ -439,7 +462,7 @@ def _hybrid_attention_fields(c: _Fields, layers: int, head_dim: int, rope: dict[
         linear_value_head_dim=positive("linear_value_head_dim"),
         linear_conv_kernel=positive("linear_conv_kernel_dim"),
         attention_output_gate=True,
-        partial_rotary_factor=float(factor),
+        rotary_dim=int(head_dim * factor),
         zero_centred_norms=True,
     )
 
@@ -500,6 +523,114 @@ def _deepseek_spec(c: _Fields, common: dict[str, Any], family: str) -> ModelSpec
         gate_weights_in_model_dtype=False,
     )
     return ModelSpec(**common)
+
+
+GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gpt_oss_spec(c: _Fields, common: dict[str, Any]) -> ModelSpec:
+    """OpenAI gpt-oss: attention sinks, sliding and full layers alternating as `layer_types` says,
+    biases everywhere, softmax over the top-k router logits (equal to renormalising the top-k
+    of the full softmax), clamped SwiGLU experts stored fused."""
+    layers, head_dim = common["num_layers"], c.int("head_dim")
+    layer_types = c.opt("layer_types")
+    if layer_types is None:  # transformers' default: even layers slide, odd layers attend fully
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if (
+        not isinstance(layer_types, list)
+        or len(layer_types) != layers
+        or any(t not in GPT_OSS_LAYER_TYPES for t in layer_types)
+    ):
+        raise ShunterError(
+            f"{c.source}: field 'layer_types' must list {layers} entries (one per layer), each one of "
+            f"{', '.join(GPT_OSS_LAYER_TYPES)}; got {layer_types!r}"
+        )
+    window = c.int("sliding_window") if "sliding_attention" in layer_types else 0
+    if "sliding_attention" in layer_types and window < 1:
+        raise ShunterError(f"{c.source}: field 'sliding_window' must be at least 1, got {window}")
+    bias = bool(c.opt("attention_bias", True))
+    common.update(
+        attention="gqa",
+        head_dim=head_dim,
+        v_head_dim=head_dim,
+        attention_scale=float(head_dim) ** -0.5,
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm="none",
+        moe_layers=(True,) * layers,
+        dense_intermediate_size=0,
+        expert_intermediate_size=c.int("intermediate_size"),
+        norm_topk_prob=True,
+        gate_weights_in_model_dtype=True,
+        layer_windows=tuple(window if t == "sliding_attention" else 0 for t in layer_types),
+        attention_sinks=True,
+        router_bias=True,
+        expert_bias=True,
+        swiglu_limit=c.positive_float("swiglu_limit", 7.0),
+        swiglu_alpha=c.positive_float("swiglu_alpha", 1.702),
+    )
+    return ModelSpec(**common)
+
+
+def _minimax_m2_spec(c: _Fields, common: dict[str, Any]) -> ModelSpec:
+    """MiniMax-M2: sigmoid router scores with a selection-only correction bias, top-k renormalised;
+    RMSNorm over the whole q and k projections; RoPE on the first `rotary_dim` dims of each head."""
+    head_dim = c.int("head_dim")
+    scoring = c.opt("scoring_func", "sigmoid")
+    if scoring != "sigmoid":
+        raise ShunterError(
+            f"{c.source}: field 'scoring_func' must be 'sigmoid' for minimax_m2, got {scoring!r}"
+        )
+    if c.opt("rotary_dim") is not None:
+        rotary_dim = c.int("rotary_dim")
+    else:  # transformers writes it as a fraction of the head
+        factor = common["rope_scaling"].get("partial_rotary_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor <= 1:
+            raise ShunterError(
+                f"{c.source}: field 'partial_rotary_factor' must be a number in (0, 1], got {factor!r}"
+            )
+        rotary_dim = int(head_dim * factor)
+    if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+        raise ShunterError(
+            f"{c.source}: field 'rotary_dim' must be an even number of dims in (0, head_dim={head_dim}], "
+            f"got {rotary_dim}"
+        )
+    common.update(
+        attention="gqa",
+        head_dim=head_dim,
+        v_head_dim=head_dim,
+        attention_scale=float(head_dim) ** -0.5,
+        qkv_bias=False,
+        o_bias=False,
+        qk_norm="full",
+        rotary_dim=rotary_dim,
+        moe_layers=(True,) * common["num_layers"],
+        dense_intermediate_size=0,
+        expert_intermediate_size=c.int("intermediate_size"),
+        scoring="sigmoid",
+        norm_topk_prob=True,
+        router_correction_bias=True,
+        gate_weights_in_model_dtype=False,
+    )
+    return ModelSpec(**common)
+
+
+def refuse_quantized(config: dict[str, Any], source: str) -> None:
+    """One line for a checkpoint whose weights are quantised: Shunter reads no quantised layout yet."""
+    quantization = config.get("quantization_config")
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method == "mxfp4":
+        raise ShunterError(
+            f"{source}: quantization_config quant_method 'mxfp4' (MXFP4 experts) is not read yet; "
+            "dequantise with transformers first: AutoModelForCausalLM.from_pretrained(path, "
+            "quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16).save_pretrained(new_dir)"
+        )
+    raise ShunterError(
+        f"{source}: quantization_config quant_method {method!r} is not read yet; save the model "
+        "dequantised (bfloat16) with transformers and load that directory"
+    )
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

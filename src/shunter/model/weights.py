@@ -38,6 +38,7 @@ class AttentionWeights:
     kv_a: torch.Tensor | None = None  # [kv_lora_rank + rope_dim, H]
     kv_a_norm: torch.Tensor | None = None
     kv_b: torch.Tensor | None = None  # [heads*(nope + v_head_dim), kv_lora_rank]
+    sinks: torch.Tensor | None = None  # [heads] gpt-oss attention sinks (logits)
 
 
 @dataclass
@@ -63,6 +64,10 @@ class MLPWeights:
     gate_up: torch.Tensor  # [2I, H]: rows [0, I) gate, [I, 2I) up; [I, H], the gate alone, with `up`
     down: torch.Tensor  # [H, I]
     up: torch.Tensor | None = None  # [I, H]
+    gate_up_bias: torch.Tensor | None = None  # [2I], gpt-oss
+    down_bias: torch.Tensor | None = None  # [H], gpt-oss
+    swiglu_limit: float | None = None  # clamped SwiGLU (gpt-oss); see layers.clamped_swiglu
+    swiglu_alpha: float = 1.0
 
 
 @dataclass
@@ -75,6 +80,11 @@ class MoEWeights:
     correction_bias: torch.Tensor | None = None  # [E] fp32, DeepSeek-V3
     shared: MLPWeights | None = None
     shared_gate: torch.Tensor | None = None  # [1, H], Qwen2-MoE
+    router_bias: torch.Tensor | None = None  # [E], gpt-oss
+    experts_gate_up_bias: torch.Tensor | None = None  # [E, 2I], gpt-oss
+    experts_down_bias: torch.Tensor | None = None  # [E, H], gpt-oss
+    swiglu_limit: float | None = None  # the experts' clamped SwiGLU (gpt-oss)
+    swiglu_alpha: float = 1.0
 
     packed_experts: list[MLPWeights] | None = None  # per-expert prepacked weights (fast CPU path)
 
@@ -82,7 +92,14 @@ class MoEWeights:
         if self.packed_experts is not None:
             return self.packed_experts[e]
         assert self.experts_gate_up is not None and self.experts_down is not None, "experts are streamed"
-        return MLPWeights(self.experts_gate_up[e], self.experts_down[e])
+        return MLPWeights(
+            self.experts_gate_up[e],
+            self.experts_down[e],
+            gate_up_bias=None if self.experts_gate_up_bias is None else self.experts_gate_up_bias[e],
+            down_bias=None if self.experts_down_bias is None else self.experts_down_bias[e],
+            swiglu_limit=self.swiglu_limit,
+            swiglu_alpha=self.swiglu_alpha,
+        )
 
 
 @dataclass
@@ -123,7 +140,7 @@ class CheckpointLayout:
     def moe_prefix(self, layer: int) -> str:
         # Mixtral's original layout names the block `block_sparse_moe`; the fused one names it `mlp`.
         legacy = f"model.layers.{layer}.block_sparse_moe."
-        if self.spec.family == "mixtral" and legacy + "gate.weight" in self.ckpt:
+        if self.spec.family in ("mixtral", "minimax_m2") and legacy + "gate.weight" in self.ckpt:
             return legacy
         return f"model.layers.{layer}.mlp."
 
@@ -133,7 +150,7 @@ class CheckpointLayout:
     def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
         """Per-expert layout: names of (gate, up, down) weights."""
         p = f"{self.moe_prefix(layer)}experts.{expert}."
-        if self.spec.family == "mixtral":
+        if self.spec.family in ("mixtral", "minimax_m2"):
             return p + "w1.weight", p + "w3.weight", p + "w2.weight"
         return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
 
@@ -213,6 +230,8 @@ class CheckpointLayout:
         w.o = self.read(p + "o_proj.weight", (H, o_in), dtype)
         if s.o_bias:
             w.o_bias = self.read(p + "o_proj.bias", (H,), dtype)
+        if s.attention_sinks:
+            w.sinks = self.read(p + "sinks", (s.num_heads,), dtype)
         return w
 
     def linear_attention(self, layer: int, dtype: torch.dtype) -> LinearAttentionWeights:
@@ -241,6 +260,8 @@ class CheckpointLayout:
         """One routed expert's weights, from either layout."""
         s = self.spec
         H, eI = s.hidden_size, s.expert_intermediate_size
+        if s.family == "gpt_oss":
+            return self._gpt_oss_expert(layer, expert, dtype)
         if self.fused_experts(layer):
             p = self.moe_prefix(layer) + "experts."
             gate_up = self.read_row(p + "gate_up_proj", (s.num_experts, 2 * eI, H), expert, dtype)
@@ -257,6 +278,8 @@ class CheckpointLayout:
         s, p = self.spec, self.moe_prefix(layer)
         H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
         router_dtype = torch.float32 if s.router_in_fp32 else dtype
+        if s.family == "gpt_oss":
+            return self._gpt_oss_moe(layer, dtype, with_experts)
         router = self.read(p + "gate.weight", (E, H), router_dtype)
         if not with_experts:
             gate_up = down = None
@@ -269,13 +292,54 @@ class CheckpointLayout:
             down = torch.stack([w.down for w in per_expert])
         moe = MoEWeights(router=router, experts_gate_up=gate_up, experts_down=down)
         if s.router_correction_bias:
-            moe.correction_bias = self.read(p + "gate.e_score_correction_bias", (E,), torch.float32)
+            # MiniMax-M2 keeps the bias beside the gate rather than in it
+            bias_name = (
+                "e_score_correction_bias" if s.family == "minimax_m2" else "gate.e_score_correction_bias"
+            )
+            moe.correction_bias = self.read(p + bias_name, (E,), torch.float32)
         if s.shared_intermediate_size:
             one_shared = s.family in ("qwen2_moe", "qwen3_next")
             shared_prefix = p + ("shared_expert." if one_shared else "shared_experts.")
             moe.shared = self.mlp(shared_prefix, s.shared_intermediate_size, dtype)
         if s.shared_expert_gate:
             moe.shared_gate = self.read(p + "shared_expert_gate.weight", (1, H), dtype)
+        return moe
+
+    # -- gpt-oss: experts stored fused and transposed, gate and up interleaved, with biases ----------
+    def _gpt_oss_expert(self, layer: int, expert: int, dtype: torch.dtype) -> MLPWeights:
+        s, p = self.spec, self.moe_prefix(layer) + "experts."
+        H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
+        gate_up = self.read_row(p + "gate_up_proj", (E, H, 2 * eI), expert, dtype)
+        gate_up_bias = self.read_row(p + "gate_up_proj_bias", (E, 2 * eI), expert, dtype)
+        down = self.read_row(p + "down_proj", (E, eI, H), expert, dtype)
+        return MLPWeights(
+            gate_up=deinterleave_gate_up(gate_up.transpose(-1, -2)),
+            down=down.transpose(-1, -2).contiguous(),
+            gate_up_bias=deinterleave_gate_up(gate_up_bias[:, None])[:, 0],
+            down_bias=self.read_row(p + "down_proj_bias", (E, H), expert, dtype),
+            swiglu_limit=s.swiglu_limit,
+            swiglu_alpha=s.swiglu_alpha,
+        )
+
+    def _gpt_oss_moe(self, layer: int, dtype: torch.dtype, with_experts: bool) -> MoEWeights:
+        s, p = self.spec, self.moe_prefix(layer)
+        H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
+        moe = MoEWeights(
+            router=self.read(p + "router.weight", (E, H), dtype),
+            router_bias=self.read(p + "router.bias", (E,), dtype),
+            experts_gate_up=None,
+            experts_down=None,
+            swiglu_limit=s.swiglu_limit,
+            swiglu_alpha=s.swiglu_alpha,
+        )
+        if with_experts:
+            gate_up = self.read(p + "experts.gate_up_proj", (E, H, 2 * eI), dtype)
+            down = self.read(p + "experts.down_proj", (E, eI, H), dtype)
+            moe.experts_gate_up = deinterleave_gate_up(gate_up.transpose(-1, -2))
+            moe.experts_down = down.transpose(-1, -2).contiguous()
+            bias = self.read(p + "experts.gate_up_proj_bias", (E, 2 * eI), dtype)
+            moe.experts_gate_up_bias = deinterleave_gate_up(bias[..., None])[..., 0]
+            moe.experts_down_bias = self.read(p + "experts.down_proj_bias", (E, H), dtype)
         return moe
 
     def layer(self, layer: int, dtype: torch.dtype, with_experts: bool = True) -> LayerWeights:
@@ -296,6 +360,12 @@ class CheckpointLayout:
                 raise ShunterError(f"config.json: layer {layer} is dense but intermediate_size is missing")
             weights.mlp = self.mlp(p + "mlp.", s.dense_intermediate_size, dtype)
         return weights
+
+
+def deinterleave_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I, H] with gate and up rows interleaved (gate at even rows, up at odd: gpt-oss) ->
+    [..., 2I, H] with the gate rows first, the layout `expert_mlp` splits in halves (a copy)."""
+    return torch.cat([gate_up[..., 0::2, :], gate_up[..., 1::2, :]], dim=-2).contiguous()
 
 
 def load_weights(spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype) -> ModelWeights:
@@ -324,6 +394,8 @@ def map_tensors(weights, fn: Callable[[torch.Tensor], torch.Tensor]):
     None fields stay None. Where weights live is the caller's business: this moves them."""
     if isinstance(weights, torch.Tensor):
         return fn(weights)
+    if isinstance(weights, float):  # an activation's constant (gpt-oss's SwiGLU limit) stays
+        return weights
     if isinstance(weights, list):
         return [map_tensors(w, fn) for w in weights]
     if dataclasses.is_dataclass(weights):
@@ -347,10 +419,7 @@ def pack_layer(layer: LayerWeights, pack: Callable[[torch.Tensor], torch.Tensor]
             pack_mlp(mlp, pack)
     moe = layer.moe
     if moe is not None and moe.experts_gate_up is not None and moe.experts_down is not None:
-        moe.packed_experts = [
-            pack_mlp(MLPWeights(moe.experts_gate_up[e], moe.experts_down[e]), pack)
-            for e in range(moe.experts_gate_up.shape[0])
-        ]
+        moe.packed_experts = [pack_mlp(moe.expert(e), pack) for e in range(moe.experts_gate_up.shape[0])]
         moe.experts_gate_up = moe.experts_down = None  # the packed copies replace them
     return layer
 

@@ -76,8 +76,10 @@ def pipeline_times(
         raise ValueError(f"expert_share must be [{E}] non-negative shares, got shape {share.shape}")
     share = share / share.sum()
     tokens = batch_size  # decode: one new token per sequence
+    # sliding-window layers (gpt-oss) read only their window of the cache
+    attended = spec.mean_attended_tokens(context_tokens)
     attention_s_per_token = (
-        profile.attention_s_per_token + profile.attention_s_per_token_per_context_token * context_tokens
+        profile.attention_s_per_token + profile.attention_s_per_token_per_context_token * attended
     )
     element = profile.element_bytes
     return PipelineTimes(

@@ -180,6 +180,14 @@ def moe_layers(spec: ModelSpec) -> list[int]:
     return layers
 
 
+def timed_layer(spec: ModelSpec) -> int:
+    """The MoE layer the profile times: the first that attends over its whole cache, so the per
+    cached token slope is a full layer's (the planner scales it by `ModelSpec.mean_attended_tokens`
+    for models whose sliding layers read only their window, gpt-oss)."""
+    layers = moe_layers(spec)
+    return next((layer for layer in layers if spec.layer_window(layer) is None), layers[0])
+
+
 @torch.inference_mode()
 def _profile_contexts(spec: ModelSpec) -> tuple[int, ...]:
     return tuple(min(c, spec.max_position_embeddings - 1) for c in PROFILE_CONTEXT_TOKENS)
@@ -206,7 +214,7 @@ def _attention_s_per_token(
 def attention_now_s(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, batch_size: int) -> float:
     """A spot check of the profile: attention at the shortest profiled context, timed now."""
     checkpoint = Checkpoint(model_dir)
-    layer = moe_layers(spec)[0]
+    layer = timed_layer(spec)
     weights = _RandomWeights(spec, checkpoint).layer(layer, dtype, with_experts=False)
     return _attention_s_per_token(spec, weights, layer, dtype, batch_size, _profile_contexts(spec)[0])
 
@@ -221,8 +229,9 @@ def measured_while_busy(profile: MachineProfile, attention_now: float, context: 
 
 
 def measure_compute(spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype, batch_size: int) -> dict:
-    """The compute fields of a MachineProfile, timed on random weights of the model's first MoE layer."""
-    layer = moe_layers(spec)[0]
+    """The compute fields of a MachineProfile, timed on random weights of the model's first MoE layer
+    (that attends over its whole cache, see `timed_layer`)."""
+    layer = timed_layer(spec)
     weights = _RandomWeights(spec, checkpoint).layer(layer, dtype, with_experts=False)
     assert weights.moe is not None
     H, b = spec.hidden_size, batch_size

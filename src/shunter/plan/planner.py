@@ -40,7 +40,7 @@ from shunter.plan.replication import (
     max_over_mean_load,
     plan_lina_layer,
 )
-from shunter.plan.schedule import Schedule, schedule_all_to_all
+from shunter.plan.schedule import DEFAULT_MAX_LANES, Schedule, schedule_all_to_all
 from shunter.plan.traffic import combine_traffic, dispatch_traffic, tokens_per_device
 from shunter.shapes import MIXTRAL_8X7B
 from shunter.trace.routing_trace import RoutingTrace
@@ -62,7 +62,7 @@ class PlanOptions:
     replicate: bool = False
     path_length: int = 3
     max_experts_per_device: int | None = None
-    max_lanes_per_device: int = 16
+    max_lanes_per_device: int = DEFAULT_MAX_LANES
     baselines: bool = True
     seed: int = 0
 
@@ -108,7 +108,7 @@ def plan_all_to_all(
     *,
     baselines: bool = True,
     seed: int = 0,
-    max_lanes_per_device: int = 16,
+    max_lanes_per_device: int = DEFAULT_MAX_LANES,
 ) -> AllToAllPlan:
     """Schedule one all-to-all and, with baselines, simulate the three transports without a plan."""
     schedule = schedule_all_to_all(traffic_bytes, bandwidth_bytes_s, max_lanes_per_device)

@@ -114,8 +114,10 @@ def heterogeneous_report(cases: int = 1000, seed: int = 0, max_devices: int = 32
 @dataclass(frozen=True)
 class ColocatedGapReport:
     instances: int
-    mean_gap: float  # heuristic with local search / optimum
+    mean_gap: float  # heuristic with local search from the two-stage start and random starts / optimum
     worst_gap: float
+    mean_gap_one_start: float  # local search from the two-stage start only
+    worst_gap_one_start: float
     mean_gap_two_stage_only: float  # Aurora's heuristic without the local search
     worst_gap_two_stage_only: float
     optimal_fraction: float  # instances where the heuristic (with local search) is optimal
@@ -141,16 +143,20 @@ def random_colocated_instance(rng: np.random.Generator, max_devices: int = 6) ->
     return ColocatedInstance(send_a, recv_a, flops_a, send_b, recv_b, flops_b, bandwidth, compute)
 
 
-def colocated_gap_report(instances: int = 200, seed: int = 0, max_devices: int = 6) -> ColocatedGapReport:
+def colocated_gap_report(instances: int = 1000, seed: int = 0, max_devices: int = 7) -> ColocatedGapReport:
     """Average and worst ratio of the case-4 heuristic's bottleneck time to the brute-force optimum."""
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    gaps, plain_gaps = [], []
+    gaps, one_start_gaps, plain_gaps = [], [], []
     for _ in range(instances):
         instance = random_colocated_instance(rng, max_devices)
         _, optimum = place_colocated_brute_force(instance)
-        for improve, out in ((True, gaps), (False, plain_gaps)):
-            colocation = place_colocated_heterogeneous(instance, improve=improve)
+        for options, out in (
+            ({}, gaps),
+            ({"restarts": 0}, one_start_gaps),
+            ({"improve": False}, plain_gaps),
+        ):
+            colocation = place_colocated_heterogeneous(instance, **options)
             partner = _partner_of_a(colocation.device_of_a, colocation.device_of_b)
             out.append(instance.largest_time_s(partner, colocation.device_of_a) / optimum)
     gaps_array = np.array(gaps)
@@ -158,6 +164,8 @@ def colocated_gap_report(instances: int = 200, seed: int = 0, max_devices: int =
         instances=instances,
         mean_gap=float(gaps_array.mean()),
         worst_gap=float(gaps_array.max()),
+        mean_gap_one_start=float(np.mean(one_start_gaps)),
+        worst_gap_one_start=float(np.max(one_start_gaps)),
         mean_gap_two_stage_only=float(np.mean(plain_gaps)),
         worst_gap_two_stage_only=float(np.max(plain_gaps)),
         optimal_fraction=float(np.mean(gaps_array <= 1 + 1e-9)),
@@ -330,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m shunter.reproduce.planner_figures", description=__doc__.split("\n")[0]
     )
     parser.add_argument("experiment", choices=["heterogeneous", "colocated", "replication", "timing"])
-    parser.add_argument("--cases", type=int, help="random cases (heterogeneous: 1000, colocated: 200)")
+    parser.add_argument("--cases", type=int, help="random cases (heterogeneous: 1000, colocated: 1000)")
+    parser.add_argument("--max-devices", type=int, default=7, help="colocated: n drawn in 2..this (<= 7)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--devices", type=int, default=256, help="timing: devices")
     parser.add_argument("--experts", type=int, default=256, help="timing: experts")
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment == "heterogeneous":
         result: object = asdict(heterogeneous_report(args.cases or 1000, args.seed))
     elif args.experiment == "colocated":
-        result = asdict(colocated_gap_report(args.cases or 200, args.seed))
+        result = asdict(colocated_gap_report(args.cases or 1000, args.seed, args.max_devices))
     elif args.experiment == "replication":
         result = [asdict(row) for row in replication_report(args.seed)]
     else:
