@@ -81,7 +81,10 @@ def test_shapes_from_a_spec_hold_as_many_kv_bytes_per_token_as_the_runtime_cache
     assert shapes.expert_params == spec.expert_parameters()
 
 
-@pytest.mark.parametrize(("family", "what"), [("qwen2_moe", "shared experts"), ("deepseek_v3", "mla")])
+@pytest.mark.parametrize(
+    ("family", "what"),
+    [("qwen2_moe", "shared experts"), ("deepseek_v3", "mla"), ("qwen3_next", "linear attention")],
+)
 def test_shapes_refuse_a_model_they_cannot_describe(family: str, what: str) -> None:
     """Oracle: MoEShapes has grouped-query attention and routed experts only; an estimate that drops
     Qwen2-MoE's shared experts or DeepSeek's latent attention would be silently wrong."""

@@ -18,6 +18,7 @@ FAMILIES = (
     "llama4_text",
     "gpt_oss",
     "minimax_m2",
+    "qwen3_next",
 )
 
 _COMMON = dict(
@@ -157,6 +158,25 @@ FAMILY_CONFIGS = {
         bos_token_id=None,
         eos_token_id=None,
     ),
+    # hybrid: Gated DeltaNet (linear) layers around one gated full-attention layer, 2 value heads
+    # per key head, partial RoPE; a shared expert with a sigmoid gate
+    "qwen3_next": dict(
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        intermediate_size=96,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=80,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        partial_rotary_factor=0.5,
+        mlp_only_layers=[1],
+    ),
 }
 
 
@@ -181,6 +201,10 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
                 param.copy_(torch.randn_like(param) * 0.5)
             if name.endswith("e_score_correction_bias"):  # ERNIE 4.5 keeps it as a parameter
                 param.copy_(torch.randn_like(param) * 0.1)
+        if family == "qwen3_next":  # its RMSNorms scale by 1 + w and start at w = 0: test the offset
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(torch.randn_like(param) * 0.2)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn_like(buffer) * 0.1)

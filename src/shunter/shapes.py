@@ -50,12 +50,18 @@ class MoEShapes:
         Bytes per parameter and per activation default to the checkpoint dtype's. num_layers counts
         the MoE layers only: the simulator has no dense layers, norms, embeddings or LM head, and
         no attention biases or sliding window. ShunterError for what the shapes cannot hold:
-        multi-head latent attention (DeepSeek) and shared experts (Qwen2-MoE).
+        multi-head latent attention (DeepSeek), linear attention (Qwen3-Next) and shared experts
+        (Qwen2-MoE).
         """
         if spec.attention != "gqa":
             raise ShunterError(
                 f"{spec.name}: {spec.attention} attention has no MoEShapes (the simulator models "
                 "grouped-query attention only)"
+            )
+        if spec.linear_attention_layers and any(spec.linear_attention_layers):
+            raise ShunterError(
+                f"{spec.name}: linear attention layers (Gated DeltaNet) have no MoEShapes (the simulator "
+                "models grouped-query attention only)"
             )
         if spec.shared_intermediate_size:
             raise ShunterError(

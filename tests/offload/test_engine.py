@@ -273,3 +273,51 @@ def test_prefetch_takes_the_whole_layer_once_the_tokens_touch_every_expert(tiny_
         assert model.prefetch_count(first_all - 1) == K and model.prefetch_count(first_all) == E
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("family", ["qwen3_next"])
+def test_streamed_expert_choices_equal_the_reference_router(tiny_checkpoint, family):
+    """Oracle: transformers' router top-k on a padded two-prompt batch, recorded through the offload
+    engine under a budget that streams experts (two micro-batches, so linear-attention states and
+    KV rows are split between them)."""
+    from transformers import AutoModelForCausalLM
+
+    from shunter.model import Batch
+    from shunter.model.generate import left_pad
+    from shunter.trace import RoutingRecorder
+
+    path = tiny_checkpoint(family)
+    prompts = PROMPTS[:2]
+    tokens, pads = left_pad(prompts)
+    P = tokens.shape[1]
+    valid = torch.arange(P)[None, :] >= pads[:, None]
+    positions = (torch.arange(P)[None, :] - pads[:, None]).clamp(min=0)
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    chosen: list[torch.Tensor] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out: chosen.append(out[2].detach().clone()))
+        for module in reference.modules()
+        if type(module).__name__.lower().endswith("topkrouter")
+    ]
+    with torch.no_grad():
+        expected_logits = reference(
+            input_ids=tokens, attention_mask=valid.long(), position_ids=positions
+        ).logits
+    for hook in hooks:
+        hook.remove()
+
+    model = load_offloaded(path, TIGHT, options=PipelineOptions(2, "hot"), sequences=2, max_slots=64)
+    try:
+        moe_layers = [i for i, moe in enumerate(model.spec.moe_layers) if moe]
+        recorder = RoutingRecorder(moe_layers, model.spec.num_experts)
+        logits = model.forward(Batch(tokens, positions, valid, 0), recorder=recorder)
+        assert model.streamer.expert_loads > 0
+    finally:
+        model.close()
+    assert (logits - expected_logits)[valid].abs().max().item() <= 1e-4
+    trace = recorder.trace()
+    assert len(chosen) == len(moe_layers) == trace.num_layers
+    for layer, reference_ids in enumerate(chosen):
+        expected = reference_ids[valid.reshape(-1)].sort(dim=-1).values
+        actual = torch.from_numpy(trace.expert_ids[layer]).long().sort(dim=-1).values
+        assert torch.equal(actual, expected), f"MoE layer {moe_layers[layer]}"

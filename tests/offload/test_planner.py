@@ -205,9 +205,10 @@ def test_profile_cache_round_trips_and_re_measures_a_corrupt_file(tiny_checkpoin
     assert profile_cache_path(spec, path, torch.float32) != cache_file
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "llama4_text"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "llama4_text", "qwen3_next"])
 def test_a_real_profile_is_sane(tiny_checkpoint, family):
-    """MLA attention and shared experts go through the same runtime functions as Mixtral's."""
+    """MLA attention, shared experts and linear attention (qwen3_next's first MoE layer) go
+    through the same runtime functions as Mixtral's."""
     import torch
 
     path = tiny_checkpoint(family)

@@ -168,7 +168,16 @@ def test_a_replicated_plan_splits_a_replicated_experts_tokens_and_matches_single
 
 @pytest.mark.parametrize(
     "family",
-    ["qwen2_moe", "deepseek_v3", "gpt_oss", "minimax_m2", "glm4_moe", "ernie4_5_moe", "llama4_text"],
+    [
+        "qwen2_moe",
+        "deepseek_v3",
+        "gpt_oss",
+        "minimax_m2",
+        "glm4_moe",
+        "ernie4_5_moe",
+        "llama4_text",
+        "qwen3_next",
+    ],
 )
 def test_families_with_shared_experts_and_group_routing(tiny_checkpoint, family):
     model = tiny_checkpoint(family)

@@ -20,13 +20,15 @@ from shunter.model.layers import (
     with_llama4_positions,
 )
 from shunter.model.layers import rope_inverse_frequencies as _inv_freq
+from shunter.model.linear_attention import LinearAttentionState, linear_attention
 from shunter.model.spec import ModelSpec
-from shunter.model.weights import LayerWeights, ModelWeights
+from shunter.model.weights import LayerWeights, LinearAttentionWeights, ModelWeights
 from shunter.trace.routing_trace import RoutingRecorder
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [B, kv_heads, max_slots, d] each.
+    """Preallocated keys/values for every attention layer: [B, kv_heads, max_slots, d] each; a
+    linear-attention layer holds its fixed-size state instead (`linear_states`, per sequence).
 
     All sequences of a batch share one write position (prompts are left-padded to a common
     length), so `update` writes one slice and `advance` moves the position once per forward.
@@ -36,13 +38,18 @@ class KVCache:
         # MLA caches expanded per-head keys and values: more memory, no re-expansion per step.
         kv_heads = spec.num_heads if spec.attention == "mla" else spec.num_kv_heads
         k_dim, v_dim = spec.kv_dims
+        linear = [spec.is_linear_attention(i) for i in range(spec.num_layers)]
         self.keys = [
-            torch.zeros(batch, kv_heads, max_slots, k_dim, dtype=dtype, device=device)
-            for _ in range(spec.num_layers)
+            None if linear[i] else torch.zeros(batch, kv_heads, max_slots, k_dim, dtype=dtype, device=device)
+            for i in range(spec.num_layers)
         ]
         self.values = [
-            torch.zeros(batch, kv_heads, max_slots, v_dim, dtype=dtype, device=device)
-            for _ in range(spec.num_layers)
+            None if linear[i] else torch.zeros(batch, kv_heads, max_slots, v_dim, dtype=dtype, device=device)
+            for i in range(spec.num_layers)
+        ]
+        self.linear_states = [
+            LinearAttentionState.zeros(spec, batch, dtype, device) if linear[i] else None
+            for i in range(spec.num_layers)
         ]
         self.length = 0
         self.max_slots = max_slots
@@ -59,6 +66,17 @@ class KVCache:
 
     def advance(self, num_new: int) -> None:
         self.length += num_new
+
+    def linear_state(self, layer: int, rows: slice = slice(None)) -> LinearAttentionState:
+        state = self.linear_states[layer]
+        assert state is not None, f"layer {layer} is not a linear-attention layer"
+        return LinearAttentionState(state.conv[rows], state.recurrent[rows])
+
+    def store_linear_state(self, layer: int, new: LinearAttentionState, rows: slice = slice(None)) -> None:
+        state = self.linear_states[layer]
+        assert state is not None, f"layer {layer} is not a linear-attention layer"
+        state.conv[rows] = new.conv
+        state.recurrent[rows] = new.recurrent
 
 
 @dataclass
@@ -78,6 +96,11 @@ class Batch:
     def new_valid(self) -> torch.Tensor:
         """[B*T] bool: which of this forward's tokens are real."""
         return self.key_valid[:, self.start : self.start + self.tokens.shape[1]].reshape(-1)
+
+    @property
+    def new_valid_rows(self) -> torch.Tensor:
+        """[B, T] bool: `new_valid` per sequence."""
+        return self.key_valid[:, self.start : self.start + self.tokens.shape[1]]
 
     def attention_inputs(
         self, spec: ModelSpec, inv_freq: torch.Tensor, rope_factor: float, dtype: torch.dtype
@@ -109,6 +132,23 @@ def output_logits(
 MoEObserver = Callable[[int, MoEResult], None]
 
 
+def token_mixer(
+    x: torch.Tensor,
+    weights: LayerWeights,
+    spec: ModelSpec,
+    layer: int,
+    rotary: Rotary,
+    mask: torch.Tensor | None,
+    cache: KVCache | None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The layer's attention on x [B, T, H] (normed): softmax attention over the KV cache, or
+    Gated DeltaNet over the layer's state in the cache; valid [B, T] marks the real tokens."""
+    if isinstance(weights.attention, LinearAttentionWeights):
+        return linear_attention(x, weights.attention, spec, cache, layer, valid)
+    return attention(x, weights.attention, spec, rotary, mask, cache, layer)
+
+
 def decoder_layer(
     h: torch.Tensor,
     weights: LayerWeights,
@@ -118,11 +158,13 @@ def decoder_layer(
     mask: torch.Tensor | None,
     cache: KVCache | None,
     observe_moe: MoEObserver | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One pre-norm decoder layer on h [B, T, H]: attention then the (sparse or dense) feed-forward.
-    `observe_moe(layer, result)` sees each sparse layer's routing (tracing, load-balancing losses)."""
+    `observe_moe(layer, result)` sees each sparse layer's routing (tracing, load-balancing losses).
+    valid [B, T] marks real tokens (linear attention keeps padding out of its state); None: all."""
     attn_in = rms_norm(h, weights.attn_norm, spec.rms_norm_eps)
-    h = h + attention(attn_in, weights.attention, spec, rotary, mask, cache, layer)
+    h = h + token_mixer(attn_in, weights, spec, layer, rotary, mask, cache, valid)
     x = rms_norm(h, weights.mlp_norm, spec.rms_norm_eps)
     B, T, H = x.shape
     if weights.moe is not None:
@@ -163,7 +205,7 @@ class InMemoryModel:
         if recorder is not None:
             observe = lambda layer, moe: recorder.record(layer, moe.expert_ids, moe.gate_weights, keep)
         for i, layer_weights in enumerate(w.layers):
-            h = decoder_layer(h, layer_weights, spec, i, rotary, mask, cache, observe)
+            h = decoder_layer(h, layer_weights, spec, i, rotary, mask, cache, observe, batch.new_valid_rows)
         if cache is not None:
             cache.advance(T)
         return output_logits(h, w.final_norm, w.lm_head, spec, last_only)

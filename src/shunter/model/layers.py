@@ -171,12 +171,13 @@ def attention(
 ) -> torch.Tensor:
     """Self-attention of x [B, T, H] over the cache plus itself; mask [B, 1, T, S] (True = may
     attend), or None for plain causal attention over T fresh tokens."""
+    output_gate = None
     if spec.attention == "mla":
         q, k, v = _mla_qkv(x, w, spec, rotary)
     elif spec.family == "llama4_text":
         q, k, v = _llama4_qkv(x, w, spec, rotary, layer)
     else:
-        q, k, v = _gqa_qkv(x, w, spec, rotary)
+        q, k, v, output_gate = _gqa_qkv(x, w, spec, rotary)
     if rotary.chunk_mask is not None and spec.chunked_attention_layers[layer]:
         mask = rotary.chunk_mask
     if kv is not None:
@@ -200,7 +201,10 @@ def attention(
             enable_gqa=q.shape[1] != k.shape[1],
         )
     B, _, T, _ = out.shape
-    return linear(out.transpose(1, 2).reshape(B, T, -1), w.o, w.o_bias)
+    out = out.transpose(1, 2).reshape(B, T, -1)
+    if output_gate is not None:  # Qwen3-Next's gated attention
+        out = out * torch.sigmoid(output_gate)
+    return linear(out, w.o, w.o_bias)
 
 
 def single_query_attention(
@@ -267,6 +271,10 @@ def attention_with_sinks(
 def _gqa_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rotary):
     B, T, _ = x.shape
     q, k, v = linear(x, w.q, w.q_bias), linear(x, w.k, w.k_bias), linear(x, w.v, w.v_bias)
+    output_gate = None
+    if spec.attention_output_gate:  # per head: head_dim query columns, then head_dim gate columns
+        q, output_gate = q.view(B, T, spec.num_heads, 2 * spec.head_dim).chunk(2, dim=-1)
+        q, output_gate = q.reshape(B, T, -1), output_gate.reshape(B, T, -1)
     if spec.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
         q, k = rms_norm(q, w.q_norm, spec.rms_norm_eps), rms_norm(k, w.k_norm, spec.rms_norm_eps)
     if spec.clip_qkv is not None:
@@ -277,7 +285,7 @@ def _gqa_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rota
     if spec.qk_norm == "per_head":  # Qwen3 normalises each head
         q, k = rms_norm(q, w.q_norm, spec.rms_norm_eps), rms_norm(k, w.k_norm, spec.rms_norm_eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-    return rotary.apply(q), rotary.apply(k), v
+    return rotary.apply(q), rotary.apply(k), v, output_gate
 
 
 def _llama4_qkv(x: torch.Tensor, w: AttentionWeights, spec: ModelSpec, rotary: Rotary, layer: int):

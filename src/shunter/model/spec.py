@@ -24,6 +24,7 @@ SUPPORTED_FAMILIES = (
     "llama4_text",
     "gpt_oss",
     "minimax_m2",
+    "qwen3_next",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
@@ -116,6 +117,16 @@ class ModelSpec:
     def uses_rope(self, layer: int) -> bool:
         return not (self.nope_layers and self.nope_layers[layer])
 
+    # hybrid attention (Qwen3-Next): Gated DeltaNet layers hold a fixed-size state instead of KV
+    linear_attention_layers: tuple[bool, ...] = ()  # empty: every layer is full attention
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0  # causal conv1d width over q, k, v
+    attention_output_gate: bool = False  # q_proj also yields a per-head sigmoid gate on the output
+    zero_centred_norms: bool = False  # RMSNorm scales by 1 + w (folded into the weights on load)
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
@@ -145,6 +156,34 @@ class ModelSpec:
         k_dim, v_dim = self.kv_dims
         return self.cached_kv_heads * (k_dim + v_dim) * element_bytes
 
+    def is_linear_attention(self, layer: int) -> bool:
+        return bool(self.linear_attention_layers) and self.linear_attention_layers[layer]
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers whose cache grows per token (full attention); linear-attention layers hold a state."""
+        return self.num_layers - sum(self.linear_attention_layers)
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """Channels of a linear-attention layer's causal conv: q and k (key heads) and v (value heads)."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + (
+            self.linear_num_value_heads * self.linear_value_head_dim
+        )
+
+    def linear_state_bytes_per_sequence(self, element_bytes: int) -> int:
+        """Bytes of one sequence's state summed over the linear-attention layers: the conv's last
+        kernel-1 inputs in the compute dtype and the fp32 recurrent state [value heads, dk, dv]."""
+        conv = self.linear_conv_dim * (self.linear_conv_kernel - 1) * element_bytes
+        recurrent = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4
+        return sum(self.linear_attention_layers) * (conv + recurrent)
+
+    def cache_bytes(self, sequences: int, context_tokens: int, element_bytes: int) -> int:
+        """What the runtime's cache holds for `sequences` of `context_tokens` slots: keys and values
+        at the full-attention layers plus the fixed-size state of the linear-attention layers."""
+        kv = sequences * context_tokens * self.kv_bytes_per_token(element_bytes) * self.num_kv_layers
+        return kv + sequences * self.linear_state_bytes_per_sequence(element_bytes)
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of `layer` when it slides on its own (gpt-oss `layer_types`), else None
         (the model-wide `sliding_window`, if any, is already in the batch's mask)."""
@@ -171,20 +210,24 @@ class ModelSpec:
         """Elements of everything in `layer` except its routed experts: norms, attention, router,
         shared experts, or the dense MLP of a dense layer."""
         H, heads = self.hidden_size, self.num_heads
-        if self.attention == "mla":
+        if self.is_linear_attention(layer):
+            attention = self._linear_attention_parameters()
+        elif self.attention == "mla":
             q_out = heads * self.head_dim
             q = self.q_lora_rank * (H + q_out + 1) if self.q_lora_rank else H * q_out
             attention = q + H * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
             attention += self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
         else:
             q_out, kv_out = heads * self.head_dim, self.num_kv_heads * self.head_dim
-            attention = H * (q_out + 2 * kv_out) + (q_out + 2 * kv_out) * self.qkv_bias
+            q_proj_out = q_out * (2 if self.attention_output_gate else 1)
+            attention = H * (q_proj_out + 2 * kv_out) + (q_proj_out + 2 * kv_out) * self.qkv_bias
             attention += (
                 2 * self.head_dim
                 if self.qk_norm == "per_head"
                 else (q_out + kv_out) * (self.qk_norm == "full")
             )
-        attention += heads * self.v_head_dim * H + H * self.o_bias + heads * self.attention_sinks
+        if not self.is_linear_attention(layer):
+            attention += heads * self.v_head_dim * H + H * self.o_bias + heads * self.attention_sinks
         if self.moe_layers[layer]:
             router = H + self.router_correction_bias + self.router_bias
             ffn = self.num_experts * router + 3 * H * self.shared_intermediate_size
@@ -192,6 +235,14 @@ class ModelSpec:
         else:
             ffn = 3 * H * self.dense_intermediate_size
         return 2 * H + attention + ffn
+
+    def _linear_attention_parameters(self) -> int:
+        """in_proj_qkvz, in_proj_ba, conv1d, dt_bias, A_log, the gated norm and out_proj."""
+        H, value_dim = self.hidden_size, self.linear_num_value_heads * self.linear_value_head_dim
+        qkvz = H * (2 * self.linear_num_key_heads * self.linear_key_head_dim + 2 * value_dim)
+        ba_dt_a = H * 2 * self.linear_num_value_heads + 2 * self.linear_num_value_heads
+        conv = self.linear_conv_dim * self.linear_conv_kernel
+        return qkvz + ba_dt_a + conv + self.linear_value_head_dim + value_dim * H
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
@@ -370,6 +421,18 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
             o_bias=bias,
             qk_norm="per_head",
         )
+    elif family == "qwen3_next":
+        bias = bool(c.opt("attention_bias", False))
+        shared = c.int("shared_expert_intermediate_size")
+        common.update(
+            expert_intermediate_size=c.int("moe_intermediate_size"),
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm="per_head",
+            shared_intermediate_size=shared,
+            shared_expert_gate=shared > 0,
+            **_hybrid_attention_fields(c, layers, int(head_dim), rope),
+        )
     else:  # olmoe
         bias = bool(c.opt("attention_bias", False))
         clip = c.opt("clip_qkv")
@@ -381,6 +444,59 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
             clip_qkv=float(clip) if clip is not None else None,
         )
     return ModelSpec(**common)
+
+
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+def _hybrid_attention_fields(c: _Fields, layers: int, head_dim: int, rope: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-Next: which layers are Gated DeltaNet (linear) attention, their sizes, and the full
+    attention's output gate, partial RoPE and zero-centred norms."""
+    types = c.config.get("layer_types")
+    if types is None:
+        # transformers' default: every `full_attention_interval`-th layer is full attention
+        interval = c.int("full_attention_interval", default=4)
+        if interval == 0:
+            raise ShunterError(f"{c.source}: field 'full_attention_interval' must be positive, got 0")
+        linear = tuple((i + 1) % interval != 0 for i in range(layers))
+    elif not isinstance(types, list) or len(types) != layers or any(t not in LAYER_TYPES for t in types):
+        raise ShunterError(
+            f"{c.source}: field 'layer_types' must list {' or '.join(map(repr, LAYER_TYPES))} for each "
+            f"of the {layers} layers, got {types!r}"
+        )
+    else:
+        linear = tuple(t == "linear_attention" for t in types)
+
+    def positive(key: str) -> int:
+        value = c.int(key)
+        if value == 0:
+            raise ShunterError(f"{c.source}: field {key!r} must be a positive integer, got 0")
+        return value
+
+    key_heads, value_heads = positive("linear_num_key_heads"), positive("linear_num_value_heads")
+    if value_heads % key_heads:
+        raise ShunterError(
+            f"{c.source}: linear_num_value_heads={value_heads} is not a multiple of "
+            f"linear_num_key_heads={key_heads}"
+        )
+    factor = rope.get("partial_rotary_factor", c.config.get("partial_rotary_factor", 0.25))
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor <= 1:
+        raise ShunterError(f"{c.source}: field 'partial_rotary_factor' must be in (0, 1], got {factor!r}")
+    if int(head_dim * factor) % 2:
+        raise ShunterError(
+            f"{c.source}: partial_rotary_factor={factor} rotates an odd number of dims of head_dim={head_dim}"
+        )
+    return dict(
+        linear_attention_layers=linear,
+        linear_num_key_heads=key_heads,
+        linear_num_value_heads=value_heads,
+        linear_key_head_dim=positive("linear_key_head_dim"),
+        linear_value_head_dim=positive("linear_value_head_dim"),
+        linear_conv_kernel=positive("linear_conv_kernel_dim"),
+        attention_output_gate=True,
+        rotary_dim=int(head_dim * factor),
+        zero_centred_norms=True,
+    )
 
 
 def _deepseek_spec(c: _Fields, common: dict[str, Any], family: str) -> ModelSpec:

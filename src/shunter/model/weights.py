@@ -42,6 +42,20 @@ class AttentionWeights:
 
 
 @dataclass
+class LinearAttentionWeights:
+    """One Gated DeltaNet (linear attention) layer as transformers stores it (`linear_attn.*`);
+    the math is in shunter.model.linear_attention."""
+
+    in_proj_qkvz: torch.Tensor  # [2 nk dk + 2 nv dv, H]; rows grouped per key head: q, k, v, z
+    in_proj_ba: torch.Tensor  # [2 nv, H]; rows grouped per key head: b, a
+    conv: torch.Tensor  # [C, K] depthwise causal conv over q, k, v channels
+    dt_bias: torch.Tensor  # [nv]
+    A_log: torch.Tensor  # [nv] log of the decay rate
+    norm: torch.Tensor  # [dv] gated RMSNorm scale (plain, not zero-centred)
+    out: torch.Tensor  # [H, nv dv]
+
+
+@dataclass
 class MLPWeights:
     """A SwiGLU MLP: gate and up fused into one matrix so one matmul computes both, or, when `up`
     is given, kept apart (weights streamed from a checkpoint that stores them apart: joining them
@@ -91,7 +105,7 @@ class MoEWeights:
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor
-    attention: AttentionWeights
+    attention: AttentionWeights | LinearAttentionWeights
     mlp_norm: torch.Tensor
     moe: MoEWeights | None = None
     mlp: MLPWeights | None = None  # dense layers
@@ -164,7 +178,14 @@ class CheckpointLayout:
         return self.read("model.embed_tokens.weight", (s.vocab_size, s.hidden_size), dtype)
 
     def final_norm(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.read("model.norm.weight", (self.spec.hidden_size,), dtype)
+        return self.norm("model.norm.weight", self.spec.hidden_size, dtype)
+
+    def norm(self, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """An RMSNorm scale [size]; a zero-centred one (Qwen3-Next scales by 1 + w) gets its 1 added
+        here, in fp32 as the family computes it, so every norm is rms_norm(x, weight)."""
+        if not self.spec.zero_centred_norms:
+            return self.read(name, (size,), dtype)
+        return (1.0 + self.read(name, (size,), torch.float32)).to(dtype)
 
     def lm_head(self, dtype: torch.dtype, embed: torch.Tensor | None = None) -> torch.Tensor:
         s = self.spec
@@ -178,6 +199,8 @@ class CheckpointLayout:
         w = AttentionWeights()
         if s.attention == "gqa":
             q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+            if s.attention_output_gate:  # each head's query rows, then its gate rows
+                q_out *= 2
             w.q = self.read(p + "q_proj.weight", (q_out, H), dtype)
             w.k = self.read(p + "k_proj.weight", (kv_out, H), dtype)
             w.v = self.read(p + "v_proj.weight", (kv_out, H), dtype)
@@ -186,8 +209,8 @@ class CheckpointLayout:
                 w.k_bias = self.read(p + "k_proj.bias", (kv_out,), dtype)
                 w.v_bias = self.read(p + "v_proj.bias", (kv_out,), dtype)
             if s.qk_norm == "per_head":
-                w.q_norm = self.read(p + "q_norm.weight", (s.head_dim,), dtype)
-                w.k_norm = self.read(p + "k_norm.weight", (s.head_dim,), dtype)
+                w.q_norm = self.norm(p + "q_norm.weight", s.head_dim, dtype)
+                w.k_norm = self.norm(p + "k_norm.weight", s.head_dim, dtype)
             elif s.qk_norm == "full":
                 w.q_norm = self.read(p + "q_norm.weight", (q_out,), dtype)
                 w.k_norm = self.read(p + "k_norm.weight", (kv_out,), dtype)
@@ -212,6 +235,21 @@ class CheckpointLayout:
         if s.attention_sinks:
             w.sinks = self.read(p + "sinks", (s.num_heads,), dtype)
         return w
+
+    def linear_attention(self, layer: int, dtype: torch.dtype) -> LinearAttentionWeights:
+        s, p = self.spec, self.layer_prefix(layer) + "linear_attn."
+        H, nk, nv = s.hidden_size, s.linear_num_key_heads, s.linear_num_value_heads
+        key_dim, value_dim = nk * s.linear_key_head_dim, nv * s.linear_value_head_dim
+        conv = self.read(p + "conv1d.weight", (s.linear_conv_dim, 1, s.linear_conv_kernel), dtype)
+        return LinearAttentionWeights(
+            in_proj_qkvz=self.read(p + "in_proj_qkvz.weight", (2 * key_dim + 2 * value_dim, H), dtype),
+            in_proj_ba=self.read(p + "in_proj_ba.weight", (2 * nv, H), dtype),
+            conv=conv.squeeze(1),
+            dt_bias=self.read(p + "dt_bias", (nv,), dtype),
+            A_log=self.read(p + "A_log", (nv,), dtype),
+            norm=self.read(p + "norm.weight", (s.linear_value_head_dim,), dtype),
+            out=self.read(p + "out_proj.weight", (H, value_dim), dtype),
+        )
 
     def mlp(self, prefix: str, intermediate: int, dtype: torch.dtype) -> MLPWeights:
         H = self.spec.hidden_size
@@ -270,8 +308,8 @@ class CheckpointLayout:
             )
             moe.correction_bias = self.read(p + bias_name, (E,), torch.float32)
         if s.shared_intermediate_size:
-            single = s.family in ("qwen2_moe", "llama4_text")
-            shared_prefix = p + ("shared_expert." if single else "shared_experts.")
+            one_shared = s.family in ("qwen2_moe", "qwen3_next", "llama4_text")
+            shared_prefix = p + ("shared_expert." if one_shared else "shared_experts.")
             moe.shared = self.mlp(shared_prefix, s.shared_intermediate_size, dtype)
         if s.shared_expert_gate:
             moe.shared_gate = self.read(p + "shared_expert_gate.weight", (1, H), dtype)
@@ -317,9 +355,13 @@ class CheckpointLayout:
     def layer(self, layer: int, dtype: torch.dtype, with_experts: bool = True) -> LayerWeights:
         s, p = self.spec, self.layer_prefix(layer)
         weights = LayerWeights(
-            attn_norm=self.read(p + "input_layernorm.weight", (s.hidden_size,), dtype),
-            attention=self.attention(layer, dtype),
-            mlp_norm=self.read(p + "post_attention_layernorm.weight", (s.hidden_size,), dtype),
+            attn_norm=self.norm(p + "input_layernorm.weight", s.hidden_size, dtype),
+            attention=(
+                self.linear_attention(layer, dtype)
+                if s.is_linear_attention(layer)
+                else self.attention(layer, dtype)
+            ),
+            mlp_norm=self.norm(p + "post_attention_layernorm.weight", s.hidden_size, dtype),
         )
         if s.moe_layers[layer]:
             weights.moe = self.moe(layer, dtype, with_experts)
@@ -407,8 +449,8 @@ def map_tensors(weights, fn: Callable[[torch.Tensor], torch.Tensor]):
 def pack_layer(layer: LayerWeights, pack: Callable[[torch.Tensor], torch.Tensor]) -> LayerWeights:
     """`pack` every projection of one layer in place: attention, dense or shared MLPs, experts."""
     a = layer.attention
-    for name in ("q", "k", "v", "o", "q_a", "q_b", "kv_a", "kv_b"):
-        if getattr(a, name) is not None:
+    for name in ("q", "k", "v", "o", "q_a", "q_b", "kv_a", "kv_b", "in_proj_qkvz", "in_proj_ba", "out"):
+        if getattr(a, name, None) is not None:
             setattr(a, name, pack(getattr(a, name)))
     for mlp in (layer.mlp, layer.moe.shared if layer.moe else None):
         if mlp is not None:

@@ -14,7 +14,6 @@ from shunter.offload.device import ComputeDevice
 from shunter.offload.engine import OffloadedModel, PipelineOptions, experts_in_flight
 from shunter.offload.placement import OffloadPlacement, plan_placement
 from shunter.offload.prefetcher import CorrelationPrefetcher
-from shunter.sim.cost import kv_cache_bytes
 from shunter.trace.routing_trace import RoutingTrace
 from shunter.trace.stats import popularity
 
@@ -50,7 +49,7 @@ def offload_placement(
     """What load_offloaded places under `memory_bytes` of the compute device (weights + KV cache +
     working buffers) and `host_memory_bytes` of host RAM; ShunterError naming the minimum when it
     cannot fit."""
-    kv = kv_cache_bytes(spec.kv_bytes_per_token(element_bytes), sequences, max_slots, spec.num_layers)
+    kv = spec.cache_bytes(sequences, max_slots, element_bytes)
     activations = (
         sequences * max_slots * spec.hidden_size * 16 * element_bytes + sequences * spec.vocab_size * 4
     )

@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from shunter.model.checkpoint import Checkpoint
-from shunter.model.executor import Batch, KVCache, output_logits
+from shunter.model.executor import Batch, KVCache, output_logits, token_mixer
 from shunter.model.layers import (
     add_expert_output,
     add_shared_experts,
     applied_gate_weights,
-    attention,
     expert_mlp,
     group_tokens_by_expert,
     pack_linear_weight,
@@ -31,6 +30,7 @@ from shunter.model.layers import (
     router_scores,
     select_experts,
 )
+from shunter.model.linear_attention import LinearAttentionState
 from shunter.model.spec import ModelSpec
 from shunter.model.weights import CheckpointLayout, LayerWeights, MLPWeights, pack_layer, pack_mlp
 from shunter.offload.device import ComputeDevice
@@ -89,6 +89,12 @@ class _RowCache:
         c.keys[layer][rows, :, c.length : end] = keys
         c.values[layer][rows, :, c.length : end] = values
         return c.keys[layer][rows, :, :end], c.values[layer][rows, :, :end]
+
+    def linear_state(self, layer: int) -> LinearAttentionState:
+        return self.cache.linear_state(layer, slice(self.first, self.last))
+
+    def store_linear_state(self, layer: int, state: LinearAttentionState) -> None:
+        self.cache.store_linear_state(layer, state, slice(self.first, self.last))
 
 
 class OffloadedModel:
@@ -159,6 +165,7 @@ class OffloadedModel:
         keep = batch.start_recording(recorder)  # on the host, as the recorder keeps it
         batch = batch.to(self.device.device)
         rotary, mask = batch.attention_inputs(spec, self.inv_freq, self.rope_factor, self.dtype)
+        valid = batch.new_valid_rows
 
         h = F.embedding(batch.tokens, self.embed)
         self._pack_blocks = n >= PACK_BLOCK_MIN_BATCHES
@@ -174,7 +181,7 @@ class OffloadedModel:
                 part_mask = None if mask is None else mask[rows]
                 kv = _RowCache(cache, first, last) if cache is not None else None
                 attn_in = rms_norm(h[rows], block.attn_norm, spec.rms_norm_eps)
-                h[rows] += attention(attn_in, block.attention, spec, part_rotary, part_mask, kv, layer)
+                h[rows] += token_mixer(attn_in, block, spec, layer, part_rotary, part_mask, kv, valid[rows])
             x = rms_norm(h, block.mlp_norm, spec.rms_norm_eps).reshape(B * T, -1)
             if block.moe is None:
                 streamer.drop_block(layer)

@@ -111,6 +111,7 @@ def expert_bytes_per_device(shares_per_layer: list[np.ndarray], expert_bytes: fl
 
 def kv_cache_bytes(kv_bytes_per_token: int, sequences: int, context_tokens: int, layers: int) -> int:
     """Keys and values of `sequences` sequences of `context_tokens` tokens at `layers` layers, from
-    one token's at one layer: MoEShapes.kv_bytes_per_token in the simulator,
-    ModelSpec.kv_bytes_per_token(element_bytes) for the runtime's cache (the offload placement)."""
+    one token's at one layer: MoEShapes.kv_bytes_per_token in the simulator. The runtime's cache
+    (the offload placement) is ModelSpec.cache_bytes: KV at its full-attention layers only, plus
+    the fixed-size state of linear-attention layers."""
     return sequences * context_tokens * kv_bytes_per_token * layers
