@@ -156,17 +156,23 @@ class ContinuousBatcher:
                     self._wake.wait()
                 if self._stopping:
                     return
-                for request in [r for r in self._waiting if r.cancelled]:
-                    self._waiting.remove(request)
-                admitted = []
-                while self._waiting and len(self._running) + len(admitted) < self.pool.rows:
-                    admitted.append(self._waiting.popleft())
-                self.metrics.queued_sequences.set(len(self._waiting))
-            try:
-                self._step(admitted)
-            except Exception as exc:  # the server outlives a failed step; its sequences end with the error
-                self._fail_all(admitted, exc)
-            self.metrics.active_sequences.set(len(self._running))
+            self.step()
+
+    def step(self) -> None:
+        """One step boundary: admit what fits, prefill it, decode every active sequence once.
+        The engine thread calls it in a loop; a test may call it directly (without `start`)."""
+        with self._wake:
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+            admitted = []
+            while self._waiting and len(self._running) + len(admitted) < self.pool.rows:
+                admitted.append(self._waiting.popleft())
+            self.metrics.queued_sequences.set(len(self._waiting))
+        try:
+            self._step(admitted)
+        except Exception as exc:  # the server outlives a failed step; its sequences end with the error
+            self._fail_all(admitted, exc)
+        self.metrics.active_sequences.set(len(self._running))
 
     def _step(self, admitted: list[GenerationRequest]) -> None:
         for row in reversed(range(len(self._running))):
