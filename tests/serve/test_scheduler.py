@@ -93,3 +93,18 @@ def test_past_max_queue_a_request_is_refused(tiny_checkpoint):
     batcher.submit(request([1], 2)[0])
     with pytest.raises(QueueFull):
         batcher.submit(request([1], 2)[0])
+
+
+def test_ignore_eos_generates_past_the_stop_token(tiny_checkpoint):
+    loaded = load_model(tiny_checkpoint("mixtral"))
+    batcher = ContinuousBatcher(loaded.model, loaded.spec, None, BatcherOptions(1, 4, 32), ServerMetrics())
+    stopping, stopped = request([4, 5], 6)  # this prompt's second token is the stop token
+    ignoring, ignored = request([4, 5], 6)
+    ignoring.ignore_eos = True
+    for r in (stopping, ignoring):
+        batcher.submit(r)
+    for _ in range(8):
+        batcher.step()
+    assert stopped.tokens == generate(loaded.model, [[4, 5]], 6, stop_ids=loaded.spec.eos_token_ids).tokens[0]
+    assert stopped.finish == "stop" and len(stopped.tokens) == 2
+    assert ignored.tokens == generate(loaded.model, [[4, 5]], 6).tokens[0] and ignored.finish == "length"

@@ -77,6 +77,7 @@ class _Body(BaseModel):
     # length and stopping
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
+    ignore_eos: bool = False  # an extension vLLM and llama.cpp share: generate max_tokens whatever comes
     # streaming
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -320,7 +321,7 @@ def create_app(batcher: ContinuousBatcher, served: ServedModel, metrics: ServerM
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         request = GenerationRequest(
             prompt, max_tokens, _sampling(body),
-            lambda event: loop.call_soon_threadsafe(events.put_nowait, event), _stops(body),
+            lambda event: loop.call_soon_threadsafe(events.put_nowait, event), _stops(body), body.ignore_eos,
         )  # fmt: skip
         try:
             batcher.submit(request)

@@ -62,6 +62,7 @@ class GenerationRequest:
     sampling: SamplingParams
     deliver: Callable[[TokenEvent], None]  # runs on the engine thread
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # the model's stop tokens do not end it (benchmarks with fixed lengths)
     arrived_s: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # set from any thread; honoured at the next step boundary
 
@@ -237,7 +238,7 @@ class ContinuousBatcher:
             self.metrics.generation_tokens.inc()
             text, stopped = seq.text.push(seq.ids)
             reason = None
-            if stopped or token in self.stop_ids:
+            if stopped or (token in self.stop_ids and not seq.request.ignore_eos):
                 reason = "stop"
             elif len(seq.ids) >= seq.request.max_tokens or len(seq.request.prompt) + len(seq.ids) >= (
                 self.options.max_context
