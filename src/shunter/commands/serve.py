@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(model, spec, path, options, args.name, planner)
     print(
         f"shunter serve: {path.name} ({engine}) on http://{args.host}:{args.port}/v1, "
-        f"{options.max_sequences} sequences per step, {options.max_queue} may wait",
+        f"up to {options.max_sequences} sequences per step, {options.max_queue} requests may wait",
         file=sys.stderr,
     )
     import uvicorn
