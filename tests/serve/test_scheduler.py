@@ -108,3 +108,23 @@ def test_ignore_eos_generates_past_the_stop_token(tiny_checkpoint):
     assert stopped.tokens == generate(loaded.model, [[4, 5]], 6, stop_ids=loaded.spec.eos_token_ids).tokens[0]
     assert stopped.finish == "stop" and len(stopped.tokens) == 2
     assert ignored.tokens == generate(loaded.model, [[4, 5]], 6).tokens[0] and ignored.finish == "length"
+
+
+def test_a_failed_step_ends_its_sequences_with_the_error_and_the_engine_carries_on(
+    tiny_checkpoint, monkeypatch
+):
+    loaded = load_model(tiny_checkpoint("mixtral"))
+    batcher = ContinuousBatcher(loaded.model, loaded.spec, None, BatcherOptions(2, 4, 32), ServerMetrics())
+    broken, broken_out = request([6, 7, 8, 9], 4)
+    batcher.submit(broken)
+    forward = loaded.model.forward
+    monkeypatch.setattr(loaded.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    batcher.step()
+    assert broken_out.finish == "error" and broken_out.error == "boom"
+    assert batcher.counts == (0, 0) and batcher.pool.active == 0
+    monkeypatch.setattr(loaded.model, "forward", forward)
+    healthy, healthy_out = request([6, 7, 8, 9], 4)
+    batcher.submit(healthy)
+    for _ in range(4):
+        batcher.step()
+    assert healthy_out.tokens == generate(loaded.model, [[6, 7, 8, 9]], 4).tokens[0]

@@ -5,6 +5,7 @@ error JSON and a 4xx status; the engine thread (serve.scheduler) never sees one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -231,8 +232,12 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 # -- the app -------------------------------------------------------------------------------------
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
 class _CountRequests:
-    """ASGI middleware: counts every HTTP answer by endpoint and status (streams included)."""
+    """ASGI middleware: counts every HTTP answer by endpoint and status (streams included); any
+    other path counts as "other", so random paths cannot grow the metrics without bound."""
 
     def __init__(self, app: Any, metrics: ServerMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -244,7 +249,8 @@ class _CountRequests:
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(scope["path"], str(message["status"])).inc()
+                endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -319,10 +325,14 @@ def create_app(batcher: ContinuousBatcher, served: ServedModel, metrics: ServerM
     async def _run(body: _Body, http: Request, prompt: list[int], max_tokens: int, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def deliver(event: TokenEvent) -> None:  # on the engine thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown): nobody listens
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
         request = GenerationRequest(
-            prompt, max_tokens, _sampling(body),
-            lambda event: loop.call_soon_threadsafe(events.put_nowait, event), _stops(body), body.ignore_eos,
-        )  # fmt: skip
+            prompt, max_tokens, _sampling(body), deliver, _stops(body), body.ignore_eos
+        )
         try:
             batcher.submit(request)
         except QueueFull:
@@ -339,9 +349,12 @@ def create_app(batcher: ContinuousBatcher, served: ServedModel, metrics: ServerM
             stream = _stream(request, events, shape, include_usage, http)
             return StreamingResponse(stream, media_type="text/event-stream")
         try:
-            tokens, text, last = await _collect(events)
+            collected = await _collect(events, http)
         finally:
             batcher.cancel(request)  # a no-op once it finished; frees the row if the client left
+        if collected is None:
+            return Response(status_code=499)  # the client has gone; nobody reads this
+        tokens, text, last = collected
         if last.finish_reason == "error":
             raise OpenAIError(f"the engine failed: {last.error}", None, "engine_error", 500, "server_error")
         return JSONResponse(shape.whole(text, tokens, last))
@@ -384,7 +397,10 @@ def create_app(batcher: ContinuousBatcher, served: ServedModel, metrics: ServerM
     return app
 
 
-async def _collect(events: asyncio.Queue[TokenEvent]) -> tuple[list[int], str, TokenEvent]:
+async def _collect(
+    events: asyncio.Queue[TokenEvent], http: Request
+) -> tuple[list[int], str, TokenEvent] | None:
+    """A whole completion's ids, text and last event; None when the client went away first."""
     tokens, text = [], []
     while True:
         event = await events.get()
@@ -392,6 +408,8 @@ async def _collect(events: asyncio.Queue[TokenEvent]) -> tuple[list[int], str, T
         text.append(event.text)
         if event.finish_reason is not None:
             return tokens, "".join(text), event
+        if await http.is_disconnected():
+            return None
 
 
 @dataclass
