@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "shunter.commands.reproduce",
     "shunter.commands.cluster",
     "shunter.commands.bench",
+    "shunter.commands.serve",
 ]
 
 

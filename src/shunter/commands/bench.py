@@ -9,6 +9,7 @@ in its own process in a memory cgroup capped at X (shunter.bench.offload). Needs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -22,7 +23,7 @@ from shunter.bench.a2a import DEFAULT_ROW_BYTES
 from shunter.bench.report import print_offload_table
 from shunter.bench.workers import PROMPT_TOKENS
 from shunter.commands.cluster import add_congestion_control_argument
-from shunter.commands.common import emit_report
+from shunter.commands.common import DEFAULT_MODEL, DEFAULT_MODEL_HELP, emit_report
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.loader import TRACE_FILE, default_trace_path, model_trace, resolve_model_dir
@@ -155,6 +156,77 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     offload.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     offload.add_argument("--out", default=None, help="also write the JSON result to this file")
     offload.set_defaults(func=run_offload, outputs={"out": "file"})
+
+    serve = kinds.add_parser(
+        "serve",
+        help="streaming OpenAI clients against shunter serve (or another server) at rising concurrency",
+        description="At each concurrency level C, C streaming OpenAI clients send completions of a fixed "
+        "length (ignore_eos) with independent prompts from the built-in model's held-out text; output "
+        "tok/s, time to first token and inter-token latency (p50, p95) per level. Runs: shunter (shunter "
+        "serve in its own process), one-at-a-time (the same with --max-sequences 1), peer (--peer-url).",
+    )
+    serve.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=DEFAULT_MODEL_HELP)
+    serve.add_argument("--concurrency", default="1,4,16,64", help="clients per level (default 1,4,16,64)")
+    serve.add_argument("--max-tokens", type=int, default=32, help="tokens per completion (default 32)")
+    serve.add_argument(
+        "--prompt-tokens", type=int, default=32, help="held-out tokens per prompt (default 32)"
+    )
+    serve.add_argument(
+        "--requests-per-client", type=int, default=2, help="completions each client sends in turn (default 2)"
+    )
+    serve.add_argument(
+        "--max-sequences", type=int, help="shunter serve's --max-sequences (default: the largest concurrency)"
+    )
+    serve.add_argument("--memory", help="shunter serve's --memory (default: none, in memory)")
+    serve.add_argument("--peer-url", help="another OpenAI server's base URL, e.g. http://127.0.0.1:8080/v1")
+    serve.add_argument(
+        "--runs",
+        help="which servers, in order: shunter, one-at-a-time, peer (default: shunter, and peer with "
+        "--peer-url)",
+    )
+    serve.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    serve.add_argument("--out", default=None, help="also write the JSON result to this file")
+    serve.add_argument(
+        "--plot", metavar="FILE", help="draw output tok/s against concurrency (.png, .pdf, .svg)"
+    )
+    serve.set_defaults(func=run_serve, outputs={"out": "file", "plot": "figure"})
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from shunter.bench import serve as serve_bench
+
+    concurrency = tuple(parse_sequence_list(args.concurrency, "--concurrency"))
+    for flag in ("max_tokens", "prompt_tokens", "requests_per_client"):
+        if getattr(args, flag) < 1:
+            raise ShunterError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    runs = [r.strip() for r in (args.runs or ("shunter,peer" if args.peer_url else "shunter")).split(",")]
+    unknown = [r for r in runs if r not in ("shunter", "one-at-a-time", "peer")]
+    if unknown or not runs:
+        raise ShunterError(f"--runs: expected some of shunter, one-at-a-time, peer; got {args.runs!r}")
+    if "peer" in runs and not args.peer_url:
+        raise ShunterError("--runs peer needs --peer-url")
+    flags = ("--memory", args.memory) if args.memory else ()
+    base = serve_bench.ServeBenchConfig(
+        concurrency=concurrency, max_tokens=args.max_tokens, prompt_tokens=args.prompt_tokens,
+        requests_per_client=args.requests_per_client, model=args.model, serve_flags=flags,
+        max_sequences=args.max_sequences,
+    )  # fmt: skip
+    configs = {
+        "shunter": base,
+        "one-at-a-time": dataclasses.replace(base, max_sequences=1),
+        "peer": dataclasses.replace(base, peer_url=args.peer_url),
+    }
+    reports = [serve_bench.run_benchmark(configs[name], progress=sys.stderr) for name in runs]
+    if args.plot:
+        serve_bench.plot_throughput(reports, Path(args.plot))
+
+    def print_tables(report: dict) -> None:
+        for run in report["runs"]:
+            serve_bench.print_serve_table(run)
+        if args.plot:
+            print(f"plot written to {args.plot}")
+
+    return emit_report({"runs": reports}, args, print_tables)
 
 
 def run_a2a(args: argparse.Namespace) -> int:

@@ -15,8 +15,9 @@ from shunter.commands.common import (
     print_json,
 )
 from shunter.errors import ShunterError
-from shunter.model.generate import SamplingParams, generate
+from shunter.model.generate import generate
 from shunter.model.loader import TRACE_FILE, model_trace, resolve_model_dir
+from shunter.model.sampling import SamplingParams, check_penalty
 from shunter.model.spec import load_spec
 from shunter.model.tokenizer import Tokenizer
 from shunter.offload import OffloadedModel
@@ -44,6 +45,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="nucleus sampling mass (default 1.0)",
     )
     p.add_argument("--seed", type=flag_type(parse_seed), default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--frequency-penalty",
+        type=flag_type(parse_number),
+        default=0.0,
+        help="subtract this times a token's count so far from its logit, as OpenAI does (-2 to 2; default 0)",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=flag_type(parse_number),
+        default=0.0,
+        help="subtract this from the logit of every token generated so far, as OpenAI does (-2 to 2; "
+        "default 0)",
+    )
     p.add_argument("--batch", type=int, default=1, help="run the prompt as a batch of this many sequences")
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)"
@@ -94,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         raise ShunterError(f"--batch: must be at least 1, got {args.batch}")
     if not 0.0 < args.top_p <= 1.0:
         raise ShunterError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    for flag in ("frequency_penalty", "presence_penalty"):
+        check_penalty(getattr(args, flag), "--" + flag.replace("_", "-"))
     batches = parse_batches(args.batches)
     path = resolve_model_dir(args.model)
     spec, tokenizer = load_spec(path), Tokenizer.from_model_dir(path)
@@ -151,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         sys.stdout.write(tokenizer.decode(prompt) if tokenizer else " ".join(map(str, prompt)) + " ")
         sys.stdout.flush()
-    sampling = SamplingParams(args.temperature, args.top_p, args.seed)
+    sampling = SamplingParams(
+        args.temperature, args.top_p, args.seed, args.frequency_penalty, args.presence_penalty
+    )
     result = generate(
         model,
         [prompt] * args.batch,

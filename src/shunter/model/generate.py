@@ -1,4 +1,5 @@
-"""Batched generation: left-padded prompts of different lengths, KV cache, greedy or sampled."""
+"""Batched generation: left-padded prompts of different lengths, KV cache, greedy or sampled
+(with OpenAI's frequency and presence penalties)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shunter.errors import ShunterError
 from shunter.model.executor import Batch, InMemoryModel
+from shunter.model.sampling import GREEDY, SamplingParams, TokenCounts, new_generator, next_tokens
 from shunter.trace.routing_trace import RoutingRecorder
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """temperature 0 means greedy; otherwise softmax(logits / temperature) cut to the top_p mass."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
 
 
 @dataclass
@@ -46,25 +38,6 @@ class GenerationResult:
         return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Next token per row of logits [B, V] -> [B] int64."""
-    if not bool(torch.isfinite(logits).all()):  # one check per step; argmax of NaN picks token 0 silently
-        raise ShunterError("the model computed NaN or infinite logits: its weights hold NaN or inf values")
-    if params.temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(1, choice).squeeze(1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> (tokens [B, P] left-padded, pad_lengths [B])."""
     longest = max(len(p) for p in prompts)
@@ -79,7 +52,7 @@ def generate(
     model: InMemoryModel,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
+    sampling: SamplingParams = GREEDY,
     stop_ids: Sequence[int] = (),
     on_step: Callable[[list[int | None]], None] | None = None,
     recorder: RoutingRecorder | None = None,
@@ -94,7 +67,8 @@ def generate(
     key_valid = torch.arange(slots)[None, :] >= pads[:, None]  # [B, slots]
     positions = (torch.arange(P)[None, :] - pads[:, None]).clamp(min=0)
     cache = model.new_cache(B, slots)
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    generator = new_generator(sampling)
+    counts = TokenCounts(B, model.spec.vocab_size, sampling)
     stop = set(stop_ids)
 
     started = time.perf_counter()
@@ -106,7 +80,8 @@ def generate(
     last_positions = positions[:, -1]
     per_step: list[float] = []
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits[:, -1], sampling, generator)
+        next_ids = next_tokens(logits[:, -1], sampling, generator, counts)
+        counts.add(next_ids)
         emitted: list[int | None] = []
         for b, token in enumerate(next_ids.tolist()):
             if finished[b]:
