@@ -244,9 +244,22 @@ def _schedule_single_lane(matrix: np.ndarray, bandwidth: np.ndarray) -> Schedule
     """Each device one lane: decompose D_ij * (B_ref / min(B_i, B_j)) so every unit is one
     second at B_ref; with equal ports this is D itself (integers stay integers, so ties are exact)."""
     n = matrix.shape[0]
+    if np.all(bandwidth == bandwidth[0]):  # equal ports: the units are the bytes themselves
+        decomposition = decompose_into_matchings(matrix)
+        rate = np.full(decomposition.rows.size, bandwidth[0])
+        return Schedule(
+            decomposition.round_of,
+            decomposition.rows,
+            decomposition.cols,
+            decomposition.amounts,
+            rate,
+            decomposition.num_rounds,
+            n,
+            "matchings",
+        )
     pair_rate = np.minimum.outer(bandwidth, bandwidth)
     reference = bandwidth.min()
-    scale = reference / pair_rate  # all ones with equal ports
+    scale = reference / pair_rate
     decomposition = decompose_into_matchings(matrix * scale)
     src, dst = decomposition.rows, decomposition.cols
     rate = pair_rate[src, dst]
