@@ -12,8 +12,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.sparse import csr_array
-from scipy.sparse.csgraph import maximum_bipartite_matching
 
 UNMATCHED = -1
 
@@ -27,6 +25,10 @@ def maximum_matching(adjacency: np.ndarray) -> np.ndarray:
     Returns:
         right_of_left [n_left] int64: the right vertex matched to each left vertex, or -1.
     """
+    # imported here: scipy's compiled modules turn a Ctrl-C during their import into an ImportError
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
     adjacency = np.asarray(adjacency, dtype=bool)
     if adjacency.size == 0:
         return np.full(adjacency.shape[0], UNMATCHED, dtype=np.int64)

@@ -23,8 +23,6 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_array
 
 from shunter.errors import ShunterError
 from shunter.plan.matching import bottleneck_perfect_matching
@@ -402,6 +400,11 @@ def place_colocated_exact(instance: ColocatedInstance) -> Colocation:
     for every device d. n^3 binaries, so only for small n (`EXACT_COLOCATION_MAX_DEVICES`);
     `place_colocated_brute_force` is its reference.
     """
+    # imported here, not at the top: scipy's compiled modules turn a Ctrl-C during their import
+    # into an ImportError, and every command imports this module at start-up
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_array
+
     time = instance.time_s()  # [a, b, device]
     n = time.shape[0]
     triples = n**3

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.sparse import csr_array
 
 from shunter.errors import ShunterError
 
@@ -53,6 +52,8 @@ def dispatch_traffic(
 
     The diagonal is zero: tokens whose expert is on their own device never cross the network.
     """
+    from scipy.sparse import csr_array  # here: scipy turns a Ctrl-C during its import into an ImportError
+
     counts = routed_counts(expert_ids, shares.shape[0], num_devices)
     # Sparse product: each token reaches k experts and each expert lives on a few devices, so a
     # dense [n, E] @ [E, n] (4 GFLOP at 4096 devices x 256 experts) is almost all zeros.
