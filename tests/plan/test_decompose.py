@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shunter.plan.decompose import (
+    FOLD_MIN_DEVICES,
     decompose_by_folding,
     decompose_into_matchings,
     decompose_padded,
@@ -73,7 +74,7 @@ def test_folded_decomposition_is_valid_and_meets_koenigs_bound(matrix: np.ndarra
 @settings(max_examples=100, deadline=None)
 @given(skewed_matrices(max_n=24))
 def test_folded_and_padded_reference_agree_on_the_makespan(matrix: np.ndarray) -> None:
-    folded = decompose_into_matchings(matrix)
+    folded = decompose_by_folding(matrix, *fold_lines(matrix))
     reference = decompose_padded(matrix)
     assert _problems(matrix, reference) == []
     difference = abs(_sum_of_round_maxima(folded) - _sum_of_round_maxima(reference))
@@ -86,7 +87,7 @@ def test_an_integer_matrix_folds_into_at_most_its_largest_line_sum_rounds() -> N
     matrix = rng.integers(0, 3, (64, 64)).astype(np.float64) * (rng.random((64, 64)) < 0.2)
     matrix[:, :4] *= 30
     np.fill_diagonal(matrix, 0)
-    rounds = decompose_into_matchings(matrix)
+    rounds = decompose_by_folding(matrix, *fold_lines(matrix))
     assert _problems(matrix, rounds) == []
     assert rounds.num_rounds <= _largest_line_sum(matrix)
     assert _sum_of_round_maxima(rounds) == _largest_line_sum(matrix)
@@ -103,8 +104,9 @@ def test_lines_are_grouped_first_fit_decreasing_under_the_largest_line_sum() -> 
 
 def test_a_matrix_whose_lines_cannot_fold_is_decomposed_unfolded() -> None:
     """A permutation scaled by 5: every line already sums to T, so nothing folds; one round."""
-    matrix = np.roll(np.eye(20), 1, axis=1) * 5.0
+    n = FOLD_MIN_DEVICES
+    matrix = np.roll(np.eye(n), 1, axis=1) * 5.0
     row_group, col_group = fold_lines(matrix)
-    assert len(set(row_group.tolist())) == 20 and len(set(col_group.tolist())) == 20
+    assert len(set(row_group.tolist())) == n and len(set(col_group.tolist())) == n
     rounds = decompose_into_matchings(matrix)
     assert rounds.num_rounds == 1 and _problems(matrix, rounds) == []

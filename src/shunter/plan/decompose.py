@@ -22,6 +22,12 @@ _RELATIVE_TOLERANCE = 1e-12
 # rounds run faster; beyond this size planning time wins (a round's overhead is a smaller share).
 WIDEST_ROUNDS_MAX_DEVICES = 16
 
+# From this many rows on, lines are folded before decomposing (`decompose_by_folding`). Below it
+# the padded decomposition is fast enough (0.17 s a layer at 64 devices) and its rounds are fewer
+# (the folded one's cuts fall wherever any folded entry changes pair: +16% rounds on the 64-device
+# trace of docs/benchmarks.md, +3% at 256, +0.1% at 1024), while at 1024 devices it is 40x slower.
+FOLD_MIN_DEVICES = 128
+
 # Repairing the matching after a round: one augmenting path per emptied entry while few emptied,
 # a fresh compiled maximum matching when many did (each Python path costs about a BFS of [m, m]).
 AUGMENT_MAX_EMPTIED = 16
@@ -42,15 +48,15 @@ def decompose_into_matchings(matrix: np.ndarray) -> _Rounds:
     """Split a non-negative square matrix into rounds, each a partial matching of rows to columns,
     such that sum over rounds of (largest amount in the round) equals the largest row or column sum.
 
-    Up to WIDEST_ROUNDS_MAX_DEVICES rows, or when no two lines fit together under the largest line
-    sum, this is `decompose_padded`; otherwise `decompose_by_folding`, which gives the same sum of
-    round maxima on a matrix a fraction of the size.
+    Below FOLD_MIN_DEVICES rows, or when no two lines fit together under the largest line sum, this
+    is `decompose_padded`; otherwise `decompose_by_folding`, which gives the same sum of round
+    maxima on a matrix a fraction of the size.
 
     Args:
         matrix [m, m] float64, non-negative, zero diagonal expected (the diagonal is not special here).
     """
     real = np.array(matrix, dtype=np.float64)
-    if real.shape[0] > WIDEST_ROUNDS_MAX_DEVICES:
+    if real.shape[0] >= FOLD_MIN_DEVICES:
         row_group, col_group = fold_lines(real)
         if max(row_group.max(), col_group.max()) + 1 < real.shape[0]:
             return decompose_by_folding(real, row_group, col_group)
