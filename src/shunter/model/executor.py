@@ -159,15 +159,20 @@ def decoder_layer(
     cache: KVCache | None,
     observe_moe: MoEObserver | None = None,
     valid: torch.Tensor | None = None,
+    moe_override: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One pre-norm decoder layer on h [B, T, H]: attention then the (sparse or dense) feed-forward.
     `observe_moe(layer, result)` sees each sparse layer's routing (tracing, load-balancing losses).
-    valid [B, T] marks real tokens (linear attention keeps padding out of its state); None: all."""
+    valid [B, T] marks real tokens (linear attention keeps padding out of its state); None: all.
+    moe_override [B*T, H] -> [B*T, H] computes the sparse feed-forward instead of `moe_block` (the
+    expert-parallel block; it records no routing)."""
     attn_in = rms_norm(h, weights.attn_norm, spec.rms_norm_eps)
     h = h + token_mixer(attn_in, weights, spec, layer, rotary, mask, cache, valid)
     x = rms_norm(h, weights.mlp_norm, spec.rms_norm_eps)
     B, T, H = x.shape
-    if weights.moe is not None:
+    if weights.moe is not None and moe_override is not None:
+        y = moe_override(x.reshape(B * T, H)).view(B, T, H)
+    elif weights.moe is not None:
         moe = moe_block(x.reshape(B * T, H), weights.moe, spec)
         if observe_moe is not None:
             observe_moe(layer, moe)
@@ -183,6 +188,9 @@ class InMemoryModel:
     def __init__(self, spec: ModelSpec, weights: ModelWeights, dtype: torch.dtype) -> None:
         self.spec, self.weights, self.dtype = spec, weights, dtype
         self.inv_freq, self.rope_factor = _inv_freq(spec)
+        # layer -> a function computing that layer's sparse feed-forward instead of its weights
+        # (the expert-parallel block of parallel/check.py); empty: every layer runs `moe_block`
+        self.moe_overrides: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def new_cache(self, batch: int, max_slots: int) -> KVCache:
         return KVCache(self.spec, batch, max_slots, self.dtype)
@@ -205,7 +213,10 @@ class InMemoryModel:
         if recorder is not None:
             observe = lambda layer, moe: recorder.record(layer, moe.expert_ids, moe.gate_weights, keep)
         for i, layer_weights in enumerate(w.layers):
-            h = decoder_layer(h, layer_weights, spec, i, rotary, mask, cache, observe, batch.new_valid_rows)
+            h = decoder_layer(
+                h, layer_weights, spec, i, rotary, mask, cache, observe, batch.new_valid_rows,
+                self.moe_overrides.get(i),
+            )  # fmt: skip
         if cache is not None:
             cache.advance(T)
         return output_logits(h, w.final_norm, w.lm_head, spec, last_only)

@@ -8,6 +8,12 @@ Every rank builds the same random hidden states (seeded), takes its own slice (u
 zero allowed), runs one MoE layer of MODEL expert-parallel with every dispatch strategy, and
 rank 0 compares the gathered outputs with `moe_block` on all tokens (which the model tests check
 against transformers). Exit 0 when every strategy matches within --tolerance.
+
+    torchrun --nproc-per-node 2 -m shunter.parallel.check MODEL --generate 20
+
+instead runs the whole model: every rank greedily generates from its own random prompt (--tokens
+long) with every MoE layer expert-parallel, and rank 0 compares each rank's tokens with
+single-process `generate` on that prompt. Exit 0 when all are equal.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,8 +29,9 @@ import torch.distributed as dist
 
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
+from shunter.model.generate import generate
 from shunter.model.layers import moe_block
-from shunter.model.loader import DEFAULT_MODEL, DTYPE_NAMES, resolve_model_dir
+from shunter.model.loader import DEFAULT_MODEL, DTYPE_NAMES, load_model, resolve_model_dir
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.weights import CheckpointLayout
 from shunter.network.transport import STRATEGIES
@@ -55,6 +63,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max |difference| allowed (fp32)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds any collective may wait")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="greedy-generate N tokens with the whole model, every MoE layer expert-parallel, and "
+        "compare each rank's tokens with single-process generate (default 0: check one layer)",
+    )
+    parser.add_argument(
+        "--strategy", default="scheduled", choices=STRATEGIES, help="the exchange with --generate"
+    )
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -68,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     layer = _moe_layer(spec.moe_layers, args.layer)
     dtype = DTYPE_NAMES[args.dtype]
     tokens = _tokens_per_rank(args.tokens, world)
+    if args.generate > 0:
+        return _check_generation(args, rank, world, model_dir, layout, tokens)
     placement = _placement(args, spec, layer, world)
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -119,6 +140,59 @@ def main(argv: list[str] | None = None) -> int:
             print("ok" if not failures else "FAILED: " + "; ".join(failures))
     dist.barrier()
     return 0 if not failures else 1
+
+
+def _check_generation(
+    args: argparse.Namespace,
+    rank: int,
+    world: int,
+    model_dir: Path,
+    layout: CheckpointLayout,
+    tokens: list[int],
+) -> int:
+    """Whole-model greedy generation with expert-parallel MoE layers against single-process."""
+    model = load_model(model_dir, dtype=args.dtype, pack=False).model
+    spec = model.spec
+    bandwidth = np.linspace(2.0, 1.0, world)
+    for layer, is_moe in enumerate(spec.moe_layers):
+        if is_moe:
+            model.moe_overrides[layer] = ExpertParallelMoE.from_checkpoint(
+                spec,
+                layout,
+                layer,
+                _placement(args, spec, layer, world),
+                DTYPE_NAMES[args.dtype],
+                strategy=args.strategy,
+                bandwidth_bytes_s=bandwidth,
+                seed=args.seed,
+            )
+    rng = np.random.default_rng(args.seed)
+    prompts = [rng.integers(0, spec.vocab_size, max(1, n)).tolist() for n in tokens]
+    # every rank runs the same number of forwards (no stop tokens), so the exchanges pair up
+    mine = generate(model, [prompts[rank]], args.generate).tokens[0]
+    gathered: list[list[int] | None] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    ok = True
+    if rank == 0:
+        model.moe_overrides.clear()
+        reference = [generate(model, [prompt], args.generate).tokens[0] for prompt in prompts]
+        ok = gathered == reference
+        report = {
+            "model": str(model_dir),
+            "world_size": world,
+            "strategy": args.strategy,
+            "prompts": prompts,
+            "tokens": gathered,
+            "reference": reference,
+            "ok": ok,
+        }
+        if args.json:
+            json.dump(report, sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            print("ok" if ok else f"FAILED: expert-parallel tokens {gathered} != single-process {reference}")
+    dist.barrier()
+    return 0 if ok else 1
 
 
 def _placement(args: argparse.Namespace, spec: ModelSpec, layer: int, world: int) -> ExpertSlots:
