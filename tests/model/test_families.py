@@ -172,3 +172,16 @@ def test_unsupported_rope_type_is_a_clear_error(tmp_path):
         ShunterError, match="rope type 'longrope' is not supported; supported: default, linear, yarn, llama3"
     ):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("value", [True, 3, "yarn", [1, 2]])
+def test_rope_parameters_that_are_not_an_object_are_one_clear_line(value):
+    """Oracle: the config's own field; any family, no weights needed."""
+    from shunter.errors import ShunterError
+    from shunter.model.spec import spec_from_config
+    from tests.tiny_models import hf_config
+
+    config = hf_config("mixtral").to_dict()
+    config["rope_parameters"] = value
+    with pytest.raises(ShunterError, match="field 'rope_parameters' must be an object"):
+        spec_from_config(config, source="config.json")

@@ -293,7 +293,11 @@ def spec_from_config(config: dict[str, Any], source: str = "config.json") -> Mod
     if heads % kv_heads:
         raise ShunterError(f"{source}: num_attention_heads={heads} is not a multiple of {kv_heads=}")
 
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_field = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+    rope_value = config.get(rope_field) or {}
+    if not isinstance(rope_value, dict):
+        raise ShunterError(f"{source}: field {rope_field!r} must be an object, got {rope_value!r}")
+    rope = dict(rope_value)
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
