@@ -9,7 +9,6 @@ in its own process in a memory cgroup capped at X (shunter.bench.offload). Needs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
@@ -39,6 +38,9 @@ from shunter.parallel.launch import run_on_cluster
 from shunter.plan.document import check_trace_against, load_plan
 from shunter.trace.routing_trace import load_trace
 from shunter.units import flag_type, format_bytes, parse_bytes, parse_number
+
+# what `shunter serve` (Python, torch, the ASGI stack) takes beside its --memory under a cgroup cap
+DEFAULT_SERVE_RUNTIME_RESERVE_BYTES = 400 * 2**20
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -159,30 +161,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     serve = kinds.add_parser(
         "serve",
-        help="streaming OpenAI clients against shunter serve (or another server) at rising concurrency",
+        help="streaming OpenAI clients against shunter serve, one-at-a-time and llama-server at rising "
+        "concurrency, optionally under a memory cap (root)",
         description="At each concurrency level C, C streaming OpenAI clients send completions of a fixed "
-        "length (ignore_eos) with independent prompts from the built-in model's held-out text; output "
-        "tok/s, time to first token and inter-token latency (p50, p95) per level. Runs: shunter (shunter "
-        "serve in its own process), one-at-a-time (the same with --max-sequences 1), peer (--peer-url).",
+        "length (ignore_eos) with independent prompts (token ids from the built-in model's held-out text); "
+        "output tok/s, time to first token and inter-token latency (p50, p95), median of --reps after "
+        "--warmup rounds, contenders interleaved round by round. Every server is started afresh per level, "
+        "with --cap in a fresh memory cgroup of that size, page cache dropped first. Contenders (--runs): "
+        "shunter (shunter serve --max-sequences C), one-at-a-time (--max-sequences 1), llama-server "
+        "(llama.cpp's server with -np C; --llama-server, --gguf), peer (--peer-url), generate (shunter "
+        "generate on one prompt, at level 1).",
     )
     serve.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=DEFAULT_MODEL_HELP)
     serve.add_argument("--concurrency", default="1,4,16,64", help="clients per level (default 1,4,16,64)")
     serve.add_argument("--max-tokens", type=int, default=32, help="tokens per completion (default 32)")
     serve.add_argument(
-        "--prompt-tokens", type=int, default=32, help="held-out tokens per prompt (default 32)"
+        "--prompt-tokens", type=int, default=32, help="held-out token ids per prompt (default 32)"
     )
     serve.add_argument(
         "--requests-per-client", type=int, default=2, help="completions each client sends in turn (default 2)"
     )
+    serve.add_argument("--reps", type=int, default=1, help="timed rounds per level (default 1)")
+    serve.add_argument("--warmup", type=int, default=0, help="untimed rounds first, per level (default 0)")
     serve.add_argument(
-        "--max-sequences", type=int, help="shunter serve's --max-sequences (default: the largest concurrency)"
+        "--max-run-seconds",
+        type=flag_type(parse_number, above=0),
+        help="stop a run here; the tokens streamed so far count (a one-at-a-time server at 64 clients "
+        "would otherwise take many minutes a run)",
     )
-    serve.add_argument("--memory", help="shunter serve's --memory (default: none, in memory)")
+    serve.add_argument(
+        "--max-sequences", type=int, help="shunter serve's --max-sequences (default: the level's concurrency)"
+    )
+    serve.add_argument(
+        "--cap",
+        help="memory cgroup of every server and generate process, page cache included (e.g. 734MB; root)",
+    )
+    serve.add_argument(
+        "--runtime-reserve",
+        default=f"{DEFAULT_SERVE_RUNTIME_RESERVE_BYTES // 2**20}MiB",
+        help="with --cap and no --memory: of the cap, what the Python/torch/server runtime gets; shunter's "
+        f"--memory is the rest (default {DEFAULT_SERVE_RUNTIME_RESERVE_BYTES // 2**20}MiB)",
+    )
+    serve.add_argument("--memory", help="shunter serve's and generate's --memory (default: cap - reserve)")
+    serve.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary")
+    serve.add_argument("--gguf", metavar="FILE", help="the model converted to GGUF, for llama-server")
+    serve.add_argument("--threads", type=int, default=2, help="llama-server's -t and -tb (default 2)")
     serve.add_argument("--peer-url", help="another OpenAI server's base URL, e.g. http://127.0.0.1:8080/v1")
     serve.add_argument(
         "--runs",
-        help="which servers, in order: shunter, one-at-a-time, peer (default: shunter, and peer with "
-        "--peer-url)",
+        help="contenders, in order: shunter, one-at-a-time, llama-server, peer, generate (default: shunter, "
+        "llama-server with --llama-server, peer with --peer-url)",
     )
     serve.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     serve.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -192,41 +220,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=run_serve, outputs={"out": "file", "plot": "figure"})
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def serve_config(args: argparse.Namespace):
+    """`shunter bench serve`'s options checked; ShunterError naming the option for anything wrong."""
     from shunter.bench import serve as serve_bench
 
     concurrency = tuple(parse_sequence_list(args.concurrency, "--concurrency"))
-    for flag in ("max_tokens", "prompt_tokens", "requests_per_client"):
+    for flag in ("max_tokens", "prompt_tokens", "requests_per_client", "reps", "threads"):
         if getattr(args, flag) < 1:
             raise ShunterError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
-    runs = [r.strip() for r in (args.runs or ("shunter,peer" if args.peer_url else "shunter")).split(",")]
-    unknown = [r for r in runs if r not in ("shunter", "one-at-a-time", "peer")]
+    if args.warmup < 0:
+        raise ShunterError(f"--warmup: must be at least 0, got {args.warmup}")
+    default_runs = ["shunter"] + ["llama-server"] * bool(args.llama_server) + ["peer"] * bool(args.peer_url)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else default_runs
+    unknown = [r for r in runs if r not in serve_bench.CONTENDERS]
     if unknown or not runs:
-        raise ShunterError(f"--runs: expected some of shunter, one-at-a-time, peer; got {args.runs!r}")
+        raise ShunterError(f"--runs: expected some of {', '.join(serve_bench.CONTENDERS)}; got {args.runs!r}")
     if "peer" in runs and not args.peer_url:
         raise ShunterError("--runs peer needs --peer-url")
-    flags = ("--memory", args.memory) if args.memory else ()
-    base = serve_bench.ServeBenchConfig(
+    if "llama-server" in runs:
+        if not args.llama_server or not args.gguf:
+            raise ShunterError("--runs llama-server needs --llama-server PATH and --gguf FILE")
+        if not os.access(args.llama_server, os.X_OK) or Path(args.llama_server).is_dir():
+            raise ShunterError(f"--llama-server {args.llama_server}: not an executable file")
+        if not Path(args.gguf).is_file():
+            raise ShunterError(f"--gguf {args.gguf}: no such file")
+    if "generate" in runs and 1 not in concurrency:
+        raise ShunterError("--runs generate is measured at concurrency 1: add 1 to --concurrency")
+    cap = parse_bytes(args.cap, "--cap") if args.cap else None
+    if cap is not None:
+        serve_bench.check_cap_environment()
+    memory = args.memory
+    if cap is not None and memory is None:
+        reserve = parse_bytes(args.runtime_reserve, "--runtime-reserve")
+        if cap <= reserve:
+            raise ShunterError(
+                f"--cap {format_bytes(cap)} is not above --runtime-reserve {format_bytes(reserve)}: nothing "
+                "would be left for shunter's --memory"
+            )
+        memory = str(cap - reserve)
+    elif memory is not None:
+        parse_bytes(memory, "--memory")
+    return serve_bench.ServeBenchConfig(
         concurrency=concurrency, max_tokens=args.max_tokens, prompt_tokens=args.prompt_tokens,
-        requests_per_client=args.requests_per_client, model=args.model, serve_flags=flags,
-        max_sequences=args.max_sequences,
+        requests_per_client=args.requests_per_client, contenders=tuple(dict.fromkeys(runs)),
+        reps=args.reps, warmup=args.warmup, max_run_s=args.max_run_seconds, model=args.model,
+        memory=memory, max_sequences=args.max_sequences, cap_bytes=cap, peer_url=args.peer_url,
+        llama_server=args.llama_server, gguf=args.gguf, threads=args.threads,
     )  # fmt: skip
-    configs = {
-        "shunter": base,
-        "one-at-a-time": dataclasses.replace(base, max_sequences=1),
-        "peer": dataclasses.replace(base, peer_url=args.peer_url),
-    }
-    reports = [serve_bench.run_benchmark(configs[name], progress=sys.stderr) for name in runs]
-    if args.plot:
-        serve_bench.plot_throughput(reports, Path(args.plot))
 
-    def print_tables(report: dict) -> None:
-        for run in report["runs"]:
-            serve_bench.print_serve_table(run)
+
+def run_serve(args: argparse.Namespace) -> int:
+    from shunter.bench import serve as serve_bench
+
+    report = serve_bench.run_benchmark(serve_config(args), progress=sys.stderr)
+    if args.plot:
+        serve_bench.plot_throughput(report, Path(args.plot))
+
+    def print_table(report: dict) -> None:
+        serve_bench.print_serve_table(report)
         if args.plot:
             print(f"plot written to {args.plot}")
 
-    return emit_report({"runs": reports}, args, print_tables)
+    return emit_report(report, args, print_table)
 
 
 def run_a2a(args: argparse.Namespace) -> int:
