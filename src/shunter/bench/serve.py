@@ -299,6 +299,8 @@ def server_argv(name: str, concurrency: int, port: int, config: ServeBenchConfig
             str(config.llama_server), "-m", str(config.gguf), "--host", "127.0.0.1", "--port", str(port),
             "-t", str(config.threads), "-tb", str(config.threads), "-np", str(concurrency),
             "-c", str(concurrency * config.context_tokens),
+            # its host-RAM prompt cache serves no distinct prompt, and under a cap takes the page cache's room
+            "--cache-ram", "0",
         ]  # fmt: skip
     rows = 1 if name == "one-at-a-time" else config.max_sequences or concurrency
     argv = [
