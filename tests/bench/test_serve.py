@@ -152,3 +152,17 @@ def test_cap_needs_root_and_room_for_the_runtime(monkeypatch, capsys):
     monkeypatch.setattr(sandbox, "own_memory_cgroup", lambda: sandbox.MEMORY_CGROUP_ROOT)
     assert main(["bench", "serve", "--cap", "300MiB", "--runtime-reserve", "400MiB"]) == 2
     assert "--cap 300.0 MiB is not above --runtime-reserve 400.0 MiB" in capsys.readouterr().err
+
+
+def test_a_server_that_died_during_a_run_stops_the_benchmark():
+    import subprocess
+    import sys
+
+    from shunter.bench.serve import StartedServer, check_alive
+    from shunter.errors import ShunterError
+
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
+    process.wait()
+    with pytest.raises(ShunterError, match="shunter exited with status 9 during its run"):
+        check_alive("shunter", StartedServer("http://127.0.0.1:1/v1", process, None))
+    check_alive("peer", StartedServer("http://127.0.0.1:1/v1", None, None))  # not started: nothing to check

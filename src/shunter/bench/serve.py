@@ -384,6 +384,16 @@ def _wait_idle(base_url: str) -> None:
     print(f"bench serve: warning: {root} still busy {IDLE_TIMEOUT_S} s after its run", file=sys.stderr)
 
 
+def check_alive(name: str, server: StartedServer) -> None:
+    """ShunterError when a started server has exited (killed at the cap, most likely): the rest of
+    the benchmark would only measure connection errors."""
+    if server.process is None or server.process.poll() is None:
+        return
+    peak = _cgroup_peak(server.cgroup)
+    at = f"; its cgroup peaked at {peak} bytes, the cap: raise --cap or --runtime-reserve" if peak else ""
+    raise ShunterError(f"{name} exited with status {server.process.returncode} during its run{at}")
+
+
 def measure_server_run(
     server: StartedServer, model: str, prompts: list[list[int]], concurrency: int, config: ServeBenchConfig
 ) -> LevelResult:
@@ -529,6 +539,7 @@ def run_benchmark(config: ServeBenchConfig, progress: TextIO = sys.stderr) -> di
                         generate_peak = max(generate_peak or 0, peak or 0) or None
                     else:
                         result = measure_server_run(started[name], models[name], prompts, concurrency, config)
+                        check_alive(name, started[name])
                     stopped = f", {result.unfinished} stopped" if result.unfinished else ""
                     failed = f", {result.failed} failed: {result.errors[0]}" if result.failed else ""
                     print(
