@@ -23,14 +23,29 @@ def url(tiny_checkpoint):
         yield base
 
 
+def engine_steps(url: str) -> float:
+    """The server's engine step counter, from its Prometheus metrics."""
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("shunter_engine_steps_total "):
+            return float(line.split()[1])
+    raise AssertionError("no shunter_engine_steps_total in /metrics")
+
+
 def assert_idle(url: str) -> None:
-    """/health answers, and (within a while: a cancel lands at the next step) nothing is in flight."""
-    deadline = time.monotonic() + 30
+    """/health answers, and nothing stays in flight: a cancel lands at the next engine step and any
+    other sequence ends within CONTEXT steps, so the bound counts steps, not seconds. (The stall
+    guard only catches an engine that stops stepping altogether.)"""
+    first = engine_steps(url)
+    last_step_seen, steps = time.monotonic(), first
     while True:
         health = httpx.get(url + "/health").json()
         if health["active_sequences"] == 0 and health["queued_requests"] == 0:
             break
-        assert time.monotonic() < deadline, health
+        now_steps = engine_steps(url)
+        assert now_steps - first <= CONTEXT + 2, health
+        if now_steps != steps:
+            last_step_seen, steps = time.monotonic(), now_steps
+        assert time.monotonic() - last_step_seen < 120, f"the engine made no step in 120 s: {health}"
         time.sleep(0.05)
     assert health["status"] == "ok"
 
