@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,28 @@ def test_bad_checkpoints_exit_nonzero_with_one_line_on_stderr(tiny_checkpoint, t
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("shunter: error: ") and names in lines[0]
     assert captured.out == ""  # nothing half-printed
+
+
+def test_a_header_whose_byte_range_disagrees_with_the_shape_is_named(tiny_checkpoint, tmp_path):
+    """A byte range that is not shape x dtype would be read as garbage (or past its neighbour)."""
+    model_dir = _copy(tiny_checkpoint("mixtral"), tmp_path)
+    path = model_dir / "model.safetensors"
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    name = "model.norm.weight"
+    header[name]["shape"] = [header[name]["shape"][0] * 2]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    assert len(text) == header_len
+    path.write_bytes(raw[:8] + text + raw[8 + header_len :])
+    with pytest.raises(ShunterError, match=r"model\.norm\.weight.*bytes for shape"):
+        Checkpoint(model_dir)
+
+
+def test_a_loaded_model_keeps_no_map_of_its_checkpoint(tiny_checkpoint):
+    """Mapped pages stay in the resident set beside the loaded copy (twice the model's bytes)."""
+    model_dir = tiny_checkpoint("qwen2_moe")
+    loaded = load_model(model_dir)
+    maps = Path("/proc/self/maps").read_text()
+    assert str((model_dir / "model.safetensors").resolve()) not in maps
+    assert loaded.model.forward(ONE_SEQUENCE).isfinite().all()

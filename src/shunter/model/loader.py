@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from shunter.model.executor import InMemoryModel
 from shunter.model.layers import pack_linear_weight
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.tokenizer import Tokenizer
-from shunter.model.weights import load_weights, pack_for_cpu
+from shunter.model.weights import load_weights
 from shunter.trace.routing_trace import RoutingTrace, load_trace
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,15 +68,29 @@ def resolve_model_dir(model: str | Path) -> Path:
     raise ShunterError(f"{model}: no such model directory or built-in model (built-in: {known})")
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def fix_mmap_threshold() -> None:
+    """Keep glibc from moving large blocks into the heap. After each free of a mapped block glibc
+    raises its mmap threshold to that block's size (up to 32 MiB), so the transient copies of
+    loading (an expert read, joined, packed) land in the heap and stay resident after they are
+    freed: 2.16 GB of RSS for a 1.47 GB model, against 1.73 GB with the threshold fixed at 1 MiB
+    (measured). No effect where the C library is not glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def load_model(model: str | Path, dtype: str | None = None, pack: bool = True) -> LoadedModel:
     """Load config, weights and tokenizer. dtype None keeps the checkpoint's dtype. `pack` prepacks
     bf16 projection weights for oneDNN (no effect on other dtypes); False keeps plain tensors."""
     path = resolve_model_dir(model)
     spec = load_spec(path)
+    fix_mmap_threshold()
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise FieldError("dtype", f"{dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     torch_dtype = DTYPE_NAMES[dtype] if dtype else spec.torch_dtype
-    weights = load_weights(spec, Checkpoint(path), torch_dtype)
-    if pack:
-        pack_for_cpu(weights, pack_linear_weight)
+    weights = load_weights(spec, Checkpoint(path), torch_dtype, pack_linear_weight if pack else None)
     return LoadedModel(path, spec, InMemoryModel(spec, weights, torch_dtype), Tokenizer.from_model_dir(path))

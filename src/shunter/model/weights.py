@@ -168,9 +168,10 @@ class CheckpointLayout:
 
     def read_row(self, name: str, shape: tuple[int, ...], row: int, dtype: torch.dtype) -> torch.Tensor:
         """tensor[row] of a stacked tensor (a fused expert), reading only that row when fetching."""
+        location = self.ckpt.checked_location(name, shape).row(row)
         if self.fetch is None:
-            return self.ckpt.read(name, shape)[row].clone().to(dtype)
-        return self.fetch(self.ckpt.checked_location(name, shape).row(row)).to(dtype)
+            return self.ckpt.read_location(location, name).to(dtype)
+        return self.fetch(location).to(dtype)
 
     # -- whole pieces -------------------------------------------------------------------------
     def embed(self, dtype: torch.dtype) -> torch.Tensor:
@@ -406,25 +407,34 @@ def deinterleave_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.cat([gate_up[..., 0::2, :], gate_up[..., 1::2, :]], dim=-2).contiguous()
 
 
-def load_weights(spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype) -> ModelWeights:
-    """Read every weight of the model into memory as `dtype` (router/bias stay fp32 where needed)."""
+def load_weights(
+    spec: ModelSpec,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    pack: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> ModelWeights:
+    """Read every weight of the model into memory as `dtype` (router/bias stay fp32 where needed).
+
+    With `pack` (layers.pack_linear_weight, the fast CPU layout) each projection is packed as soon as it is
+    read and routed experts are read one at a time, so loading holds the packed model plus one
+    expert's transient copies: peak memory stays near the weights' own bytes."""
     layout = CheckpointLayout(spec, checkpoint)
     embed = layout.embed(dtype)
-    return ModelWeights(
-        embed=embed,
-        layers=[layout.layer(i, dtype) for i in range(spec.num_layers)],
-        final_norm=layout.final_norm(dtype),
-        lm_head=layout.lm_head(dtype, embed),
-    )
-
-
-def pack_for_cpu(weights: ModelWeights, pack: Callable[[torch.Tensor], torch.Tensor]) -> ModelWeights:
-    """Replace every projection weight by `pack(weight)` (the fast CPU layout), in place, and return
-    the weights. Routers stay as they are (small, and DeepSeek computes them in fp32)."""
-    for layer in weights.layers:
-        pack_layer(layer, pack)
-    weights.lm_head = pack(weights.lm_head)
-    return weights
+    layers = []
+    for i in range(spec.num_layers):
+        if pack is None:
+            layers.append(layout.layer(i, dtype))
+            continue
+        layer = pack_layer(layout.layer(i, dtype, with_experts=False), pack)
+        if layer.moe is not None:
+            layer.moe.packed_experts = [
+                pack_mlp(layout.expert(i, e, dtype), pack) for e in range(spec.num_experts)
+            ]
+        layers.append(layer)
+    lm_head, final_norm = layout.lm_head(dtype, embed), layout.final_norm(dtype)
+    checkpoint.close()
+    # routers stay as read (small, and DeepSeek computes them in fp32); a tied head is packed apart
+    return ModelWeights(embed, layers, final_norm, lm_head if pack is None else pack(lm_head))
 
 
 def map_tensors(weights, fn: Callable[[torch.Tensor], torch.Tensor]):
