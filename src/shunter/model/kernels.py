@@ -24,6 +24,7 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 MAX_KERNEL_TOKENS = 8  # above this a product is compute-bound: dequantise once and use torch's GEMM
+BF16_MIN_TOKENS = 2  # one token: torch's bf16 product is as fast (measured)
 GROUP_MULTIPLE = 32  # the kernels walk inputs in blocks of 32 (4-bit: 16 bytes)
 
 

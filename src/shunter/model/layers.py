@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from shunter.model import kernels
 from shunter.model.spec import ModelSpec, yarn_mscale
 from shunter.model.weights import AttentionWeights, MLPWeights, MoEWeights
 
@@ -23,12 +24,27 @@ LATENT_NORM_EPS = 1e-6
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T (+ bias). A weight prepacked by `pack_linear_weight` (oneDNN's
-    blocked layout) goes to the oneDNN kernel; any other weight to F.linear, the reference."""
+    blocked layout) goes to the oneDNN kernel; a bf16 weight times a few tokens to the decode
+    kernel (kernels.linear_bf16: torch's bf16 product is compute-bound there on AVX2-only CPUs);
+    any other weight to F.linear, the reference."""
     if weight.is_mkldnn:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
+    if weight.dtype == torch.bfloat16 and use_bf16_kernel(x.numel() // x.shape[-1], weight):
+        out = kernels.linear_bf16(x, weight)
+        return out if bias is None else out + bias
     return F.linear(x, weight, bias)
+
+
+def use_bf16_kernel(tokens: int, weight: torch.Tensor) -> bool:
+    return (
+        kernels.BF16_MIN_TOKENS <= tokens <= kernels.MAX_KERNEL_TOKENS
+        and weight.dim() == 2
+        and weight.device.type == "cpu"
+        and weight.shape[1] % 8 == 0
+        and kernels.available()
+    )
 
 
 def pack_linear_weight(weight: torch.Tensor, batch_hint: int = 1) -> torch.Tensor:
