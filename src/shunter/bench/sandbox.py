@@ -27,6 +27,8 @@ from shunter.units import format_bytes
 MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 CGROUP_PREFIX = "shunter-bench-"
 WORKER_MODULE = "shunter.bench.workers"  # `python -m WORKER_MODULE JOB.json RESULT.json`
+# jobs whose worker is another module: llama.cpp's imports no torch, whose memory would count
+WORKER_MODULES = {"llama.cpp": "shunter.bench.llama"}
 
 
 def own_memory_cgroup() -> Path | None:
@@ -124,7 +126,8 @@ def run_capped(
     with tempfile.TemporaryDirectory(prefix="shunter-bench-") as scratch:
         job_path, result_path = Path(scratch) / "job.json", Path(scratch) / "result.json"
         job_path.write_text(json.dumps(job))
-        argv = [sys.executable, "-m", WORKER_MODULE, str(job_path), str(result_path)]
+        module = WORKER_MODULES.get(job.get("kind", ""), WORKER_MODULE)
+        argv = [sys.executable, "-m", module, str(job_path), str(result_path)]
         drop_page_cache()
         with memory_cgroup(cap_bytes) as group:
             procs = str(group / "cgroup.procs")

@@ -2,8 +2,8 @@
 
 `python -m shunter.bench.workers JOB.json RESULT.json` runs one job (a JSON dict whose "kind" names
 the worker) and writes its JSON result; bench.sandbox starts it inside a memory cgroup. Every
-contender decodes the same prompts: sequence s is PROMPT_TOKENS ids from FIRST_PROMPT_ID + s,
-greedy, no stop token.
+contender decodes the same prompts: every sequence its own PROMPT_TOKENS random ids (seeded, so
+every contender and every run gets the same ones), greedy, no stop token.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from shunter.offload.placement import OffloadPlacement
 from shunter.offload.planner import expected_touched_experts
 
 PROMPT_TOKENS = 16
-FIRST_PROMPT_ID = 100  # sequence s is the ids 100+s, 101+s, ... (modulo the vocabulary)
+PROMPT_SEED = 0
 
 
 def prompts(sequences: int, vocab_size: int) -> list[list[int]]:
-    """[sequences][PROMPT_TOKENS] token ids, all prompts the same length (no padding)."""
-    return [[(FIRST_PROMPT_ID + s + i) % vocab_size for i in range(PROMPT_TOKENS)] for s in range(sequences)]
+    """[sequences][PROMPT_TOKENS] independent random token ids, the same length (no padding).
+    Shifted copies of one sequence would route alike and flatter every expert cache."""
+    generator = np.random.default_rng(PROMPT_SEED)
+    return generator.integers(0, vocab_size, size=(sequences, PROMPT_TOKENS)).tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,6 +159,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     offload.add_argument("--out", default=None, help="also write the JSON result to this file")
     offload.set_defaults(func=run_offload, outputs={"out": "file"})
 
+    decode = kinds.add_parser(
+        "decode",
+        help="decode tok/s of Shunter and llama.cpp at the same precision, in memory and under a cap (root)",
+        description="For each --precision NAME=CHECKPOINT,GGUF and each number of sequences: Shunter "
+        "(in memory, or the offload engine when the checkpoint exceeds the cap less --runtime-reserve) "
+        "and llama.cpp's llama-batched-bench on the same weights, every sequence its own random 16-token "
+        "prompt, in memory and in a fresh memory cgroup at --cap with the page cache dropped; runs "
+        "interleaved round by round, median of --reps after --warmup.",
+    )
+    decode.add_argument(
+        "--precision",
+        action="append",
+        required=True,
+        metavar="NAME=CHECKPOINT,GGUF",
+        help="a precision to compare, e.g. bf16=model-bf16,model.bf16.gguf (repeatable)",
+    )
+    decode.add_argument("--llama-batched-bench", required=True, metavar="PATH", help="llama.cpp's binary")
+    decode.add_argument("--cap", required=True, help="the capped runs' memory cgroup, page cache included")
+    decode.add_argument(
+        "--runtime-reserve",
+        default="400MiB",
+        help="of --cap, what Shunter's runtime gets; the rest is its weight budget (default 400MiB)",
+    )
+    decode.add_argument("--sequences", default="1,8,64", help="sequences in flight (default 1,8,64)")
+    decode.add_argument("--new-tokens", type=int, default=8, help="tokens per sequence (default 8)")
+    decode.add_argument("--threads", type=int, default=2, help="llama.cpp's -t and -tb (default 2)")
+    decode.add_argument("--reps", type=int, default=5, help="timed rounds (default 5)")
+    decode.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    decode.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    decode.add_argument("--out", default=None, help="also write the JSON result to this file")
+    decode.set_defaults(func=run_decode, outputs={"out": "file"})
+
     serve = kinds.add_parser(
         "serve",
         help="streaming OpenAI clients against shunter serve, one-at-a-time and llama-server at rising "
@@ -394,6 +426,52 @@ def offload_config(args: argparse.Namespace) -> offload_bench.BenchConfig:
         max_batches=MAX_PLANNED_BATCHES,
         run_timeout_s=args.run_timeout or None,
     )
+
+
+def decode_config(args: argparse.Namespace):
+    """`shunter bench decode`'s options checked; ShunterError naming the option for anything wrong."""
+    from shunter.bench import decode as decode_bench
+
+    if args.new_tokens < 2:
+        raise ShunterError(f"--new-tokens: the decode rate needs at least 2, got {args.new_tokens}")
+    if args.reps < 1 or args.warmup < 0 or args.threads < 1:
+        raise ShunterError("--reps and --threads must be at least 1 and --warmup at least 0")
+    binary = Path(args.llama_batched_bench)
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise ShunterError(f"--llama-batched-bench {binary}: not an executable file")
+    precisions = []
+    for text in args.precision:
+        name, _, paths = text.partition("=")
+        checkpoint, _, gguf = paths.partition(",")
+        if not (name and checkpoint and gguf):
+            raise ShunterError(f"--precision {text!r}: expected NAME=CHECKPOINT,GGUF")
+        if not Path(gguf).is_file():
+            raise ShunterError(f"--precision {name}: {gguf} is not a file")
+        load_spec(resolve_model_dir(checkpoint))  # a clear error for a bad checkpoint, before any run
+        precisions.append(decode_bench.Precision(name, resolve_model_dir(checkpoint), Path(gguf)))
+    cap, reserve = parse_bytes(args.cap, "--cap"), parse_bytes(args.runtime_reserve, "--runtime-reserve")
+    if cap <= reserve:
+        raise ShunterError(
+            f"--cap {format_bytes(cap)} is not above --runtime-reserve {format_bytes(reserve)}"
+        )
+    return decode_bench.DecodeBenchConfig(
+        precisions=precisions,
+        sequences=parse_sequence_list(args.sequences, "--sequences"),
+        cap_bytes=cap,
+        runtime_reserve_bytes=reserve,
+        llama_batched_bench=binary,
+        threads=args.threads,
+        new_tokens=args.new_tokens,
+        reps=args.reps,
+        warmup=args.warmup,
+    )
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from shunter.bench import decode as decode_bench
+
+    report = decode_bench.run_benchmark(decode_config(args), progress=sys.stderr)
+    return emit_report(report, args, decode_bench.print_decode_table)
 
 
 def run_offload(args: argparse.Namespace) -> int:
