@@ -127,6 +127,68 @@ def test_live_balance_through_generate_equals_single_process(tiny_checkpoint):
     assert parallel["balance"] == "live" and "replans" in parallel["live"]
 
 
+def write_colocated_plan(path: Path, model_a: Path, model_b: Path, devices: int) -> Path:
+    """Aurora's pairing by hand: model a's experts in contiguous blocks, model b's reversed."""
+    spec_a, spec_b = load_spec(model_a), load_spec(model_b)
+    layers = sum(spec_a.moe_layers)
+    assert layers == sum(spec_b.moe_layers)
+    device_a = [(e * devices) // spec_a.num_experts for e in range(spec_a.num_experts)]
+    device_b = [(spec_b.num_experts - 1 - e) % devices for e in range(spec_b.num_experts)]
+    models = [(model_a, spec_a, device_a), (model_b, spec_b, device_b)]
+    document = {
+        "version": 2,
+        "mode": "colocated",
+        "cluster": {"devices": [{"bandwidth_bytes_s": 1e9, "compute_flop_s": 1e12}] * devices},
+        "options": {"bytes_per_token": 256.0, "flops_per_token": 1e5},
+        "models": [
+            {"name": m.name, "num_layers": layers, "num_experts": s.num_experts, "top_k": 2}
+            for m, s, _ in models
+        ],
+        "layers": [
+            {
+                "layer": i,
+                "slots": [
+                    {"device": d, "expert": list(range(s.num_experts)), "share": [1.0] * s.num_experts}
+                    for _, s, d in models
+                ],
+            }
+            for i in range(layers)
+        ],
+    }
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_two_colocated_models_each_equal_their_single_process_run(tiny_checkpoint, tmp_path, nproc):
+    model_a, model_b = tiny_checkpoint("olmoe"), tiny_checkpoint("mixtral")
+    plan = write_colocated_plan(tmp_path / "colocated.json", model_a, model_b, nproc)
+    reference_a = _single_process(model_a, "--batch", "3", "--max-new-tokens", "12")
+    reference_b = _single_process(model_b, "--batch", "3", "--max-new-tokens", "12")
+    both = _expert_parallel(
+        nproc,
+        model_a,
+        "--batch",
+        "3",
+        "--max-new-tokens",
+        "12",
+        "--plan",
+        str(plan),
+        "--colocate",
+        str(model_b),
+    )
+    assert both["generated_ids"] == reference_a["generated_ids"]
+    assert both["colocated_model"]["generated_ids"] == reference_b["generated_ids"]
+    assert both["colocated_model"]["family"] == "mixtral"
+
+
+def test_a_colocated_plan_without_the_second_model_is_one_clear_error(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("olmoe")
+    plan = write_colocated_plan(tmp_path / "colocated.json", model, tiny_checkpoint("mixtral"), 2)
+    result = torchrun(2, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--plan", str(plan))
+    _one_error_line(result, "--colocate")
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input and faults: one clear line
 

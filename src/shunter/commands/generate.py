@@ -33,8 +33,11 @@ from shunter.offload.planner import plan_as_dict
 from shunter.parallel.inference import (
     BALANCES,
     LiveOptions,
+    ModelRun,
+    generate_colocated,
     generate_expert_parallel,
     load_expert_parallel_model,
+    new_model_group,
     placements_of,
     port_bandwidths,
     sequences_of_rank,
@@ -139,6 +142,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how the all-to-alls run (default scheduled)",
     )
     parallel.add_argument(
+        "--colocate",
+        metavar="MODEL_B",
+        help="serve a second model on the same ranks (Aurora): --plan must be a colocated plan "
+        "(`shunter plan --colocate`) for MODEL and MODEL_B; both generate from the prompt, interleaved",
+    )
+    parallel.add_argument(
         "--timeout",
         type=flag_type(parse_number, above=0),
         default=120.0,
@@ -173,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     context_tokens = len(prompt) + args.max_new_tokens // 2
     # a model directory that carries its own routing trace (the built-in model does) seeds the prefetcher
     trace = load_trace(args.trace) if args.trace else model_trace(path)
-    if args.plan is not None or args.balance != "plan" or "WORLD_SIZE" in os.environ:
+    if args.plan is not None or args.balance != "plan" or args.colocate or "WORLD_SIZE" in os.environ:
         return run_rank(lambda: run_expert_parallel(args, path, spec, tokenizer, prompt, trace))
     choice = choose_executor(
         path,
@@ -317,54 +326,89 @@ def run_expert_parallel(
 ) -> int:
     """One rank of `torchrun -m shunter generate`: the batch's sequences split over the ranks
     (attention data-parallel), every MoE layer expert-parallel under --plan (contiguous without);
-    rank 0 prints what single-process generate prints."""
+    rank 0 prints what single-process generate prints. With --colocate a second model runs on the
+    same ranks under the colocated plan's second placement; the two models' steps interleave (each
+    on its own thread and process group), and its figures come under "colocated_model"."""
     for flag, default in (("memory", None), ("host_memory", "0"), ("device", "cpu"), ("batches", "1")):
         if getattr(args, flag) != default:
             raise ShunterError(f"--{flag.replace('_', '-')} is for the offload engine; expert parallelism "
                                "holds every rank's weights in memory")  # fmt: skip
     plan = load_plan(args.plan) if args.plan is not None else None  # bad plans fail before the group
+    models = [(path, spec, tokenizer)]
+    if args.colocate is not None:
+        if plan is None or plan.mode != "colocated":
+            raise ShunterError("--colocate: needs --plan with a colocated plan (`shunter plan --colocate`)")
+        other = resolve_model_dir(args.colocate)
+        models.append((other, load_spec(other), Tokenizer.from_model_dir(other)))
+        if max(prompt) >= models[1][1].vocab_size:
+            raise ShunterError(f"--colocate: the prompt has ids beyond {other}'s vocabulary")
+    elif plan is not None and plan.mode == "colocated":
+        raise ShunterError(
+            f"{plan.source}: a colocated plan places two models: name the second with --colocate"
+        )
     if plan is not None and os.environ.get("WORLD_SIZE", "").isdigit():
-        placements_of(spec, int(os.environ["WORLD_SIZE"]), plan, str(path))
+        for index, (model_path, model_spec, _) in enumerate(models):
+            placements_of(model_spec, int(os.environ["WORLD_SIZE"]), plan, str(model_path), index)
     rank, world = init_from_environment(args.timeout)
-    placements = placements_of(spec, world, plan, str(path))
-    dtype = DTYPE_NAMES[args.dtype] if args.dtype else spec.torch_dtype
-    live = LiveOptions(profile=trace)
-    ep = load_expert_parallel_model(
-        path, dtype, placements, strategy=args.strategy, bandwidth_bytes_s=port_bandwidths(plan, world),
-        seed=args.seed, balance=args.balance, live=live,
-    )  # fmt: skip
-    on_step = start_stream(args, tokenizer, prompt, spec.eos_token_ids) if rank == 0 else None
     sampling = SamplingParams(
         args.temperature, args.top_p, args.seed, args.frequency_penalty, args.presence_penalty
     )
-    result = generate_expert_parallel(
-        ep, [prompt] * args.batch, args.max_new_tokens, sampling, spec.eos_token_ids, on_step
-    )
+    runs = []
+    for index, (model_path, model_spec, _) in enumerate(models):
+        dtype = DTYPE_NAMES[args.dtype] if args.dtype else model_spec.torch_dtype
+        ep = load_expert_parallel_model(
+            model_path, dtype, placements_of(model_spec, world, plan, str(model_path), index),
+            strategy=args.strategy, bandwidth_bytes_s=port_bandwidths(plan, world), seed=args.seed,
+            balance=args.balance, live=LiveOptions(profile=trace if index == 0 else None),
+            group=new_model_group() if len(models) > 1 else None,
+        )  # fmt: skip
+        runs.append(
+            ModelRun(ep, [prompt] * args.batch, args.max_new_tokens, sampling, model_spec.eos_token_ids)
+        )
+    if len(runs) == 1:
+        runs[0].on_step = start_stream(args, tokenizer, prompt, spec.eos_token_ids) if rank == 0 else None
+        results = [generate_expert_parallel(runs[0].model, *runs[0].arguments())]
+    else:
+        results = generate_colocated(runs)
     peak = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
-        stats: dict[str, object] = {
-            "model": str(path),
-            "family": spec.family,
-            "dtype": str(dtype).removeprefix("torch."),
-            "engine": "expert-parallel",
-            "batch": args.batch,
-            "prompt_tokens": len(prompt),
-            "generated_ids": result.tokens[0],
-            "generated_tokens": result.generated_tokens,
-            "prefill_s": result.prefill_s,
-            "decode_s": result.decode_s,
-            "prefill_tok_s": result.prefill_tok_s,
-            "decode_tok_s": result.decode_tok_s,
-            "peak_rss_bytes": int(peak.item()),
-            "world_size": world,
-            "placement": str(args.plan) if args.plan else "contiguous",
-            "strategy": args.strategy,
-            "balance": args.balance,
-            "sequences_per_rank": [len(sequences_of_rank(args.batch, r, world)) for r in range(world)],
-        }
-        if ep.live_stats():
-            stats["live"] = ep.live_stats()
-        print_result(args, spec, tokenizer, prompt, result, stats)
+        all_stats = []
+        for (model_path, model_spec, _), run, result in zip(models, runs, results, strict=True):
+            stats: dict[str, object] = {
+                "model": str(model_path),
+                "family": model_spec.family,
+                "dtype": str(run.model.model.dtype).removeprefix("torch."),
+                "engine": "expert-parallel",
+                "batch": args.batch,
+                "prompt_tokens": len(prompt),
+                "generated_ids": result.tokens[0],
+                "generated_tokens": result.generated_tokens,
+                "prefill_s": result.prefill_s,
+                "decode_s": result.decode_s,
+                "prefill_tok_s": result.prefill_tok_s,
+                "decode_tok_s": result.decode_tok_s,
+                "peak_rss_bytes": int(peak.item()),
+                "world_size": world,
+                "placement": str(args.plan) if args.plan else "contiguous",
+                "strategy": args.strategy,
+                "balance": args.balance,
+                "sequences_per_rank": [len(sequences_of_rank(args.batch, r, world)) for r in range(world)],
+            }
+            if run.model.live_stats():
+                stats["live"] = run.model.live_stats()
+            all_stats.append(stats)
+        if len(models) == 1:
+            print_result(args, spec, tokenizer, prompt, results[0], all_stats[0])
+        elif args.json:
+            print_json(all_stats[0] | {"colocated_model": all_stats[1]})
+        else:  # no streaming while two models interleave: each completion when both are done
+            for (_, model_spec, model_tokenizer), result, stats in zip(
+                models, results, all_stats, strict=True
+            ):
+                stream = start_stream(args, model_tokenizer, prompt, model_spec.eos_token_ids)
+                for token in result.tokens[0]:
+                    stream([token])
+                print_result(args, model_spec, model_tokenizer, prompt, result, stats)
     dist.barrier()
     return 0

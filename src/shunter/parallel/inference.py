@@ -14,6 +14,7 @@ sequence afterwards, which leaves greedy tokens equal to single-process `generat
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,16 +213,64 @@ def generate_expert_parallel(
     mine = sequences_of_rank(len(prompts), ep.rank, ep.world)
     local = [prompts[i] for i in mine] or [prompts[0]]  # an idle rank still joins every exchange
     result = generate(ep.model, local, max_new_tokens, sampling, stop_ids=(), on_step=on_step)
-    tokens = [cut_at_stop(t, stop_ids) for t in result.tokens[: len(mine)]]
-    summary = (tokens, result.prefill_s, result.decode_s, result.decode_steps, result.per_step_s)
+    mine_cut = [cut_at_stop(t, stop_ids) for t in result.tokens[: len(mine)]]
+    summary = (mine_cut, result.prefill_s, result.decode_s, result.decode_steps, result.per_step_s)
     gathered: list[tuple | None] = [None] * ep.world
     dist.all_gather_object(gathered, summary, group=ep.group)
+    tokens = [t for part in gathered for t in part[0]]  # type: ignore[index]
+    per_step_s = [max(steps) for steps in zip(*(part[4] for part in gathered), strict=True)]  # type: ignore[index]
+    # single-process generate stops once every sequence has stopped: count the forwards it would run
+    needed = max(0, max(len(t) for t in tokens) - 1)
     return GenerationResult(
-        tokens=[t for part in gathered for t in part[0]],  # type: ignore[index]
+        tokens=tokens,
         prompt_tokens=sum(len(p) for p in prompts),
         prefill_s=max(part[1] for part in gathered),  # type: ignore[index]
-        decode_s=max(part[2] for part in gathered),  # type: ignore[index]
-        decode_steps=gathered[0][3],  # type: ignore[index]
+        decode_s=sum(per_step_s[:needed]),
+        decode_steps=min(needed, len(per_step_s)),
         batch=len(prompts),
-        per_step_s=[max(steps) for steps in zip(*(part[4] for part in gathered), strict=True)],  # type: ignore[index]
+        per_step_s=per_step_s,
     )
+
+
+@dataclass
+class ModelRun:
+    """One model's generation: its expert-parallel model and `generate_expert_parallel`'s arguments."""
+
+    model: ExpertParallelModel
+    prompts: Sequence[Sequence[int]]
+    max_new_tokens: int
+    sampling: SamplingParams = GREEDY
+    stop_ids: Sequence[int] = ()
+    on_step: Callable[[list[int | None]], None] | None = None
+
+    def arguments(self) -> tuple:
+        return (self.prompts, self.max_new_tokens, self.sampling, self.stop_ids, self.on_step)
+
+
+def new_model_group() -> dist.ProcessGroup:
+    """Every rank in a communicator of its own, so two colocated models' collectives never pair up
+    with each other. Collective: every rank creates the groups in the same order."""
+    return dist.new_group(list(range(dist.get_world_size())), backend=dist.get_backend())
+
+
+def generate_colocated(runs: Sequence[ModelRun]) -> list[GenerationResult]:
+    """Aurora's colocation: the models generate at the same time on the same ranks, one thread each
+    (each model on its own process group), so one model's exchange runs while the other computes.
+    Every rank returns every model's gathered result; the first failure is raised here."""
+    results: list[GenerationResult | None] = [None] * len(runs)
+    failures: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            results[index] = generate_expert_parallel(runs[index].model, *runs[index].arguments())
+        except BaseException as exc:  # re-raised on the calling thread, which reports it
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"model-{i}") for i in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return results  # type: ignore[return-value]
