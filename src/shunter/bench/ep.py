@@ -212,6 +212,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--intermediate", type=int, default=512, help="expert intermediate size")
     parser.add_argument("--strategy", default="all_to_all", choices=STRATEGIES)
     parser.add_argument("--no-colocation", action="store_true", help="skip the colocation run")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per rank (default 1: emulated hosts share this machine's cores, and "
+        "oversubscribed OpenMP threads spin against each other)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may wait")
     parser.add_argument("--out", default=None, help="rank 0 writes the JSON result here (default stdout)")
     return parser.parse_args(argv)
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         raise ShunterError("--layers, --batch-tokens, --batches, --hidden, --intermediate must be >= 1")
     rank, world = init_from_environment(args.timeout)
+    torch.set_num_threads(max(args.threads, 1))
     rates_text = args.bandwidth or os.environ.get(BANDWIDTH_VARIABLE)
     if not rates_text:
         raise ShunterError(f"--bandwidth: not given and ${BANDWIDTH_VARIABLE} is not set")
@@ -296,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             measured[policy].append(seconds)
             copies[policy].append(copy_s)
-            if policy != "eplb":  # the simulator has no EPLB-style policy
-                predicted[policy].append(inference_batch(batch, setup, policy, estimator).time_s)  # type: ignore[arg-type]
+    # predicted after the measurements: minutes of simulation between timed batches would leave the
+    # links idle (TCP restarts slowly after idle) and the next batch slower than a stream's
+    for policy in ("static", "lina", "ideal"):  # the simulator has no EPLB-style policy
+        for batch in stream[args.warmup :]:
+            predicted[policy].append(inference_batch(batch, setup, policy, estimator).time_s)  # type: ignore[arg-type]
     results: dict[str, dict] = {}
     for policy in POLICIES:
         results[policy] = {
