@@ -2,6 +2,10 @@
 layer's dispatch + combine on an emulated cluster three ways (all_to_all_single, Shunter's
 schedule, random order) beside the lower bound and the simulator's prediction. Needs root.
 
+`shunter bench ep --hosts N --bandwidth ...`: per-batch time of the MoE layers over a trace's batch
+stream under static, EPLB-style, Lina-live and ideal placements, and two colocated models against
+each alone on half the hosts, beside the simulator (shunter.bench.ep). Needs root.
+
 `shunter bench offload MODEL --memory X`: decode tok/s of the offload engine's ablation ladder,
 transformers + accelerate disk offload, the planner's prediction and the in-memory executor, each
 in its own process in a memory cgroup capped at X (shunter.bench.offload). Needs root."""
@@ -27,6 +31,7 @@ from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.loader import TRACE_FILE, default_trace_path, model_trace, resolve_model_dir
 from shunter.model.spec import load_spec
+from shunter.network.transport import STRATEGIES
 from shunter.offload.planner import MAX_PLANNED_BATCHES
 from shunter.parallel.cluster import (
     DEFAULT_PORT,
@@ -100,6 +105,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a2a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a2a.add_argument("--out", default=None, help="also write the JSON result to this file")
     a2a.set_defaults(func=run_a2a, outputs={"out": "file"})
+
+    ep = kinds.add_parser(
+        "ep",
+        help="expert-parallel per-batch time: static, EPLB-style, Lina live, ideal; colocation (root)",
+        description="Run one rank per emulated host and time a stream of batches, routed as the trace "
+        "routes them, through the MoE layers (all-gather of counts, dispatch, experts, combine) under "
+        "static contiguous placement, the EPLB-style plan, Lina's live replication and an ideal "
+        "balanced gate (p50/p95 per batch beside the simulator's prediction), then two colocated "
+        "models against each alone on half the hosts (shunter.bench.ep).",
+    )
+    ep.add_argument("--hosts", type=int, required=True, help="number of emulated hosts (ranks)")
+    ep.add_argument("--bandwidth", required=True, help="port rate of every host, or one per host")
+    ep.add_argument("--trace", default=None, help="routing trace .npz (default: the built-in model's)")
+    ep.add_argument("--layers", type=int, default=4, help="MoE layers of the trace to run (default 4)")
+    ep.add_argument("--batch-tokens", type=int, default=1024, help="tokens per batch (default 1024)")
+    ep.add_argument("--batches", type=int, default=20, help="timed batches per policy (default 20)")
+    ep.add_argument("--warmup", type=int, default=2, help="untimed batches per policy first (default 2)")
+    ep.add_argument(
+        "--profile-tokens",
+        type=int,
+        default=16384,
+        help="trace tokens that profile Lina's estimator and the EPLB-style plan (default 16384)",
+    )
+    ep.add_argument("--hidden", type=int, default=256, help="expert hidden size (default 256)")
+    ep.add_argument("--intermediate", type=int, default=512, help="expert intermediate size (default 512)")
+    ep.add_argument(
+        "--strategy", default="all_to_all", choices=STRATEGIES, help="the exchange (default all_to_all)"
+    )
+    ep.add_argument("--no-colocation", action="store_true", help="skip the colocation run")
+    add_congestion_control_argument(ep)
+    ep.add_argument(
+        "--timeout",
+        type=flag_type(parse_number, above=0),
+        default=120.0,
+        help="seconds any collective may wait",
+    )
+    ep.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
+    )
+    ep.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ep.add_argument("--out", default=None, help="also write the JSON result to this file")
+    ep.set_defaults(func=run_ep, outputs={"out": "file"})
 
     offload = kinds.add_parser(
         "offload",
@@ -478,6 +525,71 @@ def run_offload(args: argparse.Namespace) -> int:
     config = offload_config(args)
     report = offload_bench.run_benchmark(config, progress=sys.stderr)
     return emit_report(report, args, print_offload_table)
+
+
+def run_ep(args: argparse.Namespace) -> int:
+    if args.hosts < 2:
+        raise ShunterError(f"--hosts: expert parallelism needs at least 2 hosts, got {args.hosts}")
+    for flag in ("layers", "batch_tokens", "batches", "profile_tokens", "hidden", "intermediate"):
+        if getattr(args, flag) < 1:
+            raise ShunterError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        raise ShunterError(f"--warmup: must be at least 0, got {args.warmup}")
+    bandwidth = parse_host_bandwidths(args.bandwidth, args.hosts)
+    trace_path = Path(args.trace) if args.trace else default_trace_path()
+    trace = load_trace(trace_path)
+    needed = args.profile_tokens + (args.warmup + args.batches) * args.batch_tokens
+    if trace.num_tokens < needed:
+        raise ShunterError(
+            f"{trace_path}: {trace.num_tokens} tokens, the run needs {needed} (--profile-tokens + "
+            "(--warmup + --batches) x --batch-tokens)"
+        )
+    check_environment()
+    with tempfile.TemporaryDirectory(prefix="shunter-ep-") as scratch:
+        result_path = Path(scratch) / "result.json"
+        command = [
+            sys.executable, "-m", "shunter.bench.ep", "--trace", str(trace_path.resolve()),
+            "--layers", str(args.layers), "--batch-tokens", str(args.batch_tokens),
+            "--batches", str(args.batches), "--warmup", str(args.warmup),
+            "--profile-tokens", str(args.profile_tokens), "--hidden", str(args.hidden),
+            "--intermediate", str(args.intermediate), "--strategy", args.strategy,
+            "--timeout", str(args.timeout), "--out", str(result_path),
+        ]  # fmt: skip
+        if args.no_colocation:
+            command.append("--no-colocation")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        with EmulatedCluster(args.hosts, bandwidth, congestion_control=args.congestion_control) as cluster:
+            status = run_on_cluster(cluster, command, port=args.port, out=sys.stderr, err=sys.stderr)
+        if status != 0:
+            raise ShunterError(f"the benchmark ranks failed (exit status {status}); their output is above")
+        report = json.loads(result_path.read_text())
+    report["congestion_control"] = args.congestion_control
+    return emit_report(report, args, print_ep_table)
+
+
+def print_ep_table(report: dict) -> None:
+    rates = ", ".join(f"{b * 8 / 1e6:g}" for b in report["bandwidth_bytes_s"])
+    print(
+        f"{report['hosts']} hosts, ports {rates} Mbit/s; {report['layers']} MoE layers, "
+        f"{report['batch_tokens']} tokens a batch, {report['batches']} batches after {report['warmup']} "
+        f"warm-up; experts {report['hidden']} x {report['intermediate']}, exchange {report['strategy']}"
+    )
+    print(f"  {'policy':<7} {'p50':>9} {'p95':>9} {'pred p50':>9} {'pred p95':>9} {'static/this p95':>16}")
+    for name, entry in report["policies"].items():
+        m, p = entry["measured"], entry["predicted"]
+        predicted = f"{p['p50_s'] * 1e3:>7.1f}ms {p['p95_s'] * 1e3:>7.1f}ms" if p else f"{'-':>9} {'-':>9}"
+        ratio = entry.get("static_over_this_p95")
+        print(
+            f"  {name:<7} {m['p50_s'] * 1e3:>7.1f}ms {m['p95_s'] * 1e3:>7.1f}ms {predicted} "
+            f"{'' if ratio is None else f'{ratio:.3f}x':>16}"
+        )
+    colocation = report.get("colocation")
+    if colocation:
+        print(
+            f"colocation: both models on every host {colocation['colocated_s']:.3f} s, each alone on "
+            f"half the hosts {colocation['alone_on_half_s']:.3f} s: "
+            f"{colocation['throughput_gain']:.2f}x throughput"
+        )
 
 
 def _plan_placements(plan_path: str, trace, hosts: int, trace_path: Path) -> list[dict[str, list]]:

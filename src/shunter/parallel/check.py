@@ -35,10 +35,19 @@ from shunter.model.loader import DEFAULT_MODEL, DTYPE_NAMES, load_model, resolve
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.weights import CheckpointLayout
 from shunter.network.transport import STRATEGIES
+from shunter.parallel.inference import (
+    BALANCES,
+    LiveOptions,
+    generate_expert_parallel,
+    load_expert_parallel_model,
+    moe_layer_indices,
+    placements_of,
+)
 from shunter.parallel.moe import ExpertParallelMoE, as_slots, contiguous_placement
 from shunter.parallel.runtime import init_from_environment, run_rank
 from shunter.plan.document import check_model_against, load_plan
 from shunter.plan.slots import ExpertSlots
+from shunter.trace import load_trace
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,6 +82,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--strategy", default="scheduled", choices=STRATEGIES, help="the exchange with --generate"
+    )
+    parser.add_argument(
+        "--balance",
+        default="plan",
+        choices=BALANCES,
+        help="with --generate: plan (the plan's shares) or live (Lina's re-planning per batch)",
+    )
+    parser.add_argument("--trace", default=None, help="with --balance live: the path estimator's profile")
+    parser.add_argument(
+        "--free-moves",
+        action="store_true",
+        help="with --balance live: re-plan whenever the load improves, whatever copying experts costs",
     )
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
@@ -150,42 +171,47 @@ def _check_generation(
     layout: CheckpointLayout,
     tokens: list[int],
 ) -> int:
-    """Whole-model greedy generation with expert-parallel MoE layers against single-process."""
-    model = load_model(model_dir, dtype=args.dtype, pack=False).model
-    spec = model.spec
-    bandwidth = np.linspace(2.0, 1.0, world)
-    for layer, is_moe in enumerate(spec.moe_layers):
-        if is_moe:
-            model.moe_overrides[layer] = ExpertParallelMoE.from_checkpoint(
-                spec,
-                layout,
-                layer,
-                _placement(args, spec, layer, world),
-                DTYPE_NAMES[args.dtype],
-                strategy=args.strategy,
-                bandwidth_bytes_s=bandwidth,
-                seed=args.seed,
-            )
+    """Whole-model greedy generation on the expert-parallel runtime (`parallel.inference`) against
+    single-process generate; each rank generates from its own prompt."""
+    spec = layout.spec
+    plan = load_plan(args.plan) if args.plan is not None else None
+    if args.placement is not None:
+        placements = [_placement(args, spec, layer, world) for layer in moe_layer_indices(spec)]
+    else:
+        placements = placements_of(spec, world, plan, str(model_dir))
+    live = LiveOptions(profile=load_trace(args.trace) if args.trace else None, free_moves=args.free_moves)
+    ep = load_expert_parallel_model(
+        model_dir,
+        DTYPE_NAMES[args.dtype],
+        placements,
+        strategy=args.strategy,
+        bandwidth_bytes_s=np.linspace(2.0, 1.0, world),
+        seed=args.seed,
+        balance=args.balance,
+        live=live,
+    )
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(0, spec.vocab_size, max(1, n)).tolist() for n in tokens]
-    # every rank runs the same number of forwards (no stop tokens), so the exchanges pair up
-    mine = generate(model, [prompts[rank]], args.generate).tokens[0]
-    gathered: list[list[int] | None] = [None] * world
-    dist.all_gather_object(gathered, mine)
+    # no stop tokens: every sequence runs the same number of forwards as its single-process twin
+    gathered = generate_expert_parallel(ep, prompts, args.generate).tokens
+    live_stats = ep.live_stats()
     ok = True
     if rank == 0:
-        model.moe_overrides.clear()
+        model = load_model(model_dir, dtype=args.dtype, pack=False).model
         reference = [generate(model, [prompt], args.generate).tokens[0] for prompt in prompts]
         ok = gathered == reference
         report = {
             "model": str(model_dir),
             "world_size": world,
             "strategy": args.strategy,
+            "balance": args.balance,
             "prompts": prompts,
             "tokens": gathered,
             "reference": reference,
             "ok": ok,
         }
+        if live_stats:
+            report["live"] = live_stats
         if args.json:
             json.dump(report, sys.stdout)
             sys.stdout.write("\n")

@@ -221,8 +221,7 @@ class ExpertParallelMoE:
         k = expert_ids.shape[1]
 
         flat_experts = expert_ids.reshape(-1)
-        counts = self._all_counts(flat_experts)  # [n, E]
-        slot_counts = split_by_shares(counts, self.slots)  # [n, S]
+        slot_counts = self._slot_counts(expert_ids)  # [n, S]
         rows = _rows_of_slot_counts(slot_counts, self.slots)
         self.last = ExchangeCounts(rows, slot_counts)
 
@@ -255,6 +254,11 @@ class ExpertParallelMoE:
         return add_shared_experts(x, out, self.weights)
 
     __call__ = forward
+
+    def _slot_counts(self, expert_ids: torch.Tensor) -> np.ndarray:
+        """[n, S] the pairs each rank sends each slot, from this rank's choices expert_ids [T, k]:
+        the plan's shares. A live-balancing block overrides this (and may move slots first)."""
+        return split_by_shares(self._all_counts(expert_ids.reshape(-1)), self.slots)
 
     def _all_counts(self, flat_experts: torch.Tensor) -> np.ndarray:
         mine = torch.bincount(flat_experts, minlength=self.spec.num_experts).to(torch.int64)

@@ -1,0 +1,45 @@
+"""`shunter bench ep`: bad input fails with one line before anything is created; the ranks' harness
+on a tiny configuration (torchrun on loopback, no namespaces) reports every policy, the simulator's
+prediction beside each it models, and the colocation run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shunter.cli import main
+from tests.parallel.test_expert_parallel import torchrun
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hosts", "1", "--bandwidth", "1Gbit/s"], "at least 2 hosts"),
+        (["--hosts", "2", "--bandwidth", "1Gbit/s", "--batches", "0"], "--batches: must be at least 1"),
+        (["--hosts", "2", "--bandwidth", "1Gbit/s,1Gbit/s,1Gbit/s"], "3 bandwidths for 2 hosts"),
+        (["--hosts", "2", "--bandwidth", "1Gbit/s", "--batch-tokens", "100000"], "the run needs"),
+        (["--hosts", "2", "--bandwidth", "1Gbit/s", "--trace", "/nonexistent.npz"], "trace file not found"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, argv, message):
+    assert main(["bench", "ep", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_tiny_run_reports_every_policy_beside_the_simulator():
+    result = torchrun(
+        2, "shunter.bench.ep", "--bandwidth", "1GB/s", "--layers", "2", "--batches", "2", "--warmup", "0",
+        "--batch-tokens", "128", "--profile-tokens", "2048", "--hidden", "32", "--intermediate", "64",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert set(report["policies"]) == {"static", "eplb", "lina", "ideal"}
+    for name, entry in report["policies"].items():
+        assert len(entry["per_batch_s"]) == 2 and entry["measured"]["p95_s"] >= entry["measured"]["p50_s"] > 0
+        assert (entry["predicted"] is None) == (name == "eplb")  # the simulator has no EPLB policy
+    assert report["policies"]["static"]["predicted"]["p50_s"] > 0
+    assert report["policies"]["lina"]["phase2_replanned_layers"] >= 0
+    colocation = report["colocation"]
+    assert colocation["colocated_s"] > 0 and colocation["alone_on_half_s"] > 0
