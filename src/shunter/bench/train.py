@@ -9,6 +9,10 @@ Variants (Lina's ablation, lina.md; `shunter.train.parallel` for the schedulers)
 Full Lina also chunks the all-to-all along tokens, pipelined with the expert FFN, and packs
 experts; the runtime does not do those, so that row has the simulator's prediction only.
 
+Overlap and priority allreduce buckets of one block's dense gradients (`--bucket-bytes`, default
+the dense gradients / layers), as the simulator's DeepSpeed does: DDP's 25 MB bucket would hold a
+small model's every gradient and leave nothing to overlap.
+
 Every variant trains the same model from the same seed for warmup + steps steps (`shunter train
 --expert-parallel N --stop-after`), each rank writing its per-step timing (steps.rankR.jsonl). A
 step's time is the slowest rank's; the breakdown is the mean over ranks; each figure is the
@@ -223,6 +227,7 @@ def run_bench(
     timeout_s: float,
     scratch: Path,
     launch: Launcher,
+    bucket_bytes: int | None = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
     """Run every variant through `launch` and return the report (see the module docstring)."""
@@ -236,6 +241,8 @@ def run_bench(
     prepared = prepare_work_dir(config, corpus, scratch)
     config_path = scratch / "model.toml"
     config_path.write_text(_toml(config))
+    if bucket_bytes is None:  # one bucket per block's worth of gradients, as the simulator has it
+        bucket_bytes = max(dense_gradient_bytes(config) // config.num_layers, 1)
     measured: dict[str, Any] = {}
     for name, comm, micro in VARIANTS:
         out = scratch / name / "model"
@@ -243,7 +250,7 @@ def run_bench(
         work.mkdir(parents=True)
         for file in ("tokenizer.json", "train-tokens.npy", "heldout-tokens.npy"):
             shutil.copy(prepared / file, work / file)
-        extra = {"timeout": str(timeout_s)}
+        extra = {"timeout": str(timeout_s), "bucket-bytes": str(bucket_bytes)}
         if micro:
             extra["micro-op-bytes"] = str(micro_op_bytes)
         log(f"bench train: {name} ({warmup} + {steps} steps on {hosts} ranks)")
@@ -277,6 +284,7 @@ def run_bench(
         "steps": steps,
         "warmup": warmup,
         "micro_op_bytes": micro_op_bytes,
+        "bucket_bytes": bucket_bytes,
         "model": dataclasses.asdict(config),
         "dense_gradient_bytes": dense_gradient_bytes(config),
         "rows": rows,
@@ -288,7 +296,8 @@ def run_bench(
 def print_train_table(report: dict[str, Any]) -> None:
     print(
         f"{report['hosts']} ranks, ports {report['bandwidth_bytes_s'] * 8 / 1e6:.0f} Mbit/s, dense gradients "
-        f"{report['dense_gradient_bytes'] / 1e6:.1f} MB, micro-op {report['micro_op_bytes'] / 1e6:.2f} MB; "
+        f"{report['dense_gradient_bytes'] / 1e6:.1f} MB in buckets of {report['bucket_bytes'] / 1e6:.2f} MB, "
+        f"micro-op {report['micro_op_bytes'] / 1e6:.2f} MB; "
         f"median of {report['steps']} steps after {report['warmup']} warm-up"
     )
     header = f"{'variant':24}{'step ms':>9}{'speedup':>9}{'sim ms':>9}{'sim x':>8}{'sim/meas':>9}  paper"

@@ -472,6 +472,12 @@ def _register_train(kinds: argparse._SubParsersAction) -> None:
         "400 Mbit/s; smaller costs per-op overhead on gloo)",
     )
     train.add_argument(
+        "--bucket-bytes",
+        type=flag_type(parse_bytes),
+        default=None,
+        help="overlap/priority allreduce bucket (default: one block's dense gradients)",
+    )
+    train.add_argument(
         "--local",
         action="store_true",
         help="run the ranks on this machine's loopback with torchrun, unshaped (no root needed; "
@@ -501,6 +507,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise ShunterError("--steps must be at least 1 and --warmup at least 0")
     if args.micro_op_bytes <= 0:
         raise ShunterError(f"--micro-op-bytes: must be a positive number of bytes, got {args.micro_op_bytes}")
+    if args.bucket_bytes is not None and args.bucket_bytes <= 0:
+        raise ShunterError(f"--bucket-bytes: must be a positive number of bytes, got {args.bucket_bytes}")
     bandwidth = parse_host_bandwidths(args.bandwidth, args.hosts)
     if len(set(bandwidth)) != 1:
         raise ShunterError("--bandwidth: bench train shapes every host alike; give one rate")
@@ -513,7 +521,7 @@ def run_train(args: argparse.Namespace) -> int:
         options = dict(
             config=config, corpus=corpus, hosts=args.hosts, bandwidth_bytes_s=bandwidth[0], steps=args.steps,
             warmup=args.warmup, micro_op_bytes=args.micro_op_bytes, timeout_s=args.timeout,
-            scratch=Path(scratch),
+            scratch=Path(scratch), bucket_bytes=args.bucket_bytes,
         )  # fmt: skip
         if args.local:
             report = train_bench.run_bench(

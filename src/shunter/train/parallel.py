@@ -227,13 +227,15 @@ class Segment:
     stop: int
 
 
-def bucket_ops(params: list[torch.Tensor], bucket_bytes: int) -> list[list[Segment]]:
-    """DDP's buckets: whole gradients in reverse parameter order (roughly the order backward makes
-    them), a bucket closed once it holds bucket_bytes or more."""
+def bucket_ops(
+    params: list[torch.Tensor], bucket_bytes: int, order: Sequence[int] | None = None
+) -> list[list[Segment]]:
+    """DDP's buckets: whole gradients in `order` (the order backward made them; by default reverse
+    parameter order, DDP's first guess), a bucket closed once it holds bucket_bytes or more."""
     ops: list[list[Segment]] = []
     current: list[Segment] = []
     size = 0
-    for index in reversed(range(len(params))):
+    for index in reversed(range(len(params))) if order is None else order:
         p = params[index]
         current.append(Segment(index, 0, p.numel()))
         size += p.numel() * p.element_size()
@@ -245,11 +247,13 @@ def bucket_ops(params: list[torch.Tensor], bucket_bytes: int) -> list[list[Segme
     return ops
 
 
-def micro_ops(params: list[torch.Tensor], micro_op_bytes: int) -> list[list[Segment]]:
-    """Lina's micro-ops: each gradient (reverse parameter order) cut into chunks of at most
+def micro_ops(
+    params: list[torch.Tensor], micro_op_bytes: int, order: Sequence[int] | None = None
+) -> list[list[Segment]]:
+    """Lina's micro-ops: each gradient (in `order`, as bucket_ops) cut into chunks of at most
     micro_op_bytes; chunks of different tensors never share a micro-op."""
     ops: list[list[Segment]] = []
-    for index in reversed(range(len(params))):
+    for index in reversed(range(len(params))) if order is None else order:
         p = params[index]
         per_op = max(micro_op_bytes // p.element_size(), 1)
         ops += [[Segment(index, s, min(s + per_op, p.numel()))] for s in range(0, p.numel(), per_op)]
@@ -272,12 +276,10 @@ class GradientSync:
         group: dist.ProcessGroup | None,
         timeline: StepTimeline,
     ) -> None:
-        self.params, self.ops, self.priority, self.group = params, ops, priority, group
+        self.params, self.priority, self.group = params, priority, group
         self.timeline = timeline
-        self.ops_of_param: dict[int, list[int]] = {}
-        for i, op in enumerate(ops):
-            for segment in op:
-                self.ops_of_param.setdefault(segment.param, []).append(i)
+        self.use_ops(ops)
+        self.ready_order: list[int] = []  # parameters in the order their gradients were ready
         self.condition = threading.Condition()
         self.handles = [
             p.register_post_accumulate_grad_hook(lambda _p, index=i: self._gradient_ready(index))
@@ -285,7 +287,16 @@ class GradientSync:
         ]
         self._reset()
 
+    def use_ops(self, ops: list[list[Segment]]) -> None:
+        """Allreduce these ops from the next backward on (the same ops on every rank)."""
+        self.ops = ops
+        self.ops_of_param: dict[int, list[int]] = {}
+        for i, op in enumerate(ops):
+            for segment in op:
+                self.ops_of_param.setdefault(segment.param, []).append(i)
+
     def _reset(self) -> None:
+        self.ready_order = []
         self.waiting = [len({s.param for s in op}) for op in self.ops]  # gradients each op still needs
         self.next_op = 0
         self.pending_a2a = False
@@ -310,6 +321,7 @@ class GradientSync:
 
     def _gradient_ready(self, param: int) -> None:
         with self.condition:
+            self.ready_order.append(param)
             for i in self.ops_of_param.get(param, ()):
                 self.waiting[i] -= 1
             if self.priority:
@@ -543,11 +555,13 @@ class ParallelTrainer(Trainer):
         params = dense + experts
         optimizer = make_optimizer(config, params)
         gradient_group = dist.new_group(backend="gloo")
-        if options.comm == "lina":
-            ops = micro_ops(dense, options.micro_op_bytes)
-        else:
-            ops = bucket_ops(dense, options.bucket_bytes)
-        sync = GradientSync(dense, ops, options.comm != "overlap", gradient_group, timeline)
+
+        def allreduce_ops(order: Sequence[int] | None) -> list[list[Segment]]:
+            if options.comm == "lina":
+                return micro_ops(dense, options.micro_op_bytes, order)
+            return bucket_ops(dense, options.bucket_bytes, order)
+
+        sync = GradientSync(dense, allreduce_ops(None), options.comm != "overlap", gradient_group, timeline)
         context.sync = sync
 
         start_step, losses, train_seconds = 0, [], 0.0
@@ -586,6 +600,10 @@ class ParallelTrainer(Trainer):
             finally:
                 sync.stop()
             synced = time.perf_counter()
+            if step == start_step:  # as DDP does: rebuild the ops in the order rank 0's gradients came
+                order = [sync.ready_order]
+                dist.broadcast_object_list(order, src=0)
+                sync.use_ops(allreduce_ops(order[0]))
             global_ce, global_aux = self._clip_and_sum(dense, experts, cross_entropy, aux)
             optimizer.step()
             ended = time.perf_counter()
