@@ -33,11 +33,11 @@ CONFIG_ARGS = [
 ] + ["--no-bf16-autocast", "--tie-word-embeddings"]
 
 
-def _train_args(corpus_root: Path, out: Path, *extra: str) -> list[str]:
+def _train_args(corpus_root: Path, out: Path, *extra: str, seed_work: bool = True) -> list[str]:
     """The command line of a run into out, its work directory seeded with the tokenizer and token
     streams of the single-process run (so that no launch trains a tokenizer again)."""
     work = out.with_name(out.name + ".work")
-    if _PREPARED and not work.exists():
+    if seed_work and _PREPARED and not work.exists():
         work.mkdir(parents=True)
         for name in ("tokenizer.json", "train-tokens.npy", "heldout-tokens.npy"):
             shutil.copy(_PREPARED[0] / name, work / name)
@@ -84,6 +84,21 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(
     assert timing["comm"] == comm and timing["a2a_backward_s"] > 0 and timing["allreduce_s"] > 0
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["steps"] == STEPS and (out / "model.safetensors").is_file()
+
+
+def test_two_expert_parallel_groups_of_two_train_like_one_process(
+    corpus,  # noqa: F811
+    single_process_losses,
+    tmp_path,
+):
+    """Four ranks, experts spread over two: two groups of two ranks each hold all four experts,
+    the replicas of an expert sum their gradients. Oracle: single-process training."""
+    args = _train_args(corpus, tmp_path / "model", "--expert-parallel", "2", "--comm", "lina")
+    result = torchrun(4, "shunter", *args, "--micro-op-bytes", "8KB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(4):
+        losses = _losses(tmp_path / "model.work", rank)
+        assert losses == pytest.approx(single_process_losses, rel=1e-5)
 
 
 def test_parallel_resume_is_exact(corpus, single_process_losses, tmp_path):  # noqa: F811
@@ -184,7 +199,7 @@ def four_device_plan(tmp_path) -> Path:
 def test_bad_parallel_input_is_one_line(corpus, tmp_path, capsys, four_device_plan, extra, message):  # noqa: F811
     extra = [str(four_device_plan) if arg == "PLAN" else arg for arg in extra]
     capsys.readouterr()  # the plan's own output
-    argv = _train_args(corpus, tmp_path / "model", "--expert-parallel", "2", *extra)
+    argv = _train_args(corpus, tmp_path / "model", "--expert-parallel", "2", *extra, seed_work=False)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err

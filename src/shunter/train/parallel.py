@@ -26,9 +26,13 @@ A MoE layer's backward is "all-to-all pending" from the backward of its combine 
 first all-to-all of the layer's backward) to the end of the backward of its dispatch exchange.
 The three give the same gradients; they only reorder communication.
 
+With N ranks and --expert-parallel P < N (P dividing N), ranks [d*P, (d+1)*P) form expert-parallel
+group d, each group holds every expert once, and the ranks at one position of every group
+(replicas of the same experts) sum their expert gradients after backward; the balance loss then
+counts routing over every group.
+
 Not done here (Lina's other pieces): chunking the all-to-all along tokens pipelined with the expert
-FFN, and expert packing; data-parallel groups of expert replicas (expert-parallel size below the
-world size).
+FFN, and expert packing.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ class ParallelOptions:
             raise FieldError(
                 "expert_parallel",
                 f"{self.expert_parallel} ranks for {config.num_experts} experts: every expert-parallel rank "
-                "must hold at least one expert (data-parallel replicas of experts are not supported)",
+                "must hold at least one expert (launch more ranks than experts with a smaller "
+                "--expert-parallel: each group of that many ranks then holds every expert)",
             )
         if config.batch_size % self.expert_parallel:
             raise FieldError(
@@ -128,12 +133,15 @@ class ParallelOptions:
             self._check_placements(config, self.expert_parallel)
 
     def check_world(self, config: TrainConfig, world_size: int) -> None:
-        if self.expert_parallel != world_size:
+        if world_size % self.expert_parallel:
             raise FieldError(
                 "expert_parallel",
-                f"is {self.expert_parallel} but {world_size} ranks were launched; data-parallel groups "
-                "(fewer expert-parallel ranks than ranks) are not supported: launch as many ranks as "
-                "--expert-parallel",
+                f"{self.expert_parallel} does not divide the {world_size} ranks launched into "
+                "data-parallel replicas of the experts",
+            )
+        if config.batch_size % world_size:
+            raise FieldError(
+                "batch_size", f"{config.batch_size} sequences do not split evenly over {world_size} ranks"
             )
 
     def _check_placements(self, config: TrainConfig, world_size: int) -> None:
@@ -443,7 +451,12 @@ class TrainingExpertParallelMoE(ExpertParallelMoE):
     trainable stacks gate_up [E_local, 2I, H] and down [E_local, H, I] (rows in `local_ids` order).
     Calling it returns (output [N, H], this rank's part of the load-balancing loss)."""
 
-    def __init__(self, spec, weights, slots: ExpertSlots, context: ExchangeContext, group=None) -> None:
+    def __init__(
+        self, spec, weights, slots: ExpertSlots, context: ExchangeContext, group=None, replica_group=None
+    ) -> None:
+        """group: the expert-parallel ranks (None: all); replica_group: the ranks holding the same
+        experts in the other expert-parallel groups (None: there are none)."""
+        self.replica_group = replica_group
         rank = dist.get_rank(group)
         self.local_ids = sorted(set(slots.slot_expert[slots.slot_device == rank].tolist()))
         gate_up, down = weights.experts_gate_up, weights.experts_down
@@ -484,9 +497,11 @@ class TrainingExpertParallelMoE(ExpertParallelMoE):
         returned = _Exchange.apply(computed, rows.T, self.context, "combine")
         out = torch.zeros_like(x)
         add_weighted_rows(out, returned, token_index, choice_index, applied)
-        global_counts = torch.from_numpy(counts.sum(axis=0))
+        global_counts = torch.from_numpy(counts.sum(axis=0))  # [E] over this expert-parallel group
+        if self.replica_group is not None:  # and over every group: the global batch's routing
+            dist.all_reduce(global_counts, group=self.replica_group)
         balance = load_balancing_loss_part(
-            scores, global_counts, int(counts.sum()) // k, self.spec.num_experts
+            scores, global_counts, int(global_counts.sum()) // k, self.spec.num_experts
         )
         return add_shared_experts(x, out, self.weights), balance
 
@@ -543,9 +558,18 @@ class ParallelTrainer(Trainer):
         config, options, n = self.config, self.options, self.world_size
         weights = self.initial_weights()
         timeline = StepTimeline()
-        context = ExchangeContext(None, timeline)
+        expert_group, replica_group = self._groups()
+        context = ExchangeContext(expert_group, timeline)
+        P = options.expert_parallel
         blocks = [
-            TrainingExpertParallelMoE(self.spec, layer.moe, options.slots(i, config.num_experts, n), context)
+            TrainingExpertParallelMoE(
+                self.spec,
+                layer.moe,
+                options.slots(i, config.num_experts, P),
+                context,
+                expert_group,
+                replica_group,
+            )
             for i, layer in enumerate(weights.layers)
         ]
         for layer in weights.layers:  # this rank keeps only its own experts (in `blocks`)
@@ -599,6 +623,11 @@ class ParallelTrainer(Trainer):
                 sync.finish()
             finally:
                 sync.stop()
+            if replica_group is not None:  # replicas of an expert sum their gradients
+                for expert in experts:
+                    if expert.grad is None:
+                        expert.grad = torch.zeros_like(expert)
+                    dist.all_reduce(expert.grad, group=replica_group)
             synced = time.perf_counter()
             if step == start_step:  # as DDP does: rebuild the ops in the order rank 0's gradients came
                 order = [sync.ready_order]
@@ -642,6 +671,20 @@ class ParallelTrainer(Trainer):
         self._export(full, result)
         return result
 
+    def _groups(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """(this rank's expert-parallel group, its replica group). Ranks [d*P, (d+1)*P) form
+        expert-parallel group d; the ranks at the same position of every group hold the same
+        experts. With one group: (None, None), the default group. Every rank creates every group
+        (new_group is collective)."""
+        P, n = self.options.expert_parallel, self.world_size
+        if self.world_size == self.options.expert_parallel:
+            return None, None
+        expert_groups = [
+            dist.new_group(list(range(d * P, (d + 1) * P)), backend="gloo") for d in range(n // P)
+        ]
+        replica_groups = [dist.new_group(list(range(p, n, P)), backend="gloo") for p in range(P)]
+        return expert_groups[self.rank // P], replica_groups[self.rank % P]
+
     def _clip_and_sum(self, dense, experts, cross_entropy, aux) -> tuple[float, float]:
         """Clip by the global gradient norm (as clip_grad_norm_ over every parameter of the
         single-process model) and return the global batch's (cross-entropy, balance loss)."""
@@ -654,7 +697,8 @@ class ParallelTrainer(Trainer):
             ]
         )
         dist.all_reduce(local)
-        total_norm = (dense_sq + local[0]).sqrt()
+        replicas = self.world_size // self.options.expert_parallel  # each expert's gradient counted as often
+        total_norm = (dense_sq + local[0] / replicas).sqrt()
         scale = torch.clamp(self.config.grad_clip / (total_norm + 1e-6), max=1.0)
         for p in dense + experts:
             if p.grad is not None:
