@@ -40,6 +40,7 @@ def test_a_tiny_local_run_reports_every_variant(corpus, tmp_path, capsys):  # no
     argv = ["bench", "train", "--local", "--hosts", "2", "--steps", "2", "--warmup", "1"]
     argv += ["--config", str(config), "--corpus", str(corpus), "--micro-op-bytes", "4KB"]
     argv += ["--port", str(_free_port()), "--json", "--out", str(tmp_path / "report.json")]
+    argv += ["--plot", str(tmp_path / "timeline.png")]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads((tmp_path / "report.json").read_text())
@@ -54,6 +55,7 @@ def test_a_tiny_local_run_reports_every_variant(corpus, tmp_path, capsys):  # no
         assert measured["steps"] == 2 and measured["step_s"] > 0 and measured["a2a_backward_s"] > 0
         assert report["predicted"][name]["step_s"] > 0
     assert report["rows"][0]["measured_speedup"] == 1.0
+    assert (tmp_path / "timeline.png").stat().st_size > 0
     assert report["rows"][3]["measured_step_s"] is None and report["rows"][3]["paper_speedup"].startswith(
         "1.57"
     )

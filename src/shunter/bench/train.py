@@ -318,6 +318,42 @@ def print_train_table(report: dict[str, Any]) -> None:
         print(f"{field:34}{values}")
 
 
+def plot_timelines(report: dict[str, Any], path: Path) -> None:
+    """Per variant, per rank, the last measured step: forward, backward, optimizer, and above them the
+    all-to-alls and the allreduces in flight (seconds since the step began)."""
+    from shunter.sim.plots import pyplot, save_figure
+
+    plt = pyplot()
+    names = list(report["measured"])
+    figure, axes = plt.subplots(len(names), 1, figsize=(10, 1.2 + 0.9 * report["hosts"] * len(names)))
+    axes = [axes] if len(names) == 1 else list(axes)
+    colors = {
+        "forward": "#9ecae1",
+        "backward": "#3182bd",
+        "optimizer": "#bbbbbb",
+        "a2a": "#e6550d",
+        "allreduce": "#31a354",
+    }
+    lanes = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "a2a": 0.33, "allreduce": 0.66}
+    for ax, name in zip(axes, names, strict=True):
+        for record in report["measured"][name]["per_rank_last_step"]:
+            y = record["rank"]
+            for kind, spans in record["intervals"].items():
+                bars = [(a * 1e3, (b - a) * 1e3) for a, b in spans]
+                ax.broken_barh(bars, (y + lanes[kind], 0.3), color=colors[kind], label=kind)
+        ax.set_title(f"{name}: step {report['measured'][name]['step_s'] * 1e3:.0f} ms (median)", fontsize=9)
+        ax.set_yticks(
+            [r + 0.5 for r in range(report["hosts"])], [f"rank {r}" for r in range(report["hosts"])]
+        )
+        ax.set_xlabel("ms since the step began")
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axes[0].legend(unique.values(), unique.keys(), loc="upper right", fontsize=7, ncol=5)
+    figure.tight_layout()
+    save_figure(figure, path)
+    plt.close(figure)
+
+
 def _toml(config: TrainConfig) -> str:
     lines = []
     for key, value in dataclasses.asdict(config).items():

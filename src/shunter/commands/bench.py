@@ -495,7 +495,13 @@ def _register_train(kinds: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     train.add_argument("--out", default=None, help="also write the JSON result to this file")
-    train.set_defaults(func=run_train, outputs={"out": "file"})
+    train.add_argument(
+        "--plot",
+        metavar="FILE",
+        default=None,
+        help="draw each variant's per-rank timeline (.png, .pdf, .svg)",
+    )
+    train.set_defaults(func=run_train, outputs={"out": "file", "plot": "figure"})
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -537,4 +543,6 @@ def run_train(args: argparse.Namespace) -> int:
 
                 report = train_bench.run_bench(**options, launch=launch)
     report["emulated"] = not args.local
+    if args.plot:
+        train_bench.plot_timelines(report, Path(args.plot))
     return emit_report(report, args, train_bench.print_train_table)

@@ -725,6 +725,14 @@ class ParallelTrainer(Trainer):
             "allreduce_exposed_s": synced - backward_done,
             "a2a_with_allreduce_s": _overlap(timeline.a2a_backward, timeline.allreduce),
             "optimizer_s": ended - synced,
+            # seconds since the step began, for per-rank timeline plots
+            "intervals": {
+                "forward": [[0.0, forward_done - began]],
+                "backward": [[forward_done - began, backward_done - began]],
+                "a2a": [[a - began, b - began] for a, b in timeline.a2a_forward + timeline.a2a_backward],
+                "allreduce": [[a - began, b - began] for a, b in sorted(timeline.allreduce)],
+                "optimizer": [[synced - began, ended - began]],
+            },
         }
         with open(self.timing_path, "a") as f:
             f.write(json.dumps(record) + "\n")
