@@ -4,6 +4,9 @@ reports every variant's measured step and breakdown beside the simulator and the
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -59,3 +62,34 @@ def test_a_tiny_local_run_reports_every_variant(corpus, tmp_path, capsys):  # no
     assert report["rows"][3]["measured_step_s"] is None and report["rows"][3]["paper_speedup"].startswith(
         "1.57"
     )
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+    reason="the emulated cluster needs root, ip and tc",
+)
+
+
+@needs_root
+def test_a_tiny_run_on_the_emulated_cluster_leaves_no_namespace(corpus, tmp_path, capsys):  # noqa: F811
+    before = _namespaces()
+    config = tmp_path / "model.toml"
+    config.write_text(
+        "\n".join(
+            f"{k} = {json.dumps(v)}"
+            for k, v in vars(CONFIG).items()
+            if k not in ("steps", "checkpoint_every")
+        )
+        + "\n"
+    )
+    argv = ["bench", "train", "--hosts", "2", "--bandwidth", "200Mbit/s", "--steps", "1", "--warmup", "1"]
+    argv += ["--config", str(config), "--corpus", str(corpus), "--micro-op-bytes", "16KB", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["emulated"] and all(report["measured"][n]["step_s"] > 0 for n in report["measured"])
+    assert _namespaces() == before
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
