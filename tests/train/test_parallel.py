@@ -206,6 +206,12 @@ def test_bad_parallel_input_is_one_line(corpus, tmp_path, capsys, four_device_pl
     assert not (tmp_path / "model.work").exists()
 
 
+def test_a_parallel_flag_without_expert_parallel_is_one_line(corpus, tmp_path, capsys):  # noqa: F811
+    argv = _train_args(corpus, tmp_path / "model", "--comm", "lina", seed_work=False)
+    assert main(argv) == 2
+    assert "--comm: only for expert-parallel training" in capsys.readouterr().err
+
+
 def test_a_parallel_run_not_launched_by_torchrun_is_one_clear_line(corpus, tmp_path):  # noqa: F811
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

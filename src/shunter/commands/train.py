@@ -150,6 +150,17 @@ def run(args: argparse.Namespace) -> int:
         raise ShunterError(f"--stop-after: must be at least 1, got {args.stop_after}")
     if args.expert_parallel is not None:
         return _run_parallel(args, config, corpus)
+    parallel_only = {
+        "--comm": args.comm != "overlap",
+        "--plan": args.plan is not None,
+        "--micro-op-bytes": args.micro_op_bytes != str(DEFAULT_MICRO_OP_BYTES),
+        "--bucket-bytes": args.bucket_bytes != str(DEFAULT_BUCKET_BYTES),
+    }
+    for flag, given in parallel_only.items():
+        if given:
+            raise ShunterError(
+                f"{flag}: only for expert-parallel training; add --expert-parallel N under torchrun"
+            )
     trainer = Trainer(config, corpus, args.out, args.work, overwrite=args.overwrite, resume=args.resume)
     return _report(args, trainer.run(resume=args.resume, stop_after=args.stop_after))
 
