@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from shunter.bench import offload as offload_bench
+from shunter.bench import train as train_bench
 from shunter.bench.a2a import DEFAULT_ROW_BYTES
 from shunter.bench.report import print_offload_table
 from shunter.bench.workers import PROMPT_TOKENS
@@ -102,6 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a2a.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
     )
+    _register_train(kinds)
     a2a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a2a.add_argument("--out", default=None, help="also write the JSON result to this file")
     a2a.set_defaults(func=run_a2a, outputs={"out": "file"})
@@ -635,3 +637,102 @@ def print_a2a_table(report: dict) -> None:
             f"  schedule speedup: {layer['speedup_over_all_to_all']:.2f}x over all_to_all_single, "
             f"{layer['speedup_over_random_order']:.2f}x over random order"
         )
+
+
+def _register_train(kinds: argparse._SubParsersAction) -> None:
+    train = kinds.add_parser(
+        "train",
+        help="expert-parallel training steps under each allreduce scheduler on an emulated cluster (root)",
+        description=train_bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--hosts", type=int, default=4, help="emulated hosts, one rank each (default 4)")
+    train.add_argument("--bandwidth", default="400Mbit/s", help="port rate of every host (default 400Mbit/s)")
+    train.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
+    train.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    train.add_argument(
+        "--config", type=Path, default=None, help="TOML of TrainConfig keys for the model (default: built in)"
+    )
+    train.add_argument("--corpus", type=Path, default=None, help="*.py to train on (default: stdlib json/)")
+    train.add_argument(
+        "--micro-op-bytes",
+        type=flag_type(parse_bytes),
+        default=512 * 1000,
+        help="Lina's micro-op (default 512KB: 30 MB at 100 Gbit/s is as long on the wire as 120 KB at "
+        "400 Mbit/s; smaller costs per-op overhead on gloo)",
+    )
+    train.add_argument(
+        "--bucket-bytes",
+        type=flag_type(parse_bytes),
+        default=None,
+        help="overlap/priority allreduce bucket (default: one block's dense gradients)",
+    )
+    train.add_argument(
+        "--local",
+        action="store_true",
+        help="run the ranks on this machine's loopback with torchrun, unshaped (no root needed; "
+        "--bandwidth then only feeds the simulator)",
+    )
+    add_congestion_control_argument(train)
+    train.add_argument(
+        "--timeout",
+        type=flag_type(parse_number, above=0),
+        default=300.0,
+        help="seconds any collective may wait",
+    )
+    train.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
+    )
+    train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    train.add_argument("--out", default=None, help="also write the JSON result to this file")
+    train.add_argument(
+        "--plot",
+        metavar="FILE",
+        default=None,
+        help="draw each variant's per-rank timeline (.png, .pdf, .svg)",
+    )
+    train.set_defaults(func=run_train, outputs={"out": "file", "plot": "figure"})
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from shunter.train.corpus import stdlib_dir
+
+    if args.hosts < 2:
+        raise ShunterError(f"--hosts: expert-parallel training needs at least 2 hosts, got {args.hosts}")
+    if args.steps < 1 or args.warmup < 0:
+        raise ShunterError("--steps must be at least 1 and --warmup at least 0")
+    if args.micro_op_bytes <= 0:
+        raise ShunterError(f"--micro-op-bytes: must be a positive number of bytes, got {args.micro_op_bytes}")
+    if args.bucket_bytes is not None and args.bucket_bytes <= 0:
+        raise ShunterError(f"--bucket-bytes: must be a positive number of bytes, got {args.bucket_bytes}")
+    bandwidth = parse_host_bandwidths(args.bandwidth, args.hosts)
+    if len(set(bandwidth)) != 1:
+        raise ShunterError("--bandwidth: bench train shapes every host alike; give one rate")
+    config = train_bench.read_model_config(args.config, {})
+    corpus = args.corpus if args.corpus is not None else stdlib_dir() / "json"
+    if not args.local:
+        check_environment()
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    with tempfile.TemporaryDirectory(prefix="shunter-train-bench-") as scratch:
+        options = dict(
+            config=config, corpus=corpus, hosts=args.hosts, bandwidth_bytes_s=bandwidth[0], steps=args.steps,
+            warmup=args.warmup, micro_op_bytes=args.micro_op_bytes, timeout_s=args.timeout,
+            scratch=Path(scratch), bucket_bytes=args.bucket_bytes,
+        )  # fmt: skip
+        if args.local:
+            report = train_bench.run_bench(
+                **options, launch=train_bench.torchrun_launcher(args.hosts, args.port)
+            )
+        else:
+            with EmulatedCluster(
+                args.hosts, bandwidth, congestion_control=args.congestion_control
+            ) as cluster:
+
+                def launch(command: list[str]) -> int:
+                    return run_on_cluster(cluster, command, port=args.port, out=sys.stderr, err=sys.stderr)
+
+                report = train_bench.run_bench(**options, launch=launch)
+    report["emulated"] = not args.local
+    if args.plot:
+        train_bench.plot_timelines(report, Path(args.plot))
+    return emit_report(report, args, train_bench.print_train_table)

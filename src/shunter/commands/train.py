@@ -18,8 +18,17 @@ from typing import Any
 from shunter.commands.common import print_json
 from shunter.errors import FieldError, ShunterError
 from shunter.files import read_text_input
-from shunter.train import TrainConfig, Trainer
+from shunter.plan.document import load_plan
+from shunter.train import TrainConfig, Trainer, TrainResult
 from shunter.train.corpus import stdlib_dir
+from shunter.train.parallel import (
+    COMM_SCHEDULERS,
+    DEFAULT_BUCKET_BYTES,
+    DEFAULT_MICRO_OP_BYTES,
+    DEFAULT_TIMEOUT_S,
+    ParallelOptions,
+)
+from shunter.units import parse_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +49,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="replace OUT even if it holds files Shunter did not write (default: refuse)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N steps of this run, saving the state (continue with --resume)",
+    )
+    parallel = p.add_argument_group(
+        "expert-parallel training (launch with torchrun --nproc-per-node N -m shunter train ...)"
+    )
+    parallel.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="spread the experts over N ranks (the number torchrun launches); each rank trains on "
+        "batch-size/N sequences of every batch",
+    )
+    parallel.add_argument(
+        "--comm",
+        choices=COMM_SCHEDULERS,
+        default="overlap",
+        help="dense-gradient allreduce: overlap (DDP's buckets as soon as ready), priority (buckets, "
+        "never during an all-to-all), lina (priority + micro-ops); default overlap",
+    )
+    parallel.add_argument(
+        "--micro-op-bytes",
+        default=str(DEFAULT_MICRO_OP_BYTES),
+        help="Lina's allreduce micro-op size (default 30MB)",
+    )
+    parallel.add_argument(
+        "--bucket-bytes",
+        default=str(DEFAULT_BUCKET_BYTES),
+        help="overlap/priority bucket size (default 25MiB)",
+    )
+    parallel.add_argument(
+        "--plan", type=Path, default=None, help="plan.json whose exclusive placement puts the experts"
+    )
+    parallel.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds any collective may take (default 300)",
+    )
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type in ("bool", bool):
@@ -93,9 +146,74 @@ def _check_types(values: dict[str, Any], source: str) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     corpus = args.corpus if args.corpus is not None else stdlib_dir()
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ShunterError(f"--stop-after: must be at least 1, got {args.stop_after}")
+    if args.expert_parallel is not None:
+        return _run_parallel(args, config, corpus)
+    parallel_only = {
+        "--comm": args.comm != "overlap",
+        "--plan": args.plan is not None,
+        "--micro-op-bytes": args.micro_op_bytes != str(DEFAULT_MICRO_OP_BYTES),
+        "--bucket-bytes": args.bucket_bytes != str(DEFAULT_BUCKET_BYTES),
+    }
+    for flag, given in parallel_only.items():
+        if given:
+            raise ShunterError(
+                f"{flag}: only for expert-parallel training; add --expert-parallel N under torchrun"
+            )
     trainer = Trainer(config, corpus, args.out, args.work, overwrite=args.overwrite, resume=args.resume)
-    result = trainer.run(resume=args.resume)
-    assert result is not None
+    return _report(args, trainer.run(resume=args.resume, stop_after=args.stop_after))
+
+
+def _parallel_options(args: argparse.Namespace, config: TrainConfig) -> ParallelOptions:
+    placements, source = None, "plan"
+    if args.plan is not None:
+        plan = load_plan(args.plan)
+        placements, source = [plan.slots(layer) for layer in range(plan.num_layers)], str(args.plan)
+    options = ParallelOptions(
+        expert_parallel=args.expert_parallel,
+        comm=args.comm,
+        micro_op_bytes=parse_bytes(args.micro_op_bytes, "--micro-op-bytes"),
+        bucket_bytes=parse_bytes(args.bucket_bytes, "--bucket-bytes"),
+        placements=placements,
+        plan_source=source,
+    )
+    options.check_values(config)
+    return options
+
+
+def _run_parallel(args: argparse.Namespace, config: TrainConfig, corpus: Path) -> int:
+    """One rank of an expert-parallel run: every failure is one line naming the rank."""
+    from shunter.parallel.runtime import init_from_environment, run_rank
+    from shunter.train.parallel import ParallelTrainer
+
+    config.validate()
+    try:
+        options = _parallel_options(args, config)
+    except FieldError as exc:  # a field of TrainConfig has no flag group here; name the flag plainly
+        raise ShunterError(exc.render("--" + exc.field.replace("_", "-"))) from None
+
+    def main() -> int:
+        try:
+            init_from_environment(args.timeout, backend="gloo")
+            trainer = ParallelTrainer(
+                config, corpus, args.out, options, args.work, overwrite=args.overwrite, resume=args.resume
+            )
+            return _report(
+                args, trainer.run(resume=args.resume, stop_after=args.stop_after), quiet=trainer.rank != 0
+            )
+        except FieldError as exc:
+            raise ShunterError(exc.render("--" + exc.field.replace("_", "-"))) from None
+
+    return run_rank(main)
+
+
+def _report(args: argparse.Namespace, result: TrainResult | None, quiet: bool = False) -> int:
+    if quiet:
+        return 0
+    if result is None:
+        print(f"stopped after --stop-after {args.stop_after} steps; continue with --resume")
+        return 0
     summary = {
         "out": str(result.out_dir),
         "steps": result.steps,

@@ -6,6 +6,7 @@ The forward is the runtime's own `decoder_layer`: training and inference share o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,37 @@ def load_balancing_loss(scores: torch.Tensor, expert_ids: torch.Tensor, num_expe
     return num_experts * (share * scores.mean(dim=0)).sum()
 
 
+def load_balancing_loss_part(
+    scores: torch.Tensor, global_counts: torch.Tensor, global_tokens: int, num_experts: int
+) -> torch.Tensor:
+    """One rank's part of `load_balancing_loss` over a batch split among ranks: the parts of all
+    ranks sum to the loss of the whole batch. scores [N_r, E] this rank's router probabilities;
+    global_counts [E] choices of each expert over every rank; global_tokens: tokens over every rank.
+    E * sum_e f_e * P_e with P_e = sum over ranks of this rank's scores summed / global_tokens."""
+    share = global_counts.float() / global_counts.sum()
+    return num_experts * (share * scores.sum(dim=0) / global_tokens).sum()
+
+
+# An expert-parallel MoE layer for training: x [N, H] -> (output [N, H], this rank's part of the
+# layer's load-balancing loss, see load_balancing_loss_part).
+TrainingMoE = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def language_model_loss(
-    weights: ModelWeights, spec: ModelSpec, tokens: torch.Tensor, aux_loss_coef: float
+    weights: ModelWeights,
+    spec: ModelSpec,
+    tokens: torch.Tensor,
+    aux_loss_coef: float,
+    moe_layers: Sequence[TrainingMoE] | None = None,
+    batch_share: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """tokens [B, T+1] -> (total loss, cross-entropy in nats/token, mean balance loss)."""
+    """tokens [B, T+1] -> (total loss, cross-entropy in nats/token, mean balance loss).
+
+    Data-parallel training passes this rank's sequences, its share of the global batch
+    (batch_share = B / global B) and `moe_layers`, the expert-parallel blocks replacing each
+    layer's `moe_block`. The three values are then this rank's parts: summed over the ranks they are
+    the values of the global batch, and so are the gradients (the cross-entropy is scaled by
+    batch_share; the balance loss uses every rank's routing counts)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     B, T = inputs.shape
     inv_freq, factor = rope_inverse_frequencies(spec)
@@ -40,11 +68,20 @@ def language_model_loss(
     def observe(_layer: int, moe: MoEResult) -> None:
         balance.append(load_balancing_loss(moe.scores, moe.expert_ids, spec.num_experts))
 
+    def override(block: TrainingMoE) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            output, balance_part = block(x)
+            balance.append(balance_part)
+            return output
+
+        return run
+
     h = F.embedding(inputs, weights.embed)
     for i, layer in enumerate(weights.layers):
-        h = decoder_layer(h, layer, spec, i, rotary, None, None, observe)
+        moe_override = None if moe_layers is None else override(moe_layers[i])
+        h = decoder_layer(h, layer, spec, i, rotary, None, None, observe, moe_override=moe_override)
     logits = F.linear(rms_norm(h, weights.final_norm, spec.rms_norm_eps), weights.lm_head)
-    cross_entropy = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(-1))
+    cross_entropy = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(-1)) * batch_share
     aux = torch.stack(balance).mean() if balance else torch.zeros(())
     return cross_entropy + aux_loss_coef * aux, cross_entropy, aux
 

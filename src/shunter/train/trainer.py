@@ -158,16 +158,61 @@ def batch_at(stream: torch.Tensor, config: TrainConfig, step: int) -> torch.Tens
     return torch.stack([stream[s : s + config.seq_len + 1] for s in starts.tolist()]).long()
 
 
-def parameters(weights: ModelWeights) -> list[torch.Tensor]:
-    """Every trainable tensor once, in a fixed order (tied embeddings appear once)."""
+def parameters(weights: ModelWeights, experts: bool = True) -> list[torch.Tensor]:
+    """Every trainable tensor once, in a fixed order (tied embeddings appear once); without
+    `experts`, only the dense ones (what every expert-parallel rank holds a copy of)."""
     tensors = [weights.embed, weights.final_norm]
     if weights.lm_head is not weights.embed:
         tensors.append(weights.lm_head)
     for layer in weights.layers:
         a, moe = layer.attention, layer.moe
-        tensors += [layer.attn_norm, layer.mlp_norm, a.q, a.k, a.v, a.o]
-        tensors += [moe.router, moe.experts_gate_up, moe.experts_down]
+        tensors += [layer.attn_norm, layer.mlp_norm, a.q, a.k, a.v, a.o, moe.router]
+        if experts:
+            tensors += [moe.experts_gate_up, moe.experts_down]
     return tensors
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.Tensor]) -> torch.optim.AdamW:
+    """AdamW over params (made trainable here); matrices decay, vectors do not."""
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+
+
+def check_resumable(saved_config: dict[str, Any], config: TrainConfig, state_path: Path, log) -> None:
+    """A checkpoint continues only under the configuration it was made with (RESUMABLE_CHANGES aside)."""
+    saved = {k: v for k, v in saved_config.items() if k not in RESUMABLE_CHANGES}
+    current = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    if saved != current:
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        raise ShunterError(
+            f"{state_path}: checkpoint was made with a different configuration "
+            f"({', '.join(changed)}); "
+            f"only {', '.join(RESUMABLE_CHANGES)} may change on --resume"
+        )
+    if saved_config["steps"] != config.steps:
+        log(
+            f"--steps changed from {saved_config['steps']} to {config.steps}: the cosine "
+            "schedule is stretched from here on, so this run is not bit-identical to either"
+        )
+
+
+def check_not_past_end(step: int, config: TrainConfig, state_path: Path) -> None:
+    if step > config.steps:
+        raise ShunterError(
+            f"{state_path}: the checkpoint is at step {step}, past --steps {config.steps}; "
+            f"pass --steps {step} or more"
+        )
 
 
 @dataclass
@@ -204,8 +249,8 @@ class Trainer:
         self.progress = log or _progress_to_stderr
         _check_writable(self.out_dir)
         check_replaceable(self.out_dir, overwrite)
-        if resume and not (self.work_dir / self.STATE).is_file():  # before the work directory is made
-            state = self.work_dir / self.STATE
+        if resume and not self.checkpoint_path().is_file():  # before the work directory is made
+            state = self.checkpoint_path()
             raise ShunterError(f"{state}: no checkpoint to resume; run without --resume to start training")
         self.corpus = Corpus.from_path(Path(corpus_root), config.heldout_percent)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +264,14 @@ class Trainer:
                 f"{corpus_root}: corpus too small ({len(self.train_stream)} tokens) for "
                 f"--seq-len {config.seq_len}"
             )
+
+    def checkpoint_path(self) -> Path:
+        """The file whose presence means a run can be resumed."""
+        return self.work_dir / self.STATE
+
+    def initial_weights(self) -> ModelWeights:
+        """The weights at step 0: the same on every run (and every rank) of one seed."""
+        return random_weights(self.spec, self.config.seed, std=0.02, router_std=0.02)
 
     def _tokenizer(self) -> Tokenizer:
         path = self.work_dir / "tokenizer.json"
@@ -244,21 +297,9 @@ class Trainer:
         """Train to config.steps (or stop after `stop_after` steps, for tests), then export.
         Returns None when stopped early; the state file then holds everything needed to resume."""
         config = self.config
-        weights = random_weights(self.spec, config.seed, std=0.02, router_std=0.02)
+        weights = self.initial_weights()
         params = parameters(weights)
-        for p in params:
-            p.requires_grad_(True)
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-            betas=(0.9, 0.95),
-            eps=1e-8,
-        )
+        optimizer = make_optimizer(config, params)
         start_step, losses, train_seconds = 0, [], 0.0
         state_path = self.work_dir / self.STATE
         if resume and not state_path.is_file():
@@ -272,30 +313,13 @@ class Trainer:
                     "or delete the work directory to start over"
                 )
             state = torch.load(state_path, weights_only=False)
-            saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
-            current = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
-            if saved != current:
-                changed = sorted(k for k in current if saved.get(k) != current[k])
-                raise ShunterError(
-                    f"{state_path}: checkpoint was made with a different configuration "
-                    f"({', '.join(changed)}); "
-                    f"only {', '.join(RESUMABLE_CHANGES)} may change on --resume"
-                )
-            if state["config"]["steps"] != config.steps:
-                self.log(
-                    f"--steps changed from {state['config']['steps']} to {config.steps}: the cosine "
-                    "schedule is stretched from here on, so this run is not bit-identical to either"
-                )
+            check_resumable(state["config"], config, state_path, self.log)
             with torch.no_grad():
                 for p, saved in zip(params, state["params"], strict=True):
                     p.copy_(saved)
             optimizer.load_state_dict(state["optimizer"])
             start_step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
-            if start_step > config.steps:
-                raise ShunterError(
-                    f"{state_path}: the checkpoint is at step {start_step}, past --steps {config.steps}; "
-                    f"pass --steps {start_step} or more"
-                )
+            check_not_past_end(start_step, config, state_path)
             self.log(f"resumed at step {start_step} from {state_path}")
 
         tokens_per_step = config.batch_size * config.seq_len

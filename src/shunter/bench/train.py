@@ -1,0 +1,366 @@
+"""`shunter bench train`: expert-parallel training steps under each allreduce scheduler, on the
+emulated cluster (one rank per host, ports shaped), beside the simulator and Lina's ablation.
+
+Variants (Lina's ablation, lina.md; `shunter.train.parallel` for the schedulers):
+- overlap: DDP's buckets, each allreduced as soon as ready, alongside the all-to-alls (the
+  baseline, DeepSpeed's behaviour);
+- priority: the same buckets, launched only while no all-to-all is pending (no partitioning);
+- priority+partitioning: priority with the gradients cut into micro-ops (`--comm lina`).
+Full Lina also chunks the all-to-all along tokens, pipelined with the expert FFN, and packs
+experts; the runtime does not do those, so that row has the simulator's prediction only.
+
+Overlap and priority allreduce buckets of one block's dense gradients (`--bucket-bytes`, default
+the dense gradients / layers), as the simulator's DeepSpeed does: DDP's 25 MB bucket would hold a
+small model's every gradient and leave nothing to overlap.
+
+Every variant trains the same model from the same seed for warmup + steps steps (`shunter train
+--expert-parallel N --stop-after`), each rank writing its per-step timing (steps.rankR.jsonl). A
+step's time is the slowest rank's; the breakdown is the mean over ranks; each figure is the
+median over the steps after warm-up.
+
+The simulator (`shunter.sim.lina.training_step`) gets the model's shapes (fp32), the shaped port
+rate, this model's dense-gradient bytes per block, and a compute speed calibrated so that its
+compute time equals the measured compute time of the overlap run (forward + backward without
+communication): the prediction is then about communication alone. Its variants: deepspeed for
+overlap, priority with one micro-op per block's gradient for priority, priority with the micro-op
+size for priority+partitioning, lina (with all-to-all chunks) for full Lina.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shunter.errors import ShunterError
+from shunter.model.spec import spec_from_config
+from shunter.plan.cluster import ClusterSpec
+from shunter.shapes import MoEShapes
+from shunter.sim.cost import ComputeModel
+from shunter.sim.lina import TrainingSetup, training_step
+from shunter.train import TrainConfig, Trainer
+from shunter.train.trainer import parameters
+
+# (name, --comm, uses micro-ops)
+VARIANTS = (
+    ("overlap", "overlap", False),
+    ("priority", "priority", False),
+    ("priority+partitioning", "lina", True),
+)
+# Lina's ablation (step-time speedup over DeepSpeed): priority alone, with partitioning, whole system
+PAPER_SPEEDUP = {"priority": "1.24x", "priority+partitioning": "1.36-1.42x", "lina": "1.57x (average)"}
+BREAKDOWN = (
+    "forward_compute_s",
+    "backward_compute_s",
+    "a2a_forward_s",
+    "a2a_backward_s",
+    "allreduce_s",
+    "allreduce_exposed_s",
+    "a2a_with_allreduce_s",
+    "optimizer_s",
+)
+
+# A model whose dense gradients (7.4 MB in fp32) take about as long on a 400 Mbit/s port as its
+# all-to-alls, as in Lina's setting; small enough for CPU ranks.
+DEFAULT_MODEL = TrainConfig(
+    vocab_size=4096,
+    hidden_size=256,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    num_experts=8,
+    top_k=2,
+    expert_intermediate_size=512,
+    max_position_embeddings=256,
+    seq_len=128,
+    batch_size=16,
+    steps=1000,
+    warmup_steps=10,
+    checkpoint_every=100_000,  # no checkpoint inside the measured steps
+    heldout_percent=10,
+    save_dtype="float32",
+    bf16_autocast=False,
+)
+
+Launcher = Callable[[list[str]], int]  # runs one command on every rank; returns the exit status
+
+
+def read_model_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    values = dataclasses.asdict(DEFAULT_MODEL)
+    if path is not None:
+        try:
+            values |= tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ShunterError(f"{path}: cannot read the model config ({exc})") from None
+    values |= overrides
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ShunterError(f"{path}: unknown key {unknown[0]!r}")
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def prepare_work_dir(config: TrainConfig, corpus: Path, scratch: Path) -> Path:
+    """Tokenizer and token streams made once (single process), copied into each variant's run."""
+    trainer = Trainer(config, corpus, scratch / "prepared", scratch / "prepared.work", log=lambda _: None)
+    del trainer
+    return scratch / "prepared.work"
+
+
+def train_command(
+    config_path: Path, corpus: Path, out: Path, hosts: int, comm: str, total_steps: int, args: dict[str, str]
+) -> list[str]:
+    return [
+        sys.executable, "-m", "shunter", "train", "--out", str(out), "--corpus", str(corpus),
+        "--config", str(config_path), "--expert-parallel", str(hosts), "--comm", comm,
+        "--stop-after", str(total_steps), *[f"--{k}={v}" for k, v in args.items()],
+    ]  # fmt: skip
+
+
+def summarize(work: Path, hosts: int, warmup: int) -> dict[str, Any]:
+    """Median over the steps after warm-up of the slowest rank's step time and of the mean over
+    ranks of each breakdown field."""
+    per_rank = []
+    for rank in range(hosts):
+        path = work / f"steps.rank{rank}.jsonl"
+        if not path.is_file():
+            raise ShunterError(f"{path}: rank {rank} recorded no steps")
+        per_rank.append([json.loads(line) for line in path.read_text().splitlines()][warmup:])
+    steps = min(len(records) for records in per_rank)
+    if steps < 1:
+        raise ShunterError(f"{work}: no step after the warm-up was recorded")
+    step_s = [max(records[i]["step_s"] for records in per_rank) for i in range(steps)]
+    summary: dict[str, Any] = {"steps": steps, "step_s": statistics.median(step_s), "step_s_all": step_s}
+    for name in BREAKDOWN:
+        summary[name] = statistics.median(
+            statistics.fmean(records[i][name] for records in per_rank) for i in range(steps)
+        )
+    summary["compute_s"] = summary["forward_compute_s"] + summary["backward_compute_s"]
+    summary["per_rank_last_step"] = [records[steps - 1] for records in per_rank]
+    return summary
+
+
+def dense_gradient_bytes(config: TrainConfig) -> int:
+    """fp32 bytes of the dense gradients every step allreduces (what `parameters(experts=False)`
+    holds), from the model's shapes."""
+    from shunter.model.export import random_weights
+
+    spec = spec_from_config(config.model_config(eos_token_id=0), source="bench config")
+    weights = random_weights(spec, 0, std=0.02, router_std=0.02)
+    return sum(p.numel() * 4 for p in parameters(weights, experts=False))
+
+
+def predict(
+    config: TrainConfig, hosts: int, bandwidth_bytes_s: float, compute_s: float, micro_op_bytes: int
+) -> dict[str, dict[str, float]]:
+    """The simulator's step for each variant (see the module docstring), compute calibrated to
+    compute_s seconds per step per rank (measured)."""
+    spec = spec_from_config(config.model_config(eos_token_id=0), source="bench config")
+    shapes = MoEShapes.from_spec(spec, bytes_per_param=4, bytes_per_activation=4, name="bench")
+    per_block = dense_gradient_bytes(config) / config.num_layers
+
+    def setup(flop_s: float, micro: float) -> TrainingSetup:
+        return TrainingSetup(
+            shapes=shapes,
+            cluster=ClusterSpec.uniform(hosts, bandwidth_bytes_s, flop_s),
+            compute=ComputeModel(),
+            tokens_per_device=config.batch_size // hosts * config.seq_len,
+            context_tokens=config.seq_len,
+            dense_gradient_bytes_per_block=per_block,
+            dense_flops_per_token_per_block=0.0,
+            micro_op_bytes=micro,
+        )
+
+    probe_flop_s = 1e12
+    probe = training_step(setup(probe_flop_s, micro_op_bytes), "deepspeed")
+    simulated_compute_s = probe.step_s * probe.utilisation
+    flop_s = probe_flop_s * simulated_compute_s / max(compute_s, 1e-9)
+    whole = per_block * 2  # one micro-op per block: priority without partitioning
+    results = {
+        "overlap": training_step(setup(flop_s, micro_op_bytes), "deepspeed"),
+        "priority": training_step(setup(flop_s, whole), "priority"),
+        "priority+partitioning": training_step(setup(flop_s, micro_op_bytes), "priority"),
+        "lina": training_step(setup(flop_s, micro_op_bytes), "lina"),
+    }
+    return {
+        name: {"step_s": r.step_s, "backward_a2a_s": r.backward_a2a_s, "forward_a2a_s": r.forward_a2a_s}
+        for name, r in results.items()
+    } | {"calibrated_compute_flop_s": {"value": flop_s}}
+
+
+def torchrun_launcher(hosts: int, port: int) -> Launcher:
+    """Ranks on this machine's loopback under torchrun: no shaping (for tests and machines
+    without root); `command` is `python -m shunter ...`."""
+
+    def launch(command: list[str]) -> int:
+        assert command[1:3] == ["-m", "shunter"]
+        torchrun = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={hosts}",
+            f"--master-port={port}", "-m", "shunter", *command[3:],
+        ]  # fmt: skip
+        with subprocess.Popen(torchrun, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as ranks:
+            assert ranks.stdout is not None
+            for line in ranks.stdout:  # the ranks' output, as it comes, on stderr (stdout may be --json)
+                sys.stderr.write(line)
+        return ranks.returncode
+
+    return launch
+
+
+def run_bench(
+    config: TrainConfig,
+    corpus: Path,
+    hosts: int,
+    bandwidth_bytes_s: float,
+    steps: int,
+    warmup: int,
+    micro_op_bytes: int,
+    timeout_s: float,
+    scratch: Path,
+    launch: Launcher,
+    bucket_bytes: int | None = None,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Run every variant through `launch` and return the report (see the module docstring)."""
+    if config.batch_size % hosts:
+        raise ShunterError(f"--batch-size: {config.batch_size} sequences do not split over {hosts} hosts")
+    if config.num_experts < hosts:
+        raise ShunterError(
+            f"--num-experts: {config.num_experts} experts for {hosts} hosts; need at least one each"
+        )
+    config = dataclasses.replace(config, steps=max(config.steps, warmup + steps))
+    prepared = prepare_work_dir(config, corpus, scratch)
+    config_path = scratch / "model.toml"
+    config_path.write_text(_toml(config))
+    if bucket_bytes is None:  # one bucket per block's worth of gradients, as the simulator has it
+        bucket_bytes = max(dense_gradient_bytes(config) // config.num_layers, 1)
+    measured: dict[str, Any] = {}
+    for name, comm, micro in VARIANTS:
+        out = scratch / name / "model"
+        work = out.with_name("model.work")
+        work.mkdir(parents=True)
+        for file in ("tokenizer.json", "train-tokens.npy", "heldout-tokens.npy"):
+            shutil.copy(prepared / file, work / file)
+        extra = {"timeout": str(timeout_s), "bucket-bytes": str(bucket_bytes)}
+        if micro:
+            extra["micro-op-bytes"] = str(micro_op_bytes)
+        log(f"bench train: {name} ({warmup} + {steps} steps on {hosts} ranks)")
+        status = launch(train_command(config_path, corpus, out, hosts, comm, warmup + steps, extra))
+        if status != 0:
+            raise ShunterError(f"the {name} ranks failed (exit status {status}); their output is above")
+        measured[name] = summarize(work, hosts, warmup)
+    baseline = measured["overlap"]
+    for summary in measured.values():
+        summary["speedup"] = baseline["step_s"] / summary["step_s"]
+        summary["backward_a2a_speedup"] = baseline["a2a_backward_s"] / max(summary["a2a_backward_s"], 1e-12)
+    predicted = predict(config, hosts, bandwidth_bytes_s, baseline["compute_s"], micro_op_bytes)
+    rows = []
+    for name in ("overlap", "priority", "priority+partitioning", "lina"):
+        m = measured.get(name)
+        p = predicted[name]
+        rows.append(
+            {
+                "variant": name,
+                "measured_step_s": None if m is None else m["step_s"],
+                "measured_speedup": None if m is None else m["speedup"],
+                "predicted_step_s": p["step_s"],
+                "predicted_speedup": predicted["overlap"]["step_s"] / p["step_s"],
+                "predicted_over_measured": None if m is None else p["step_s"] / m["step_s"],
+                "paper_speedup": PAPER_SPEEDUP.get(name, "1.00x (baseline)"),
+            }
+        )
+    return {
+        "hosts": hosts,
+        "bandwidth_bytes_s": bandwidth_bytes_s,
+        "steps": steps,
+        "warmup": warmup,
+        "micro_op_bytes": micro_op_bytes,
+        "bucket_bytes": bucket_bytes,
+        "model": dataclasses.asdict(config),
+        "dense_gradient_bytes": dense_gradient_bytes(config),
+        "rows": rows,
+        "measured": measured,
+        "predicted": predicted,
+    }
+
+
+def print_train_table(report: dict[str, Any]) -> None:
+    print(
+        f"{report['hosts']} ranks, ports {report['bandwidth_bytes_s'] * 8 / 1e6:.0f} Mbit/s, dense gradients "
+        f"{report['dense_gradient_bytes'] / 1e6:.1f} MB in buckets of {report['bucket_bytes'] / 1e6:.2f} MB, "
+        f"micro-op {report['micro_op_bytes'] / 1e6:.2f} MB; "
+        f"median of {report['steps']} steps after {report['warmup']} warm-up"
+    )
+    header = f"{'variant':24}{'step ms':>9}{'speedup':>9}{'sim ms':>9}{'sim x':>8}{'sim/meas':>9}  paper"
+    print(header)
+    for row in report["rows"]:
+        measured = "-" if row["measured_step_s"] is None else f"{row['measured_step_s'] * 1e3:.1f}"
+        speedup = "-" if row["measured_speedup"] is None else f"{row['measured_speedup']:.2f}x"
+        ratio = "-" if row["predicted_over_measured"] is None else f"{row['predicted_over_measured']:.2f}"
+        print(
+            f"{row['variant']:24}{measured:>9}{speedup:>9}{row['predicted_step_s'] * 1e3:>9.1f}"
+            f"{row['predicted_speedup']:>7.2f}x{ratio:>9}  {row['paper_speedup']}"
+        )
+    print()
+    names = list(report["measured"])
+    print(f"{'breakdown (ms, mean over ranks)':34}" + "".join(f"{n:>24}" for n in names))
+    for field in BREAKDOWN:
+        values = "".join(f"{report['measured'][n][field] * 1e3:>24.1f}" for n in names)
+        print(f"{field:34}{values}")
+
+
+def plot_timelines(report: dict[str, Any], path: Path) -> None:
+    """Per variant, per rank, the last measured step: forward, backward, optimizer, and above them the
+    all-to-alls and the allreduces in flight (seconds since the step began)."""
+    from shunter.sim.plots import pyplot, save_figure
+
+    plt = pyplot()
+    names = list(report["measured"])
+    figure, axes = plt.subplots(len(names), 1, figsize=(10, 1.2 + 0.9 * report["hosts"] * len(names)))
+    axes = [axes] if len(names) == 1 else list(axes)
+    colors = {
+        "forward": "#9ecae1",
+        "backward": "#3182bd",
+        "optimizer": "#bbbbbb",
+        "a2a": "#e6550d",
+        "allreduce": "#31a354",
+    }
+    lanes = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "a2a": 0.33, "allreduce": 0.66}
+    for ax, name in zip(axes, names, strict=True):
+        for record in report["measured"][name]["per_rank_last_step"]:
+            y = record["rank"]
+            for kind, spans in record["intervals"].items():
+                bars = [(a * 1e3, (b - a) * 1e3) for a, b in spans]
+                ax.broken_barh(bars, (y + lanes[kind], 0.3), color=colors[kind], label=kind)
+        ax.set_title(f"{name}: step {report['measured'][name]['step_s'] * 1e3:.0f} ms (median)", fontsize=9)
+        ax.set_yticks(
+            [r + 0.5 for r in range(report["hosts"])], [f"rank {r}" for r in range(report["hosts"])]
+        )
+        ax.set_xlabel("ms since the step began")
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axes[0].legend(unique.values(), unique.keys(), loc="upper right", fontsize=7, ncol=5)
+    figure.tight_layout()
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+def _toml(config: TrainConfig) -> str:
+    lines = []
+    for key, value in dataclasses.asdict(config).items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, str):
+            lines.append(f'{key} = "{value}"')
+        else:
+            lines.append(f"{key} = {value!r}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""`shunter bench train`: bad input is one line; a tiny run on loopback ranks (torchrun, unshaped)
+reports every variant's measured step and breakdown beside the simulator and the paper."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from shunter.cli import main
+from shunter.parallel.cluster import PREFIX, _base36
+from tests.parallel.test_expert_parallel import _free_port
+from tests.train.test_parallel import CONFIG
+from tests.train.test_train import corpus  # noqa: F401  (a fixture)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hosts", "1"], "at least 2 hosts"),
+        (["--micro-op-bytes", "0"], "--micro-op-bytes: must be a positive number of bytes, got 0"),
+        (["--bandwidth", "1Gbit/s,2Gbit/s", "--hosts", "2"], "give one rate"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, argv, message):
+    assert main(["bench", "train", "--local", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_a_tiny_local_run_reports_every_variant(corpus, tmp_path, capsys):  # noqa: F811
+    config = tmp_path / "model.toml"
+    config.write_text(
+        "\n".join(
+            f"{k} = {json.dumps(v)}"
+            for k, v in vars(CONFIG).items()
+            if k not in ("steps", "checkpoint_every")
+        )
+        + "\n"
+    )
+    argv = ["bench", "train", "--local", "--hosts", "2", "--steps", "2", "--warmup", "1"]
+    argv += ["--config", str(config), "--corpus", str(corpus), "--micro-op-bytes", "4KB"]
+    argv += ["--port", str(_free_port()), "--json", "--out", str(tmp_path / "report.json")]
+    argv += ["--plot", str(tmp_path / "timeline.png")]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads((tmp_path / "report.json").read_text())
+    assert [row["variant"] for row in report["rows"]] == [
+        "overlap",
+        "priority",
+        "priority+partitioning",
+        "lina",
+    ]
+    for name in ("overlap", "priority", "priority+partitioning"):
+        measured = report["measured"][name]
+        assert measured["steps"] == 2 and measured["step_s"] > 0 and measured["a2a_backward_s"] > 0
+        assert report["predicted"][name]["step_s"] > 0
+    assert report["rows"][0]["measured_speedup"] == 1.0
+    assert (tmp_path / "timeline.png").stat().st_size > 0
+    assert report["rows"][3]["measured_step_s"] is None and report["rows"][3]["paper_speedup"].startswith(
+        "1.57"
+    )
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+    reason="the emulated cluster needs root, ip and tc",
+)
+
+
+@needs_root
+def test_a_tiny_run_on_the_emulated_cluster_leaves_no_namespace(corpus, tmp_path, capsys):  # noqa: F811
+    before = _namespaces()
+    config = tmp_path / "model.toml"
+    config.write_text(
+        "\n".join(
+            f"{k} = {json.dumps(v)}"
+            for k, v in vars(CONFIG).items()
+            if k not in ("steps", "checkpoint_every")
+        )
+        + "\n"
+    )
+    argv = ["bench", "train", "--hosts", "2", "--bandwidth", "200Mbit/s", "--steps", "1", "--warmup", "1"]
+    argv += ["--config", str(config), "--corpus", str(corpus), "--micro-op-bytes", "16KB", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["emulated"] and all(report["measured"][n]["step_s"] > 0 for n in report["measured"])
+    # Other runs on this machine may add namespaces meanwhile; ours carry this process's id.
+    mine = f"{PREFIX}{_base36(os.getpid(), 5)}"
+    assert not {name for name in _namespaces() - before if name.startswith(mine)}
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}

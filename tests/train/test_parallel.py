@@ -1,0 +1,224 @@
+"""Expert-parallel training on real gloo process groups (torchrun on loopback) against its oracle,
+single-process training of the same global batch; the communication schedulers; exact resume; a
+killed rank; and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shunter.cli import main
+from shunter.trace.synthetic import zipf_trace
+from shunter.train import Trainer
+from shunter.train.parallel import bucket_ops, micro_ops
+from tests.parallel.test_expert_parallel import EMULATED_4, _free_port, torchrun
+from tests.train.test_train import TINY, corpus  # noqa: F401  (a fixture)
+
+STEPS = 20
+CONFIG = dataclasses.replace(TINY, steps=STEPS, checkpoint_every=5)
+CONFIG_ARGS = [
+    f"--{f.name.replace('_', '-')}={getattr(CONFIG, f.name)}"
+    for f in dataclasses.fields(CONFIG)
+    if not isinstance(getattr(CONFIG, f.name), bool)
+] + ["--no-bf16-autocast", "--tie-word-embeddings"]
+
+
+def _train_args(corpus_root: Path, out: Path, *extra: str, seed_work: bool = True) -> list[str]:
+    """The command line of a run into out, its work directory seeded with the tokenizer and token
+    streams of the single-process run (so that no launch trains a tokenizer again)."""
+    work = out.with_name(out.name + ".work")
+    if seed_work and _PREPARED and not work.exists():
+        work.mkdir(parents=True)
+        for name in ("tokenizer.json", "train-tokens.npy", "heldout-tokens.npy"):
+            shutil.copy(_PREPARED[0] / name, work / name)
+    return ["train", "--out", str(out), "--corpus", str(corpus_root), *CONFIG_ARGS, *extra]
+
+
+_PREPARED: list[Path] = []  # the work directory of the single-process run, once it exists
+
+
+def _losses(work: Path, rank: int = 0) -> list[float]:
+    lines = (work / f"steps.rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line)["cross_entropy"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(corpus, tmp_path_factory) -> list[float]:  # noqa: F811
+    out = tmp_path_factory.mktemp("single") / "model"
+    result = Trainer(CONFIG, corpus, out, log=lambda _: None).run()
+    _PREPARED[:] = [out.with_name("model.work")]
+    return [ce for _, ce, _ in result.losses]
+
+
+@pytest.mark.parametrize("comm", ["overlap", "lina"])
+def test_two_ranks_train_like_one_process_on_the_global_batch(
+    corpus,  # noqa: F811
+    single_process_losses,
+    tmp_path,
+    comm,
+):
+    """Oracle: single-process training of the same global batch. Each rank trains on half of each
+    batch and holds half of the experts; losses agree to 1e-5 relative over 20 steps, on both ranks.
+    Micro-ops of 4 KB cut every matrix into several."""
+    out = tmp_path / "model"
+    args = _train_args(corpus, out, "--expert-parallel", "2", "--comm", comm, "--micro-op-bytes", "4KB")
+    result = torchrun(2, "shunter", *args, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    work = tmp_path / "model.work"
+    for rank in (0, 1):
+        losses = _losses(work, rank)
+        assert len(losses) == STEPS
+        for ours, reference in zip(losses, single_process_losses, strict=True):
+            assert abs(ours - reference) <= 1e-5 * abs(reference)
+    timing = json.loads((work / "steps.rank1.jsonl").read_text().splitlines()[-1])
+    assert timing["comm"] == comm and timing["a2a_backward_s"] > 0 and timing["allreduce_s"] > 0
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert summary["steps"] == STEPS and (out / "model.safetensors").is_file()
+
+
+def test_two_expert_parallel_groups_of_two_train_like_one_process(
+    corpus,  # noqa: F811
+    single_process_losses,
+    tmp_path,
+):
+    """Four ranks, experts spread over two: two groups of two ranks each hold all four experts,
+    the replicas of an expert sum their gradients. Oracle: single-process training."""
+    args = _train_args(corpus, tmp_path / "model", "--expert-parallel", "2", "--comm", "lina")
+    result = torchrun(4, "shunter", *args, "--micro-op-bytes", "8KB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(4):
+        losses = _losses(tmp_path / "model.work", rank)
+        assert losses == pytest.approx(single_process_losses, rel=1e-5)
+
+
+def test_parallel_resume_is_exact(corpus, single_process_losses, tmp_path):  # noqa: F811
+    """Oracle: the same parallel run uninterrupted. Stopped after 7 steps (between checkpoints;
+    the state is saved at the stop) and resumed under another scheduler, the losses are
+    bit-identical: the schedulers only reorder the same sums."""
+    straight = torchrun(2, "shunter", *_train_args(corpus, tmp_path / "a", "--expert-parallel", "2"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert _losses(tmp_path / "a.work") == pytest.approx(single_process_losses, rel=1e-5)
+    first = _train_args(corpus, tmp_path / "b", "--expert-parallel", "2", "--stop-after", "7")
+    stopped = torchrun(2, "shunter", *first)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert json.loads((tmp_path / "b.work" / "parallel.json").read_text())["step"] == 7
+    assert not (tmp_path / "b").exists()
+    second = _train_args(corpus, tmp_path / "b", "--expert-parallel", "2", "--comm", "priority", "--resume")
+    resumed = torchrun(2, "shunter", *second)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(tmp_path / "b.work") == _losses(tmp_path / "a.work")
+    assert len(_losses(tmp_path / "b.work")) == STEPS
+
+
+def test_a_killed_rank_ends_the_others_with_one_line_and_the_checkpoint_resumes(
+    corpus,  # noqa: F811
+    single_process_losses,
+    tmp_path,
+):
+    """Rank 1 is SIGKILLed once a checkpoint exists; rank 0 exits with one clear line well within
+    its 30 s collective timeout, and the last checkpoint resumes on two ranks."""
+    port = str(_free_port())
+    args = _train_args(corpus, tmp_path / "model", "--expert-parallel", "2", "--timeout", "30")
+    args += ["--steps", "100000", "--checkpoint-every", "2"]
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "shunter", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    manifest = tmp_path / "model.work" / "parallel.json"
+    deadline = time.monotonic() + 120
+    while not manifest.is_file() and time.monotonic() < deadline and procs[0].poll() is None:
+        time.sleep(0.1)
+    assert manifest.is_file(), procs[0].communicate(timeout=30)[1][-2000:]
+    time.sleep(0.3)  # mid-step, between checkpoints most of the time
+    procs[1].send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    _, stderr = procs[0].communicate(timeout=45)
+    procs[1].communicate()
+    assert time.monotonic() - started < 40
+    assert procs[0].returncode == 1, stderr[-2000:]
+    assert "a collective failed" in stderr and "Traceback" not in stderr
+    saved = json.loads(manifest.read_text())["step"]
+    resume = [*args, "--resume", "--stop-after", "1"]
+    resumed = torchrun(2, "shunter", *resume)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(manifest.read_text())["step"] == saved + 1
+
+
+def test_the_allreduce_ops_cover_every_gradient_element_once():
+    params = [torch.zeros(10, 7), torch.zeros(3), torch.zeros(100)]
+    for ops in (micro_ops(params, 40), bucket_ops(params, 200), bucket_ops(params, 1)):
+        covered = [torch.zeros(p.numel(), dtype=torch.int64) for p in params]
+        for op in ops:
+            for segment in op:
+                covered[segment.param][segment.start : segment.stop] += 1
+        assert all((c == 1).all() for c in covered)
+    assert all(len(op) == 1 and (op[0].stop - op[0].start) * 4 <= 40 for op in micro_ops(params, 40))
+
+
+@pytest.fixture()
+def four_device_plan(tmp_path) -> Path:
+    trace = zipf_trace(CONFIG.num_layers, 512, CONFIG.num_experts, CONFIG.top_k, 1.2, 0.5, 0)
+    trace.save(tmp_path / "trace.npz")
+    plan = tmp_path / "plan.json"
+    argv = ["plan", "--cluster", str(EMULATED_4), "--trace", str(tmp_path / "trace.npz")]
+    assert main([*argv, "--no-baselines", "--out", str(plan)]) == 0
+    return plan
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--micro-op-bytes", "0"], "--micro-op-bytes: must be a positive number of bytes, got 0"),
+        (["--micro-op-bytes", "-5"], "--micro-op-bytes: size must not be negative"),
+        (["--expert-parallel", "8"], "--expert-parallel: 8 ranks for 4 experts"),
+        (["--batch-size", "5"], "--batch-size: 5 sequences do not split evenly over 2 ranks"),
+        (["--plan", "PLAN"], "the plan is for 4 devices, but --expert-parallel is 2"),
+    ],
+)
+def test_bad_parallel_input_is_one_line(corpus, tmp_path, capsys, four_device_plan, extra, message):  # noqa: F811
+    extra = [str(four_device_plan) if arg == "PLAN" else arg for arg in extra]
+    capsys.readouterr()  # the plan's own output
+    argv = _train_args(corpus, tmp_path / "model", "--expert-parallel", "2", *extra, seed_work=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "model.work").exists()
+
+
+def test_a_parallel_flag_without_expert_parallel_is_one_line(corpus, tmp_path, capsys):  # noqa: F811
+    argv = _train_args(corpus, tmp_path / "model", "--comm", "lina", seed_work=False)
+    assert main(argv) == 2
+    assert "--comm: only for expert-parallel training" in capsys.readouterr().err
+
+
+def test_a_parallel_run_not_launched_by_torchrun_is_one_clear_line(corpus, tmp_path):  # noqa: F811
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    argv = _train_args(corpus, tmp_path / "model", "--expert-parallel", "2")
+    result = subprocess.run(
+        [sys.executable, "-m", "shunter", *argv], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 2
+    assert "launch with torchrun" in result.stderr and "Traceback" not in result.stderr
