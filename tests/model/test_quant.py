@@ -194,3 +194,31 @@ def test_quantised_logits_equal_transformers_on_the_dequantised_weights(tmp_path
     # and close to the unquantised model: KL(dense || quantised) per token
     kl = F.kl_div(got.log_softmax(-1), dense.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     assert float(kl.mean()) < (1e-3 if bits == 8 else 5e-2)
+
+
+# -- quality against the training objective -----------------------------------------------------
+def test_quality_of_the_builtin_model_matches_the_training_objective_and_quantisation_costs_little(tmp_path):
+    """The reference's bits per byte equal training's evaluation (total_nats, an independent
+    forward) on the same windows; a model compared with itself diverges by nothing; the 8-bit copy
+    by little."""
+    from shunter.model.quality import builtin_heldout_stream, compare_quality
+    from shunter.train.objective import bits_per_byte, total_nats
+
+    reference = load_model("shunter-tiny", dtype="float32")
+    stream = builtin_heldout_stream(reference.tokenizer, 129)
+    same = compare_quality(reference.model, reference.model, stream, reference.tokenizer, window=64)
+    plain = load_model("shunter-tiny", dtype="float32", pack=False).model
+    nats, predicted = total_nats(plain.weights, plain.spec, stream, 64)
+    assert predicted == same.tokens_predicted == 128
+    assert same.reference_bits_per_byte == pytest.approx(bits_per_byte(nats, same.text_bytes), rel=1e-3)
+    assert same.kl_nats_per_token == pytest.approx(0.0, abs=1e-6) and same.top1_agreement == 1.0
+    quantize_checkpoint(reference.path, tmp_path / "q8", 8)
+    q8 = compare_quality(
+        reference.model,
+        load_model(tmp_path / "q8", dtype="float32").model,
+        stream,
+        reference.tokenizer,
+        window=64,
+    )
+    assert 0 < q8.kl_nats_per_token < 5e-3
+    assert abs(q8.candidate_bits_per_byte - q8.reference_bits_per_byte) < 0.02

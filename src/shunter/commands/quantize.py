@@ -14,7 +14,9 @@ import dataclasses
 from pathlib import Path
 
 from shunter.commands.common import DEFAULT_MODEL_HELP, print_json
-from shunter.model.loader import resolve_model_dir
+from shunter.errors import ShunterError
+from shunter.model.loader import load_model, resolve_model_dir
+from shunter.model.quality import QualityReport, builtin_heldout_stream, compare_quality
 from shunter.model.quant import DEFAULT_GROUP_SIZE
 from shunter.model.quantize_checkpoint import OPTIONAL_MODULES, quantize_checkpoint, stderr_progress
 from shunter.units import format_bytes
@@ -46,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace OUT even if it holds files Shunter did not write (default: refuse)",
     )
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=0,
+        help="then compare OUT with MODEL on this many tokens of the built-in model's held-out text: "
+        "bits per byte of each, KL divergence from MODEL's logits (default 0: no comparison)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=run)
@@ -53,8 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     include = tuple(m.strip() for m in args.include.split(",") if m.strip())
+    model_dir = resolve_model_dir(args.model)
     summary = quantize_checkpoint(
-        resolve_model_dir(args.model),
+        model_dir,
         args.out,
         args.bits,
         args.group_size,
@@ -62,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
         args.overwrite,
         None if args.quiet else stderr_progress,
     )
+    report = dataclasses.asdict(summary)
+    if args.eval_tokens > 0:
+        report["quality"] = dataclasses.asdict(evaluate(model_dir, summary.out_dir, args.eval_tokens))
     if args.json:
-        print_json(dataclasses.asdict(summary))
+        print_json(report)
         return 0
     print(
         f"{summary.out_dir}: {summary.quantized_tensors} weights at {summary.bits} bits "
@@ -71,4 +84,21 @@ def run(args: argparse.Namespace) -> int:
         f"{format_bytes(summary.quantized_bytes_before)} -> {format_bytes(summary.quantized_bytes_after)}; "
         f"model {format_bytes(summary.bytes_before)} -> {format_bytes(summary.bytes_after)}"
     )
+    quality = report.get("quality")
+    if quality is not None:
+        print(
+            f"held-out {quality['tokens_predicted']} tokens: bits/byte "
+            f"{quality['reference_bits_per_byte']:.4f} -> {quality['candidate_bits_per_byte']:.4f}, "
+            f"KL {quality['kl_nats_per_token']:.5f} nats/token, "
+            f"top-1 agreement {quality['top1_agreement']:.3f}"
+        )
     return 0
+
+
+def evaluate(model_dir: Path, quantized_dir: str, tokens: int) -> QualityReport:
+    """The quantised model against its source on the built-in model's held-out text."""
+    reference = load_model(model_dir)
+    if reference.tokenizer is None:
+        raise ShunterError(f"{model_dir}: --eval-tokens needs the model's tokenizer.json")
+    stream = builtin_heldout_stream(reference.tokenizer, tokens)
+    return compare_quality(reference.model, load_model(quantized_dir).model, stream, reference.tokenizer)

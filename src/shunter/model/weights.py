@@ -148,7 +148,8 @@ class CheckpointLayout:
         return f"model.layers.{layer}.mlp."
 
     def fused_experts(self, layer: int) -> bool:
-        return self.moe_prefix(layer) + "experts.gate_up_proj" in self.ckpt
+        fused = self.moe_prefix(layer) + "experts.gate_up_proj"
+        return fused in self.ckpt or quantized_tensor_names(fused)[0] in self.ckpt
 
     def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
         """Per-expert layout: names of (gate, up, down) weights."""
