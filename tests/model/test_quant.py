@@ -222,3 +222,15 @@ def test_quality_of_the_builtin_model_matches_the_training_objective_and_quantis
     )
     assert 0 < q8.kl_nats_per_token < 5e-3
     assert abs(q8.candidate_bits_per_byte - q8.reference_bits_per_byte) < 0.02
+
+
+def test_the_in_memory_engine_keeps_the_packed_bytes_resident(tmp_path):
+    source = save_tiny("mixtral", tmp_path / "dense")
+    summary = quantize_checkpoint(source, tmp_path / "q4", 4, 32)
+    model = load_model(tmp_path / "q4").model
+    experts = [layer.moe.expert(e) for layer in model.weights.layers for e in range(8)]
+    assert all(
+        isinstance(w.gate_up, QuantizedWeight) and isinstance(w.down, QuantizedWeight) for w in experts
+    )
+    held = sum(w.gate_up.nbytes + w.down.nbytes for w in experts)
+    assert held == summary.quantized_bytes_after

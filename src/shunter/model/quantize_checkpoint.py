@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -59,7 +59,6 @@ class QuantizeSummary:
     bytes_after: int = 0  # the same in the written files
     quantized_bytes_before: int = 0  # the quantised weights alone, before and after
     quantized_bytes_after: int = 0
-    skipped: list[str] = field(default_factory=list)
 
 
 def weights_to_quantize(spec: ModelSpec, checkpoint: Checkpoint, modules: tuple[str, ...]) -> dict[str, bool]:
