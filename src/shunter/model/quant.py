@@ -173,13 +173,14 @@ def dequantize_reference(w: QuantizedWeight) -> torch.Tensor:
 
 
 def quantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ dequantize(w).T (+ bias) -> [..., out] in x's dtype.
+    """x [..., in] @ dequantize(w).T (+ bias) -> [..., out] in x's dtype: the weight unpacked per
+    use, then multiplied.
 
-    On a CPU the weight is unpacked to fp32 and multiplied in fp32: CPUs without AVX512-BF16 run a
-    bf16 matmul several times slower than fp32 (8.1 against 1.6 ms for [7168, 1024] at one token,
-    measured here), so unpack-to-fp32-then-matmul (7.2 ms) is the fastest form found, as fast as
-    the bf16 product it replaces; torch's own int4 kernel took 7.7 ms and a compiled fused unpack
-    33 ms. Elsewhere the weight is unpacked to x's dtype."""
+    On a CPU it is unpacked to fp32 and multiplied in fp32: without AVX512-BF16 a bf16 product is
+    slower than an fp32 one (8.1 against 1.6 ms for [7168, 1024] at one token, measured here). The
+    unpack's elementwise passes cost ~10x the product itself; torch's int4 CPU kernel is ~12x faster
+    than this path at 4 bits but not wired in (docs/quantization.md, Compute). Elsewhere the weight
+    is unpacked to x's dtype."""
     compute = torch.float32 if x.device.type == "cpu" else x.dtype
     weight = dequantize(w, compute)
     out = F.linear(x.to(compute), weight, None if bias is None else bias.to(compute))
