@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "shunter.commands.generate",
     "shunter.commands.trace",
     "shunter.commands.train",
+    "shunter.commands.quantize",
     "shunter.commands.stats",
     "shunter.commands.plan",
     "shunter.commands.schedule",

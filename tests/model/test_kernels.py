@@ -6,32 +6,15 @@ import pytest
 import torch
 
 from shunter.model import kernels
+from shunter.model.quant import (
+    dequantize,
+    quantize,
+    quantized_linear,
+    quantized_linear_reference,
+    uses_kernels,
+)
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler or no AVX2 here")
-GROUP = 64
-
-
-def _q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    N, K = w.shape
-    scale = w.reshape(N, K // GROUP, GROUP).abs().amax(-1) / 127
-    q = torch.round(w / scale.repeat_interleave(GROUP, 1)).to(torch.int8)
-    return q, scale
-
-
-def _q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    N, K = w.shape
-    grouped = w.reshape(N, K // GROUP, GROUP)
-    offset = grouped.amin(-1)
-    scale = (grouped.amax(-1) - offset) / 15
-    values = torch.round((grouped - offset[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
-    values = values.reshape(N, K)
-    return (values[:, 0::2] | (values[:, 1::2] << 4)).contiguous(), scale, offset
-
-
-def test_nibbles_unpack_in_input_order():
-    values = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
-    packed = values[:, 0::2] | (values[:, 1::2] << 4)
-    assert torch.equal(kernels.unpack_q4(packed), values)
 
 
 @needs_kernels
@@ -46,18 +29,24 @@ def test_bf16_product_equals_torch_in_fp32(tokens, shape):
 
 
 @needs_kernels
-@pytest.mark.parametrize("tokens", [1, 2, 4, 7])
-@pytest.mark.parametrize("shape", [(9, 128), (64, 320)])
-def test_integer_products_equal_the_dequantised_reference(tokens, shape):
+@pytest.mark.parametrize("tokens", [1, 2, 4, 7, 13])
+@pytest.mark.parametrize(("shape", "group"), [((9, 128), 64), ((64, 320), 32), ((5, 256), 128)])
+def test_integer_products_equal_the_dequantised_reference(tokens, shape, group):
     """The kernels round each x to 8 bits per 32 inputs, an error of at most half a step (the
     block's largest |x| / 127) per input: the output is off by at most |W| times that."""
     torch.manual_seed(tokens)
     w, x = torch.randn(*shape), torch.randn(tokens, shape[1])
-    half_step = (x.reshape(tokens, -1, 32).abs().amax(-1, keepdim=True) / 127 / 2).expand(-1, -1, 32)
-    for weight, got in (
-        (kernels.dequantize_q8(*_q8(w)), kernels.linear_q8(x, *_q8(w))),
-        (kernels.dequantize_q4(*_q4(w)), kernels.linear_q4(x, *_q4(w))),
-    ):
+    for bits in (8, 4):
+        q = quantize(w, bits, group)
+        weight = dequantize(q)
+        got = quantized_linear(x, q)
+        assert uses_kernels(x, q)
+        # the blocks the kernel rounds: 32 consecutive inputs (8-bit) or the unpack order (4-bit)
+        blocks = x if bits == 8 else x.reshape(tokens, -1, 2, group // 32, 16).transpose(2, 3)
+        half_step = blocks.reshape(tokens, -1, 32).abs().amax(-1, keepdim=True) / 127 / 2
+        half_step = half_step.expand(-1, -1, 32).reshape(blocks.shape)
+        if bits == 4:  # back to input order
+            half_step = half_step.transpose(2, 3)
         bound = half_step.reshape(tokens, -1) @ weight.abs().T
         assert ((got - x @ weight.T).abs() <= 1.001 * bound + 1e-4).all()
 
@@ -68,24 +57,34 @@ def test_integer_products_are_exact_when_x_needs_no_rounding():
     torch.manual_seed(0)
     w = torch.randn(33, 256)
     x = torch.randint(-127, 128, (3, 256)).float()
-    x[:, ::32] = 127.0
-    for weight, got in (
-        (kernels.dequantize_q8(*_q8(w)), kernels.linear_q8(x, *_q8(w))),
-        (kernels.dequantize_q4(*_q4(w)), kernels.linear_q4(x, *_q4(w))),
-    ):
-        expected = x @ weight.T  # sums of 256 products up to 1e3 each, in another order
+    x[:, ::16] = 127.0  # every block of 32, in input order or the 4-bit unpack order, holds a 127
+    for bits in (8, 4):
+        q = quantize(w, bits)
+        expected = x @ dequantize(q).T  # sums of 256 products up to 1e3 each, in another order
+        got = quantized_linear(x, q)
         torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-5 * expected.abs().max().item())
 
 
-def test_many_tokens_use_the_reference_and_keep_the_shape_and_dtype():
+@needs_kernels
+def test_a_token_gets_the_same_numbers_alone_or_in_a_batch():
+    """Engines that batch tokens differently (in memory, offloaded micro-batches) must agree."""
+    torch.manual_seed(2)
+    w, x = torch.randn(40, 128), torch.randn(11, 128).to(torch.bfloat16)
+    for bits in (8, 4):
+        q = quantize(w, bits)
+        together = quantized_linear(x, q)
+        for t in range(11):
+            assert torch.equal(quantized_linear(x[t : t + 1], q), together[t : t + 1])
+
+
+def test_without_kernels_the_reference_runs(monkeypatch):
     torch.manual_seed(1)
-    w = torch.randn(16, 128)
-    x = torch.randn(2, kernels.MAX_KERNEL_TOKENS, 128).to(torch.bfloat16)
-    q4, s4, o4 = _q4(w)
-    got = kernels.linear_q4(x, q4, s4, o4)
-    assert got.shape == (2, kernels.MAX_KERNEL_TOKENS, 16) and got.dtype == torch.bfloat16
-    expected = torch.nn.functional.linear(x, kernels.dequantize_q4(q4, s4, o4).to(torch.bfloat16))
-    assert torch.equal(got, expected)
+    q = quantize(torch.randn(16, 128), 4)
+    x = torch.randn(2, 3, 128).to(torch.bfloat16)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    got = quantized_linear(x, q)
+    assert got.shape == (2, 3, 16) and got.dtype == torch.bfloat16
+    assert torch.equal(got, quantized_linear_reference(x, q))
 
 
 @needs_kernels

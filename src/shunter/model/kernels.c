@@ -1,9 +1,10 @@
 /* Matrix-vector products for decode on x86-64 CPUs with AVX2 + FMA + F16C.
 
    y[t, n] = sum_k x[t, k] * W[n, k] for a few tokens t (decode: one to a few per expert), where W
-   is stored as bf16, as 8-bit integers with one scale per group of `group` inputs
-   (W = q * scale), or as 4-bit integers with a scale and an offset per group
-   (W = q * scale + offset; byte j of a row holds input 2j in its low nibble, 2j + 1 in its high).
+   is stored as bf16, or in shunter.model.quant's format: 8-bit integers with one fp16 scale per
+   group of `group` inputs (W = q * scale), or 4-bit integers with an fp16 scale and min per group
+   (W = q * scale + min; byte j of a group holds input j in its low nibble, j + group/2 in its
+   high).
 
    A decode step reads every weight once, so these run at memory speed only if converting a
    weight costs less than loading it: torch's own bf16 and int8/int4 products on AVX2-only CPUs
@@ -81,7 +82,7 @@ static inline __m256 dot_u8_i8(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-void linear_q8(const int8_t *xq, const float *x_scale, const int8_t *q, const float *scale, float *y,
+void linear_q8(const int8_t *xq, const float *x_scale, const int8_t *q, const uint16_t *scale, float *y,
                long tokens, long n_out, long k_in, long group) {
     long groups = k_in / group, blocks = k_in / 32;
 #pragma omp parallel for schedule(static)
@@ -111,7 +112,7 @@ void linear_q8(const int8_t *xq, const float *x_scale, const int8_t *q, const fl
                     }
                 }
                 for (int r = 0; r < rows; ++r) {
-                    __m256 s = _mm256_set1_ps(scale[(n0 + r) * groups + g]);
+                    __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[(n0 + r) * groups + g]));
                     for (int t = 0; t < ts; ++t) acc[r][t] = _mm256_fmadd_ps(part[r][t], s, acc[r][t]);
                 }
             }
@@ -121,12 +122,13 @@ void linear_q8(const int8_t *xq, const float *x_scale, const int8_t *q, const fl
     }
 }
 
-/* xq and x_scale quantise each token's inputs reordered within every 32 so that the 16 even
-   inputs come first, then the 16 odd ones: the order 16 packed bytes unpack in (low nibbles, then
-   high). x_group_sum[t, g] is the exact sum of token t's inputs in group g (the offset's term). */
+/* xq and x_scale quantise each token's inputs reordered in the order the packed bytes unpack in:
+   16 bytes at a time, their low nibbles (inputs i..i+15 of the group) then their high nibbles
+   (inputs i+group/2..). x_group_sum[t, g] is the exact sum of token t's inputs in group g (the
+   min's term). */
 void linear_q4(const int8_t *xq, const float *x_scale, const float *x_group_sum, const uint8_t *q,
-               const float *scale, const float *offset, float *y, long tokens, long n_out, long k_in,
-               long group) {
+               const uint16_t *scale, const uint16_t *offset, float *y, long tokens, long n_out,
+               long k_in, long group) {
     long groups = k_in / group, blocks = k_in / 32, row_bytes = k_in / 2;
     const __m128i low_mask = _mm_set1_epi8(0x0F);
 #pragma omp parallel for schedule(static)
@@ -156,7 +158,8 @@ void linear_q4(const int8_t *xq, const float *x_scale, const float *x_group_sum,
                     }
                 }
                 for (int r = 0; r < rows; ++r) {
-                    float s = scale[(n0 + r) * groups + g], o = offset[(n0 + r) * groups + g];
+                    float s = _cvtsh_ss(scale[(n0 + r) * groups + g]);
+                    float o = _cvtsh_ss(offset[(n0 + r) * groups + g]);
                     for (int t = 0; t < ts; ++t)
                         sums[r][t] += s * hsum8(part[r][t]) + o * x_group_sum[(t0 + t) * groups + g];
                 }

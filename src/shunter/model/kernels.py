@@ -1,11 +1,12 @@
 """Decode-time products of a few tokens with bf16, 8-bit and 4-bit weights (kernels.c), built at
 first use with the system's C compiler, with the torch reference each is tested against.
 
-Weights `[N, K]` (N outputs, K inputs); x `[T, K]` with T small (one decode step's tokens for one
-expert). 8-bit: `q` int8 [N, K], `scale` fp32 [N, K/G], W = q * scale. 4-bit: `q` uint8 [N, K/2]
-(input 2j in the low nibble of byte j, 2j+1 in the high), `scale` and `offset` fp32 [N, K/G],
-W = q * scale + offset. Where the kernels cannot be built (no compiler, no AVX2) every product
-runs the reference, and `available()` says so.
+Weights `[N, K]` (N outputs, K inputs); x `[T, K]`. The bf16 product is for a few tokens (one
+decode step's for one expert) and falls back to torch past MAX_KERNEL_TOKENS; the 8- and 4-bit
+ones take shunter.model.quant's packed format and any number of tokens (every token computed
+alike, so two engines that batch tokens differently get the same numbers). Where the kernels
+cannot be built (no compiler, no AVX2) `available()` says so and quant.quantized_linear
+dequantises instead.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-MAX_KERNEL_TOKENS = 8  # above this a product is compute-bound: dequantise once and use torch's GEMM
+MAX_KERNEL_TOKENS = 8  # bf16 above this: compute-bound, torch's GEMM is faster
 BF16_MIN_TOKENS = 2  # one token: torch's bf16 product is as fast (measured)
-GROUP_MULTIPLE = 32  # the kernels walk inputs in blocks of 32 (4-bit: 16 bytes)
+GROUP_MULTIPLE = 32  # the integer kernels walk inputs in blocks of 32 (4-bit: 16 bytes)
 
 
 def cache_dir() -> Path:
@@ -88,26 +89,6 @@ def _as_fp32_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
 
-# -- references: dequantise, then torch's product ----------------------------------------------------
-def dequantize_q8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] and fp32 [N, K/G] -> fp32 [N, K]."""
-    N, K = q.shape
-    return (q.reshape(N, scale.shape[1], -1).float() * scale[..., None]).reshape(N, K)
-
-
-def unpack_q4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] -> the 4-bit values as uint8 [N, K] (input 2j low nibble, 2j+1 high)."""
-    return torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(q.shape[0], -1)
-
-
-def dequantize_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2], fp32 [N, K/G] twice -> fp32 [N, K]."""
-    values = unpack_q4(q)
-    N, K = values.shape
-    grouped = values.reshape(N, scale.shape[1], -1).float() * scale[..., None] + offset[..., None]
-    return grouped.reshape(N, K)
-
-
 # -- the products ------------------------------------------------------------------------------------
 def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] times bf16 w [N, K]^T -> [..., N] in x's dtype."""
@@ -130,46 +111,48 @@ def _quantized_rows(library: ctypes.CDLL, xs: torch.Tensor) -> tuple[torch.Tenso
     return xq, x_scale
 
 
-def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] times the 8-bit weight (q [N, K], scale [N, K/G]) -> [..., N] in x's dtype.
-    The kernel rounds x to 8 bits per 32 inputs (relative error about 0.4% of the block's largest)."""
+def linear_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] times an 8-bit weight of shunter.model.quant (packed int8 [N, K], fp16 scales
+    [N, K/G], G a multiple of 32) -> [..., N] in x's dtype. x is rounded to 8 bits per 32 inputs
+    (an error of at most half a step, the block's largest |x| / 127, per input). Needs available()."""
     library = _library()
-    N, K = q.shape
-    group = K // scale.shape[1]
+    assert library is not None, "the kernels are not available here"
+    N, K = packed.shape
+    group = K // scales.shape[1]
     tokens = x.numel() // K
-    if library is None or tokens > MAX_KERNEL_TOKENS or group % GROUP_MULTIPLE:
-        return torch.nn.functional.linear(x, dequantize_q8(q, scale.float()).to(x.dtype))
     xq, x_scale = _quantized_rows(library, _as_fp32_rows(x))
     y = torch.empty(tokens, N, dtype=torch.float32)
-    sc = scale.float().contiguous()
+    sc = scales.to(torch.float16).contiguous()
     _threads(library)
     library.linear_q8(
-        xq.data_ptr(), x_scale.data_ptr(), q.data_ptr(), sc.data_ptr(), y.data_ptr(), tokens, N, K, group
-    )
+        xq.data_ptr(), x_scale.data_ptr(), packed.contiguous().data_ptr(), sc.data_ptr(), y.data_ptr(),
+        tokens, N, K, group,
+    )  # fmt: skip
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
-def linear_q4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x [..., K] times the 4-bit weight (q [N, K/2], scale and offset [N, K/G]) -> [..., N].
-    The kernel rounds x to 8 bits per 32 inputs, as linear_q8 does."""
+def linear_q4(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+) -> torch.Tensor:
+    """x [..., K] times a 4-bit weight of shunter.model.quant (packed uint8 [N, K/2], byte j of a
+    group holding inputs j and j + G/2; fp16 scales and mins [N, K/G], G a multiple of 32) ->
+    [..., N] in x's dtype. x is rounded to 8 bits per 32 inputs, as linear_q8 does."""
     library = _library()
-    N, K = q.shape[0], 2 * q.shape[1]
-    groups = scale.shape[1]
+    assert library is not None, "the kernels are not available here"
+    N, K = packed.shape[0], 2 * packed.shape[1]
+    groups = scales.shape[1]
     group = K // groups
     tokens = x.numel() // K
-    if library is None or tokens > MAX_KERNEL_TOKENS or group % GROUP_MULTIPLE:
-        weight = dequantize_q4(q, scale.float(), offset.float())
-        return torch.nn.functional.linear(x, weight.to(x.dtype))
     xs = _as_fp32_rows(x)
-    # within each 32 inputs: the 16 even ones, then the 16 odd ones (the order nibbles unpack in)
-    x_split = xs.reshape(tokens, K // 32, 16, 2).transpose(-1, -2).reshape(tokens, K).contiguous()
-    xq, x_scale = _quantized_rows(library, x_split)
+    # the order the kernel unpacks a group in: 16 bytes' low nibbles, then their high nibbles
+    x_unpack_order = xs.reshape(tokens, groups, 2, group // 32, 16).transpose(2, 3).reshape(tokens, K)
+    xq, x_scale = _quantized_rows(library, x_unpack_order.contiguous())
     x_group_sum = xs.reshape(tokens, groups, group).sum(-1).contiguous()
     y = torch.empty(tokens, N, dtype=torch.float32)
-    sc, off = scale.float().contiguous(), offset.float().contiguous()
+    sc, low = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
     _threads(library)
     library.linear_q4(
-        xq.data_ptr(), x_scale.data_ptr(), x_group_sum.data_ptr(), q.data_ptr(), sc.data_ptr(),
-        off.data_ptr(), y.data_ptr(), tokens, N, K, group,
+        xq.data_ptr(), x_scale.data_ptr(), x_group_sum.data_ptr(), packed.contiguous().data_ptr(),
+        sc.data_ptr(), low.data_ptr(), y.data_ptr(), tokens, N, K, group,
     )  # fmt: skip
     return y.to(x.dtype).reshape(*x.shape[:-1], N)

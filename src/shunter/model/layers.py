@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from shunter.model import kernels
+from shunter.model.quant import QuantizedWeight, quantized_linear
 from shunter.model.spec import ModelSpec, yarn_mscale
 from shunter.model.weights import AttentionWeights, MLPWeights, MoEWeights
 
@@ -22,11 +23,15 @@ from shunter.model.weights import AttentionWeights, MLPWeights, MoEWeights
 LATENT_NORM_EPS = 1e-6
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T (+ bias). A weight prepacked by `pack_linear_weight` (oneDNN's
-    blocked layout) goes to the oneDNN kernel; a bf16 weight times a few tokens to the decode
-    kernel (kernels.linear_bf16: torch's bf16 product is compute-bound there on AVX2-only CPUs);
-    any other weight to F.linear, the reference."""
+    blocked layout) goes to the oneDNN kernel, a quantised one to `quantized_linear`; a bf16 weight
+    times a few tokens to the decode kernel (kernels.linear_bf16: torch's bf16 product is
+    compute-bound there on AVX2-only CPUs); any other weight to F.linear, the reference."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
     if weight.is_mkldnn:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
@@ -50,7 +55,10 @@ def use_bf16_kernel(tokens: int, weight: torch.Tensor) -> bool:
 def pack_linear_weight(weight: torch.Tensor, batch_hint: int = 1) -> torch.Tensor:
     """Reorder a bf16 [out, in] weight once into oneDNN's blocked layout. On CPUs with AVX512-BF16
     this makes each product 1.5-3x faster (measured) because F.linear reorders the weight on every
-    call; results are bit-identical (tested). Returns the weight unchanged where oneDNN cannot."""
+    call; results are bit-identical (tested). Returns the weight unchanged where oneDNN cannot
+    (and a quantised weight: its packed bytes are its fast layout)."""
+    if not isinstance(weight, torch.Tensor):
+        return weight
     if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
         return weight
     try:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 
 from shunter.errors import ShunterError
+from shunter.model.quant import QUANT_METHOD
 
 SUPPORTED_FAMILIES = (
     "mixtral",
@@ -834,11 +835,14 @@ def _minimax_m2_spec(c: _Fields, common: dict[str, Any]) -> ModelSpec:
 
 
 def refuse_quantized(config: dict[str, Any], source: str) -> None:
-    """One line for a checkpoint whose weights are quantised: Shunter reads no quantised layout yet."""
+    """One line for a checkpoint whose weights are quantised in a layout Shunter does not read (it
+    reads its own, `shunter quantize`'s: docs/quantization.md)."""
     quantization = config.get("quantization_config")
     if quantization is None:
         return
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method == QUANT_METHOD:
+        return
     if method == "mxfp4":
         raise ShunterError(
             f"{source}: quantization_config quant_method 'mxfp4' (MXFP4 experts) is not read yet; "

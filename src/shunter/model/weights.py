@@ -14,6 +14,7 @@ import torch
 
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint, TensorLocation
+from shunter.model.quant import QuantizedWeight, quantized_tensor_names
 from shunter.model.spec import ModelSpec
 
 
@@ -147,7 +148,8 @@ class CheckpointLayout:
         return f"model.layers.{layer}.mlp."
 
     def fused_experts(self, layer: int) -> bool:
-        return self.moe_prefix(layer) + "experts.gate_up_proj" in self.ckpt
+        fused = self.moe_prefix(layer) + "experts.gate_up_proj"
+        return fused in self.ckpt or quantized_tensor_names(fused)[0] in self.ckpt
 
     def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
         """Per-expert layout: names of (gate, up, down) weights."""
@@ -158,20 +160,67 @@ class CheckpointLayout:
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> MLPWeights:
         if self.join_gate_up:
-            return MLPWeights(torch.cat([gate, up]), down)
+            return MLPWeights(cat_rows([gate, up]), down)
         return MLPWeights(gate, down, up)
 
-    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def read(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, input_major: bool = False
+    ) -> torch.Tensor:
+        """Tensor `name` of `shape` as `dtype`; where the checkpoint holds it quantised, the
+        QuantizedWeight standing for it, in nn.Linear's [..., out, in] orientation whatever
+        `input_major` (the dense tensor's [..., in, out]) says (see `linear_orientation`)."""
+        if name not in self.ckpt and quantized_tensor_names(name)[0] in self.ckpt:
+            return self.read_quantized(name, shape, input_major)  # type: ignore[return-value]
         if self.fetch is None:
             return self.ckpt.read(name, shape).to(dtype)
         return self.fetch(self.ckpt.checked_location(name, shape)).to(dtype)
 
-    def read_row(self, name: str, shape: tuple[int, ...], row: int, dtype: torch.dtype) -> torch.Tensor:
+    def read_row(
+        self, name: str, shape: tuple[int, ...], row: int, dtype: torch.dtype, input_major: bool = False
+    ) -> torch.Tensor:
         """tensor[row] of a stacked tensor (a fused expert), reading only that row when fetching."""
+        if name not in self.ckpt and quantized_tensor_names(name)[0] in self.ckpt:
+            return self.read_quantized(name, shape, input_major, row)  # type: ignore[return-value]
         location = self.ckpt.checked_location(name, shape).row(row)
         if self.fetch is None:
             return self.ckpt.read_location(location, name).to(dtype)
         return self.fetch(location).to(dtype)
+
+    def read_quantized(
+        self, name: str, shape: tuple[int, ...], input_major: bool = False, row: int | None = None
+    ) -> QuantizedWeight:
+        """The packed tensors standing for weight `name` (dense shape `shape`; with `row`, only
+        that expert's rows of a stacked one), their shapes checked against config.json's."""
+        *lead, rows, cols = shape
+        out_features, in_features = (cols, rows) if input_major else (rows, cols)
+        qname, scales_name, mins_name = quantized_tensor_names(name)
+        qloc, sloc = self.ckpt.location(qname), self.ckpt.location(scales_name)
+        groups = sloc.shape[-1] if sloc.shape else 0
+        bits = 8 if qloc.dtype == torch.int8 else 4
+        if qloc.dtype not in (torch.int8, torch.uint8) or groups <= 0 or in_features % groups:
+            raise ShunterError(
+                f"{qloc.file}: {qname!r} ({str(qloc.dtype).removeprefix('torch.')}) with {scales_name!r} "
+                f"{list(sloc.shape)} is not a quantised weight of shape {list(shape)} "
+                "(see docs/quantization.md)"
+            )
+        packed_cols = in_features if bits == 8 else in_features // 2
+        expected = {
+            qname: (*lead, out_features, packed_cols),
+            scales_name: (*lead, out_features, groups),
+        }
+        if bits == 4:
+            expected[mins_name] = (*lead, out_features, groups)
+        parts = {}
+        for part_name, part_shape in expected.items():
+            loc = self.ckpt.checked_location(part_name, part_shape)
+            if self.fetch is not None:
+                parts[part_name] = self.fetch(loc if row is None else loc.row(row))
+            else:
+                whole = self.ckpt.read(part_name)
+                parts[part_name] = whole if row is None else whole[row].clone()
+        return QuantizedWeight(
+            parts[qname], parts[scales_name], parts.get(mins_name), bits, in_features // groups
+        )
 
     # -- whole pieces -------------------------------------------------------------------------
     def embed(self, dtype: torch.dtype) -> torch.Tensor:
@@ -297,9 +346,18 @@ class CheckpointLayout:
             down = self.read(p + "experts.down_proj", (E, H, eI), dtype)
         else:
             per_expert = [self.expert(layer, e, dtype) for e in range(E)]
+            if isinstance(per_expert[0].gate_up, QuantizedWeight):  # packed per expert as read
+                moe = MoEWeights(router, None, None, packed_experts=per_expert)
+                return self._moe_extras(moe, layer, dtype)
             gate_up = torch.stack([w.gate_up for w in per_expert])
             down = torch.stack([w.down for w in per_expert])
         moe = MoEWeights(router=router, experts_gate_up=gate_up, experts_down=down)
+        return self._moe_extras(moe, layer, dtype)
+
+    def _moe_extras(self, moe: MoEWeights, layer: int, dtype: torch.dtype) -> MoEWeights:
+        """A MoE block's correction bias, shared experts and shared-expert gate, where it has them."""
+        s, p = self.spec, self.moe_prefix(layer)
+        H, E = s.hidden_size, s.num_experts
         if s.family == "ernie4_5_moe":
             moe.correction_bias = self._ernie_correction_bias(layer)
         elif s.router_correction_bias:
@@ -320,12 +378,12 @@ class CheckpointLayout:
     def _gpt_oss_expert(self, layer: int, expert: int, dtype: torch.dtype) -> MLPWeights:
         s, p = self.spec, self.moe_prefix(layer) + "experts."
         H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
-        gate_up = self.read_row(p + "gate_up_proj", (E, H, 2 * eI), expert, dtype)
+        gate_up = self.read_row(p + "gate_up_proj", (E, H, 2 * eI), expert, dtype, input_major=True)
         gate_up_bias = self.read_row(p + "gate_up_proj_bias", (E, 2 * eI), expert, dtype)
-        down = self.read_row(p + "down_proj", (E, eI, H), expert, dtype)
+        down = self.read_row(p + "down_proj", (E, eI, H), expert, dtype, input_major=True)
         return MLPWeights(
-            gate_up=deinterleave_gate_up(gate_up.transpose(-1, -2)),
-            down=down.transpose(-1, -2).contiguous(),
+            gate_up=deinterleave_gate_up(linear_orientation(gate_up)),
+            down=contiguous(linear_orientation(down)),
             gate_up_bias=deinterleave_gate_up(gate_up_bias[:, None])[:, 0],
             down_bias=self.read_row(p + "down_proj_bias", (E, H), expert, dtype),
             swiglu_limit=s.swiglu_limit,
@@ -344,10 +402,10 @@ class CheckpointLayout:
             swiglu_alpha=s.swiglu_alpha,
         )
         if with_experts:
-            gate_up = self.read(p + "experts.gate_up_proj", (E, H, 2 * eI), dtype)
-            down = self.read(p + "experts.down_proj", (E, eI, H), dtype)
-            moe.experts_gate_up = deinterleave_gate_up(gate_up.transpose(-1, -2))
-            moe.experts_down = down.transpose(-1, -2).contiguous()
+            gate_up = self.read(p + "experts.gate_up_proj", (E, H, 2 * eI), dtype, input_major=True)
+            down = self.read(p + "experts.down_proj", (E, eI, H), dtype, input_major=True)
+            moe.experts_gate_up = deinterleave_gate_up(linear_orientation(gate_up))
+            moe.experts_down = contiguous(linear_orientation(down))
             bias = self.read(p + "experts.gate_up_proj_bias", (E, 2 * eI), dtype)
             moe.experts_gate_up_bias = deinterleave_gate_up(bias[..., None])[..., 0]
             moe.experts_down_bias = self.read(p + "experts.down_proj_bias", (E, H), dtype)
@@ -379,17 +437,19 @@ class CheckpointLayout:
         one expert's weights are the transposes of its rows (views, no copy)."""
         s, p = self.spec, self.moe_prefix(layer) + "experts."
         H, eI = s.hidden_size, s.expert_intermediate_size
-        gate_up = self.read_row(p + "gate_up_proj", (s.num_experts, H, 2 * eI), expert, dtype)
-        down = self.read_row(p + "down_proj", (s.num_experts, eI, H), expert, dtype)
-        return MLPWeights(gate_up.t(), down.t())
+        gate_up = self.read_row(
+            p + "gate_up_proj", (s.num_experts, H, 2 * eI), expert, dtype, input_major=True
+        )
+        down = self.read_row(p + "down_proj", (s.num_experts, eI, H), expert, dtype, input_major=True)
+        return MLPWeights(linear_orientation(gate_up), linear_orientation(down))
 
     def _llama4_experts(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """All of a Llama 4 layer's experts as [E, 2I, H] and [E, H, I] (transposed views)."""
         s, p = self.spec, self.moe_prefix(layer) + "experts."
         H, E, eI = s.hidden_size, s.num_experts, s.expert_intermediate_size
-        gate_up = self.read(p + "gate_up_proj", (E, H, 2 * eI), dtype)
-        down = self.read(p + "down_proj", (E, eI, H), dtype)
-        return gate_up.transpose(1, 2), down.transpose(1, 2)
+        gate_up = self.read(p + "gate_up_proj", (E, H, 2 * eI), dtype, input_major=True)
+        down = self.read(p + "down_proj", (E, eI, H), dtype, input_major=True)
+        return linear_orientation(gate_up), linear_orientation(down)
 
     def _ernie_correction_bias(self, layer: int) -> torch.Tensor:
         """ERNIE 4.5's [1, E] bias: under `gate.moe_statics` as transformers names it, or under
@@ -401,9 +461,35 @@ class CheckpointLayout:
         return self.read(name, (1, E), torch.float32).reshape(E)
 
 
-def deinterleave_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
+def linear_orientation(weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
+    """A weight stored input-major ([..., in, out]: gpt-oss, Llama 4 experts) as nn.Linear's
+    [..., out, in]: the transposed view of a dense tensor; a quantised one is stored that way."""
+    return weight if isinstance(weight, QuantizedWeight) else weight.transpose(-1, -2)
+
+
+def contiguous(weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
+    return weight if isinstance(weight, QuantizedWeight) else weight.contiguous()
+
+
+def cat_rows(weights: list) -> torch.Tensor | QuantizedWeight:
+    """Weights [out_i, in] (dense or quantised alike) stacked along out."""
+    if isinstance(weights[0], QuantizedWeight):
+        first = weights[0]
+        return QuantizedWeight(
+            torch.cat([w.packed for w in weights]),
+            torch.cat([w.scales for w in weights]),
+            None if first.mins is None else torch.cat([w.mins for w in weights]),
+            first.bits,
+            first.group_size,
+        )
+    return torch.cat(weights)
+
+
+def deinterleave_gate_up(gate_up: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
     """[..., 2I, H] with gate and up rows interleaved (gate at even rows, up at odd: gpt-oss) ->
     [..., 2I, H] with the gate rows first, the layout `expert_mlp` splits in halves (a copy)."""
+    if isinstance(gate_up, QuantizedWeight):
+        return gate_up.map_rows(deinterleave_gate_up)
     return torch.cat([gate_up[..., 0::2, :], gate_up[..., 1::2, :]], dim=-2).contiguous()
 
 
@@ -442,7 +528,7 @@ def map_tensors(weights, fn: Callable[[torch.Tensor], torch.Tensor]):
     None fields stay None. Where weights live is the caller's business: this moves them."""
     if isinstance(weights, torch.Tensor):
         return fn(weights)
-    if isinstance(weights, float):  # an activation's constant (gpt-oss's SwiGLU limit) stays
+    if isinstance(weights, (int, float)):  # a constant (gpt-oss's SwiGLU limit, a quantised weight's bits)
         return weights
     if isinstance(weights, list):
         return [map_tensors(w, fn) for w in weights]

@@ -9,7 +9,9 @@ import torch
 
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import Checkpoint
+from shunter.model.quant import quantized_tensor_names
 from shunter.model.spec import ModelSpec, load_spec
+from shunter.model.weights import CheckpointLayout
 from shunter.offload.device import ComputeDevice
 from shunter.offload.engine import OffloadedModel, PipelineOptions, experts_in_flight
 from shunter.offload.placement import OffloadPlacement, plan_placement
@@ -45,10 +47,11 @@ def offload_placement(
     max_slots: int,
     expert_popularity: np.ndarray | None = None,
     host_memory_bytes: int = 0,
+    expert_bytes: int | None = None,
 ) -> OffloadPlacement:
     """What load_offloaded places under `memory_bytes` of the compute device (weights + KV cache +
     working buffers) and `host_memory_bytes` of host RAM; ShunterError naming the minimum when it
-    cannot fit."""
+    cannot fit. expert_bytes: one routed expert's bytes, where quantised (`quantized_expert_bytes`)."""
     kv = spec.cache_bytes(sequences, max_slots, element_bytes)
     activations = (
         sequences * max_slots * spec.hidden_size * 16 * element_bytes + sequences * spec.vocab_size * 4
@@ -62,7 +65,28 @@ def offload_placement(
         expert_popularity,
         experts_in_flight(spec, options),
         host_memory_bytes,
+        expert_bytes,
     )
+
+
+def quantized_expert_bytes(spec: ModelSpec, checkpoint: Checkpoint) -> int | None:
+    """One routed expert's bytes in a quantised checkpoint (its packed gate, up and down: what
+    streaming it reads and holding it takes), or None where the experts are not quantised."""
+    layer = next((i for i, moe in enumerate(spec.moe_layers) if moe), None)
+    if layer is None:
+        return None
+    layout = CheckpointLayout(spec, checkpoint)
+    moe = layout.moe_prefix(layer)
+    if spec.family in ("gpt_oss", "llama4_text") or layout.fused_experts(layer):
+        names = [moe + "experts.gate_up_proj", moe + "experts.down_proj"]
+        stacked = spec.num_experts
+    else:
+        names = list(layout.expert_names(layer, 0))
+        stacked = 1
+    parts = [part for name in names for part in quantized_tensor_names(name) if part in checkpoint]
+    if not parts:
+        return None
+    return sum(checkpoint.location(part).num_bytes for part in parts) // stacked
 
 
 def most_sequences_that_fit(
@@ -108,7 +132,15 @@ def load_offloaded(
     options = options or PipelineOptions()
     expert_popularity = popularity(trace) if trace is not None else None
     placement = offload_placement(
-        spec, memory_bytes, element, options, sequences, max_slots, expert_popularity, host_memory_bytes
+        spec,
+        memory_bytes,
+        element,
+        options,
+        sequences,
+        max_slots,
+        expert_popularity,
+        host_memory_bytes,
+        quantized_expert_bytes(spec, checkpoint),
     )
     moe_layers = sum(spec.moe_layers)
     prefetcher = CorrelationPrefetcher(moe_layers, spec.num_experts, trace)

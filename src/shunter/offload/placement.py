@@ -46,16 +46,18 @@ def plan_placement(
     expert_popularity: np.ndarray | None = None,
     in_flight_experts: int | None = None,
     host_budget_bytes: int = 0,
+    expert_bytes: int | None = None,
 ) -> OffloadPlacement:
     """Pure function: sizes in, placement out. expert_popularity [num_moe_layers, E] ranks experts
     for pinning (uniform when None); in_flight_experts: streamed experts held at once (the
     pipeline's window; default a whole layer plus the next layer's K); host_budget_bytes: room
-    in host RAM for weights the device does not hold. Raises ShunterError naming the minimum
-    when nothing fits."""
+    in host RAM for weights the device does not hold; expert_bytes: one routed expert's bytes
+    where they are not its parameters times element_bytes (a quantised checkpoint). Raises
+    ShunterError naming the minimum when nothing fits."""
     H = spec.hidden_size
     base = (spec.vocab_size * H * (1 if spec.tie_word_embeddings else 2) + H) * element_bytes
     block = [spec.block_parameters(layer) * element_bytes for layer in range(spec.num_layers)]
-    expert = spec.expert_parameters() * element_bytes
+    expert = spec.expert_parameters() * element_bytes if expert_bytes is None else expert_bytes
     if in_flight_experts is None:  # a whole layer's experts plus the next layer's prefetch
         in_flight_experts = spec.num_experts + spec.top_k
     in_flight_experts = in_flight_experts if spec.num_moe_layers else 0
