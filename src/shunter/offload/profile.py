@@ -112,11 +112,15 @@ class _RandomWeights(CheckpointLayout):
     """The checkpoint's names and shapes with random values: timing needs the model's shapes and
     dtype, not its weights, and random tensors cost no disk reads (which the profile times apart)."""
 
-    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def read(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, input_major: bool = False
+    ) -> torch.Tensor:
         # small values, like trained weights: no overflow, no denormals to slow the kernels
         return (torch.randn(shape) * 0.02).to(dtype)
 
-    def read_row(self, name: str, shape: tuple[int, ...], row: int, dtype: torch.dtype) -> torch.Tensor:
+    def read_row(
+        self, name: str, shape: tuple[int, ...], row: int, dtype: torch.dtype, input_major: bool = False
+    ) -> torch.Tensor:
         return self.read(name, shape[1:], dtype)
 
 

@@ -43,8 +43,11 @@ def run_rank(main: Callable[[], int]) -> int:
     Exit status: 0 on success, 2 for bad input, 1 when the group failed (a peer died, the network
     dropped, or a collective timed out). The process group is always destroyed."""
     rank = os.environ.get("RANK", "?")
+    finished = False
     try:
-        return main()
+        status = main()
+        finished = True
+        return status
     except ShunterError as exc:
         print(f"shunter: error: rank {rank}: {exc}", file=sys.stderr)
         return 2
@@ -59,4 +62,6 @@ def run_rank(main: Callable[[], int]) -> int:
     finally:
         if dist.is_initialized():
             with contextlib.suppress(Exception):
+                if finished:  # every peer past its last collective before any group is torn down
+                    dist.barrier()
                 dist.destroy_process_group()
