@@ -8,6 +8,7 @@ import pytest
 
 from shunter.network.calibration import (
     MIN_PORT_SHARE,
+    fit_round_startup,
     fit_startup_and_efficiency,
     most_contended_seed,
     solve_share,
@@ -61,3 +62,11 @@ def test_the_calibration_seed_is_the_order_where_flows_meet_the_most():
     # a shift permutation: one flow per receiver whatever the order, so no seed beats seed 0
     shift = np.roll(np.eye(4), 1, axis=1) * 4e6
     assert most_contended_seed(shift, bandwidth) == 0
+
+
+def test_round_startup_is_the_slope_over_the_round_count():
+    """Closed form: the same bytes in 1, 2, 4, 8 rounds taking 0.1 s + 4 ms per round give
+    4 ms; times falling with more rounds give 0."""
+    counts = np.array([1, 2, 4, 8])
+    assert fit_round_startup(counts, 0.1 + 0.004 * counts) == pytest.approx(0.004)
+    assert fit_round_startup(counts, 0.2 - 0.001 * counts) == 0.0

@@ -41,16 +41,17 @@ from shunter.network.bounds import port_lower_bound_s
 from shunter.network.calibration import (
     LinkCalibration,
     fit_port_share,
+    fit_round_startup,
     fit_startup_and_efficiency,
     most_contended_seed,
 )
-from shunter.network.cost import all_to_all_time_s, fair_share_time_s, sender_queue_time_s
+from shunter.network.cost import RoundCost, all_to_all_time_s, fair_share_time_s, sender_queue_time_s
 from shunter.network.transport import STRATEGIES, TRANSPORT_OF_STRATEGY, Strategy
 from shunter.parallel.cluster import parse_host_bandwidths
 from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
 from shunter.parallel.moe import as_slots, contiguous_placement, rows_between_ranks
 from shunter.parallel.runtime import init_from_environment, run_rank
-from shunter.plan.schedule import Schedule, schedule_all_to_all
+from shunter.plan.schedule import Schedule, schedule_all_to_all, split_rounds
 from shunter.plan.slots import ExpertSlots, read_slots
 from shunter.plan.traffic import routed_counts
 from shunter.shapes import MIXTRAL_8X7B
@@ -61,6 +62,7 @@ DEFAULT_ROW_BYTES = MIXTRAL_8X7B.token_bytes  # one Mixtral-sized hidden state i
 ELEMENT = torch.float32  # rows are opaque bytes on the wire; fp32 is what every backend moves
 CALIBRATION_SCALES = (1, 2, 4)  # probe sizes of each calibration pattern, in probe units
 CALIBRATION_REPS = 5
+ROUND_COUNTS = (1, 2, 4, 8)  # the round start-up probe runs the same bytes in this many rounds
 
 
 def layer_rows(expert_ids: np.ndarray, placement: ExpertSlots | np.ndarray, num_ranks: int) -> np.ndarray:
@@ -117,18 +119,36 @@ def calibrate(
         lambda rows: fair_share_time_s(rows * 4.0, rates, 0.0), bandwidth, links, group,
     )  # fmt: skip
     concurrent = fit_port_share(every_pair * probe.numel() * 4.0, rates, "fair_share", uniform_efficiency)
-    matching, round_startup = _fit_pattern(
+    matching, _ = _fit_pattern(
         rank, shift, probe.numel(), "scheduled",
         lambda rows: schedule_all_to_all(rows * 4.0, rates).makespan_s, bandwidth, links, group,
     )  # fmt: skip
+    largest = shift * probe.numel() * max(CALIBRATION_SCALES)
+    round_startup = _fit_round_startup(rank, largest, bandwidth, links, group)
     shared = 1.0
     if world >= 3:
         shared = _fit_shared_port_efficiency(rank, every_pair, probe.numel(), bandwidth, off, links, group)
-    rounds = schedule_all_to_all(shift * 4.0, bandwidth).num_rounds
     return LinkCalibration(
-        off, latency, concurrent, startup, matching, round_startup / max(rounds, 1), shared,
-        efficiency.round(4).tolist(),
-    )  # fmt: skip
+        off, latency, concurrent, startup, matching, round_startup, shared, efficiency.round(4).tolist()
+    )
+
+
+def _fit_round_startup(rank: int, rows: np.ndarray, bandwidth: np.ndarray, links: Links, group) -> float:
+    """Seconds a further round costs: rows [n, n] (one flow per port) run as a schedule split into
+    each of ROUND_COUNTS rounds (median of CALIBRATION_REPS after a warm-up), fit_round_startup."""
+    chunk = torch.empty(int(rows[rank].sum()), 1, dtype=ELEMENT)
+    one_round = schedule_all_to_all(rows * 4.0, bandwidth)
+    measured = []
+    for parts in ROUND_COUNTS:
+        schedule = split_rounds(one_round, parts)
+        times = []
+        for _ in range(1 + CALIBRATION_REPS):
+            dist.barrier(group)
+            started = time.perf_counter()
+            exchange(chunk, rows, "scheduled", schedule=schedule, group=group, links=links)
+            times += _slowest([time.perf_counter() - started], group)
+        measured.append(float(np.median(times[1:])))
+    return fit_round_startup(np.array(ROUND_COUNTS), np.array(measured))
 
 
 def _fit_shared_port_efficiency(
@@ -273,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     for layer in range(layers):
         rows = layer_rows(trace.expert_ids[layer, :tokens], placements[layer], world)
         traffic = rows.astype(np.float64) * row_bytes
+        round_cost = RoundCost(calibration.round_startup_s, calibration.concurrent_efficiency)
         schedules = (
-            plan_exchange(traffic, bandwidth, args.max_lanes),
-            plan_exchange(traffic.T, bandwidth, args.max_lanes),
+            plan_exchange(traffic, bandwidth, args.max_lanes, round_cost),
+            plan_exchange(traffic.T, bandwidth, args.max_lanes, round_cost),
         )
         send = torch.randn(int(rows[rank].sum()), row_elements, generator=torch.Generator().manual_seed(rank))
         seed = args.seed + 2 * layer

@@ -30,9 +30,11 @@ class LinkCalibration:
         shaped rates with every port side that n - 1 flows cross delivering concurrent_efficiency
         of its rate (fewer flows: more, fluid.port_efficiency_by_flows). TCP flows sharing a
         shaped port do not fill it as a fluid would (queues, ACKs behind data, ramp-up).
-    matching_efficiency, round_startup_s: the same fit for one flow per port (every rank sends to
-        the next, run as a schedule): what one round of a matching schedule sustains, and what
-        starting a round costs.
+    matching_efficiency: the same fit for one flow per port (every rank sends to the next, run as
+        a schedule): what one round of a matching schedule sustains.
+    round_startup_s: what each further round costs: the same bytes one flow per port run as 1, 2,
+        4 and 8 rounds, the slope of the time over the round count (fit_round_startup). The
+        one-round fit above puts a round's start-up in its intercept, which it fitted as 0.
     shared_port_efficiency: the share of its rate a receiving port delivers while two or more
         random-order flows meet there: the uniform pattern run in random order, the slowdown over
         its fluid time solved for this share (1.0 with fewer than 3 ranks). Two equal flows started
@@ -55,6 +57,13 @@ def fit_startup_and_efficiency(fluid_s: np.ndarray, measured_s: np.ndarray) -> t
     if startup < 0:  # through the origin instead
         slope, startup = float(fluid_s @ measured_s / (fluid_s @ fluid_s)), 0.0
     return 1.0 / max(float(slope), 1e-9), float(startup)
+
+
+def fit_round_startup(round_counts: np.ndarray, measured_s: np.ndarray) -> float:
+    """Seconds each further round adds: the least-squares slope of measured_s over round_counts
+    (the same bytes run in that many rounds), at least 0."""
+    slope, _ = np.polyfit(np.asarray(round_counts, dtype=np.float64), measured_s, 1)
+    return max(float(slope), 0.0)
 
 
 def solve_share(time_s: Callable[[float], float], target_s: float) -> float:
