@@ -64,9 +64,10 @@ def test_the_calibration_seed_is_the_order_where_flows_meet_the_most():
     assert most_contended_seed(shift, bandwidth) == 0
 
 
-def test_round_startup_is_the_slope_over_the_round_count():
-    """Closed form: the same bytes in 1, 2, 4, 8 rounds taking 0.1 s + 4 ms per round give
-    4 ms; times falling with more rounds give 0."""
-    counts = np.array([1, 2, 4, 8])
-    assert fit_round_startup(counts, 0.1 + 0.004 * counts) == pytest.approx(0.004)
-    assert fit_round_startup(counts, 0.2 - 0.001 * counts) == 0.0
+def test_round_startup_is_what_the_rounds_took_beyond_one_round_spread_over_the_rounds_saved():
+    """Closed form: 3 rounds of fluid 1.2 s took 1.5 s; one round of fluid 1.0 s took 1.1 s, so
+    the rounds at its pace would take 1.32 s: 0.18 s over 2 saved rounds is 0.09 s. Rounds faster
+    than one round, or a single round: 0."""
+    assert fit_round_startup(3, 1.2, 1.0, 1.5, 1.1) == pytest.approx(0.09)
+    assert fit_round_startup(3, 1.0, 1.0, 1.0, 1.1) == 0.0
+    assert fit_round_startup(1, 1.0, 1.0, 2.0, 1.0) == 0.0

@@ -23,7 +23,6 @@ from shunter.plan.schedule import (
     schedule_cost_s,
     schedule_violations,
     schedule_with_round_cost,
-    split_rounds,
 )
 from tests.traffic_matrices import GBIT_S, traffic_matrices
 
@@ -289,15 +288,3 @@ def test_a_crowded_port_costs_more_than_a_second_round_only_below_its_break_even
     assert at_once.num_rounds == 1 and at_once.makespan_s == pytest.approx(1.0)
     matchings = schedule_with_round_cost(traffic, bandwidth, RoundCost(0.005, 0.4))
     assert matchings.num_rounds == 2 and matchings.makespan_s == pytest.approx(2.0)
-
-
-@settings(max_examples=30, deadline=None)
-@given(traffic_matrices(max_n=8), st.integers(1, 5))
-def test_splitting_rounds_keeps_every_byte_and_the_makespan(traffic: np.ndarray, parts: int) -> None:
-    """Oracle: the validator and the unsplit schedule's makespan and round count x parts."""
-    bandwidth = 40 * GBIT_S
-    schedule = schedule_all_to_all(traffic, bandwidth)
-    split = split_rounds(schedule, parts)
-    assert schedule_violations(split, traffic, bandwidth, require_matching=True) == []
-    assert split.num_rounds == schedule.num_rounds * parts
-    assert split.makespan_s == pytest.approx(schedule.makespan_s, rel=1e-9, abs=1e-300)

@@ -51,7 +51,7 @@ from shunter.parallel.cluster import parse_host_bandwidths
 from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
 from shunter.parallel.moe import as_slots, contiguous_placement, rows_between_ranks
 from shunter.parallel.runtime import init_from_environment, run_rank
-from shunter.plan.schedule import Schedule, schedule_all_to_all, split_rounds
+from shunter.plan.schedule import Schedule, merge_rounds, schedule_all_to_all
 from shunter.plan.slots import ExpertSlots, read_slots
 from shunter.plan.traffic import routed_counts
 from shunter.shapes import MIXTRAL_8X7B
@@ -62,7 +62,6 @@ DEFAULT_ROW_BYTES = MIXTRAL_8X7B.token_bytes  # one Mixtral-sized hidden state i
 ELEMENT = torch.float32  # rows are opaque bytes on the wire; fp32 is what every backend moves
 CALIBRATION_SCALES = (1, 2, 4)  # probe sizes of each calibration pattern, in probe units
 CALIBRATION_REPS = 5
-ROUND_COUNTS = (1, 2, 4, 8)  # the round start-up probe runs the same bytes in this many rounds
 
 
 def layer_rows(expert_ids: np.ndarray, placement: ExpertSlots | np.ndarray, num_ranks: int) -> np.ndarray:
@@ -123,24 +122,37 @@ def calibrate(
         rank, shift, probe.numel(), "scheduled",
         lambda rows: schedule_all_to_all(rows * 4.0, rates).makespan_s, bandwidth, links, group,
     )  # fmt: skip
-    largest = shift * probe.numel() * max(CALIBRATION_SCALES)
+    largest = every_pair * probe.numel() * max(CALIBRATION_SCALES)
     round_startup = _fit_round_startup(rank, largest, bandwidth, links, group)
+    all_at_once, _ = _fit_pattern(
+        rank, every_pair, probe.numel(), "scheduled",
+        lambda rows: port_lower_bound_s(rows * 4.0, rates), bandwidth, links, group,
+    )  # fmt: skip
     shared = 1.0
     if world >= 3:
         shared = _fit_shared_port_efficiency(rank, every_pair, probe.numel(), bandwidth, off, links, group)
     return LinkCalibration(
-        off, latency, concurrent, startup, matching, round_startup, shared, efficiency.round(4).tolist()
-    )
+        off, latency, concurrent, startup, matching, round_startup, shared, efficiency.round(4).tolist(),
+        min(all_at_once / matching, 1.0),
+    )  # fmt: skip
+
+
+def _one_round(traffic_bytes: np.ndarray, bandwidth: np.ndarray) -> Schedule:
+    """Every transfer of the schedule at once, as one round (one flow per port stays one round)."""
+    schedule = schedule_all_to_all(traffic_bytes, bandwidth)
+    return merge_rounds(schedule, bandwidth, np.ones(schedule.num_rounds, dtype=bool))
 
 
 def _fit_round_startup(rank: int, rows: np.ndarray, bandwidth: np.ndarray, links: Links, group) -> float:
-    """Seconds a further round costs: rows [n, n] (one flow per port) run as a schedule split into
-    each of ROUND_COUNTS rounds (median of CALIBRATION_REPS after a warm-up), fit_round_startup."""
+    """Seconds a round costs beyond its bytes: rows [n, n] run as plain matchings (n - 1 rounds for
+    every pair) and as one round, median of CALIBRATION_REPS after a warm-up each
+    (calibration.fit_round_startup). The matching schedule's rounds meet at barriers and each
+    starts its flows afresh; the one round keeps every port busy while it has bytes."""
     chunk = torch.empty(int(rows[rank].sum()), 1, dtype=ELEMENT)
-    one_round = schedule_all_to_all(rows * 4.0, bandwidth)
+    rounds = schedule_all_to_all(rows * 4.0, bandwidth, max_lanes_per_device=1)
+    once = _one_round(rows * 4.0, bandwidth)
     measured = []
-    for parts in ROUND_COUNTS:
-        schedule = split_rounds(one_round, parts)
+    for schedule in (rounds, once):
         times = []
         for _ in range(1 + CALIBRATION_REPS):
             dist.barrier(group)
@@ -148,7 +160,7 @@ def _fit_round_startup(rank: int, rows: np.ndarray, bandwidth: np.ndarray, links
             exchange(chunk, rows, "scheduled", schedule=schedule, group=group, links=links)
             times += _slowest([time.perf_counter() - started], group)
         measured.append(float(np.median(times[1:])))
-    return fit_round_startup(np.array(ROUND_COUNTS), np.array(measured))
+    return fit_round_startup(rounds.num_rounds, rounds.makespan_s, once.makespan_s, *measured)
 
 
 def _fit_shared_port_efficiency(
@@ -196,7 +208,7 @@ def _fit_pattern(
     for scale in CALIBRATION_SCALES:
         rows = pattern * scale * unit_rows
         chunk = torch.empty(int(rows[rank].sum()), 1, dtype=ELEMENT)
-        schedule = schedule_all_to_all(rows * 4.0, bandwidth) if strategy == "scheduled" else None
+        schedule = _one_round(rows * 4.0, bandwidth) if strategy == "scheduled" else None
         times = []
         for _ in range(1 + CALIBRATION_REPS):
             dist.barrier(group)
@@ -293,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     for layer in range(layers):
         rows = layer_rows(trace.expert_ids[layer, :tokens], placements[layer], world)
         traffic = rows.astype(np.float64) * row_bytes
-        round_cost = RoundCost(calibration.round_startup_s, calibration.concurrent_efficiency)
+        round_cost = RoundCost(calibration.round_startup_s, calibration.merged_round_efficiency)
         schedules = (
             plan_exchange(traffic, bandwidth, args.max_lanes, round_cost),
             plan_exchange(traffic.T, bandwidth, args.max_lanes, round_cost),

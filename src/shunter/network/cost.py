@@ -190,7 +190,7 @@ def all_to_all_time_s(
         fair_share pays max(concurrent_startup_s, latency_s) once and a crowded port side delivers
         concurrent_efficiency; planned scales each round's duration (planned on the shaped rates)
         by 1 / (efficiency x matching_efficiency x the efficiency of its most crowded port side at
-        concurrent_efficiency, round_times_s) and pays max(round_startup_s, latency_s) per busy
+        merged_round_efficiency, round_times_s) and pays max(round_startup_s, latency_s) per busy
         round; random order's shared receiving ports deliver shared_port_efficiency.
     """
     if calibration is not None:
@@ -225,7 +225,7 @@ def _calibrated_all_to_all_time_s(
         return fair_share_time_s(traffic_bytes, sustained, startup, calibration.concurrent_efficiency)
     if transport == "planned":
         rate = calibration.efficiency * calibration.matching_efficiency
-        crowded = RoundCost(0.0, calibration.concurrent_efficiency)
+        crowded = RoundCost(0.0, calibration.merged_round_efficiency)
         rounds = round_times_s(_required(schedule), crowded)
         busy = int((rounds > 0).sum())
         return float(rounds.sum()) / rate + busy * max(calibration.round_startup_s, calibration.latency_s)

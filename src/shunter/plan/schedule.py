@@ -335,28 +335,6 @@ def schedule_with_round_cost(
     return lanes if schedule_cost_s(lanes, cost) < schedule_cost_s(matchings, cost) else matchings
 
 
-def split_rounds(schedule: Schedule, parts: int) -> Schedule:
-    """The same transfers with every round run as `parts` consecutive rounds, each moving 1 / parts
-    of its bytes at the same rates: the same fluid makespan in parts x the rounds (what the
-    calibration times to tell a round's start-up apart from its bytes)."""
-    if parts < 1:
-        raise ValueError(f"parts must be at least 1, got {parts}")
-    transfers = schedule.num_transfers
-    round_of = (schedule.round_of[:, None] * parts + np.arange(parts)[None, :]).ravel()
-    order = np.argsort(round_of, kind="stable")
-    repeat = np.repeat(np.arange(transfers), parts)
-    return Schedule(
-        round_of[order],
-        schedule.src[repeat][order],
-        schedule.dst[repeat][order],
-        (schedule.bytes[repeat] / parts)[order],
-        schedule.rate_bytes_s[repeat][order],
-        schedule.num_rounds * parts,
-        schedule.num_devices,
-        schedule.strategy,
-    )
-
-
 def _schedule_single_lane(matrix: np.ndarray, bandwidth: np.ndarray) -> Schedule:
     """Each device one lane: decompose D_ij * (B_ref / min(B_i, B_j)) so every unit is one
     second at B_ref; with equal ports this is D itself (integers stay integers, so ties are exact)."""
