@@ -67,11 +67,12 @@ class RoundCost:
         with k flows, fluid.port_efficiency_by_flows (1 for one flow, linear in between). A round
         lasts its fluid duration / the efficiency of its most crowded port side: TCP flows sharing a
         port do not split it at the planned rates.
-    The defaults are what the emulated 4-host cluster measured at 8192 tokens (docs/benchmarks.md:
-    about 5 ms a round, 0.6 with every pair at once); shunter bench a2a uses its calibration's."""
+    The defaults are what `shunter bench a2a` calibrated on the emulated 4-host cluster (2026-12-03,
+    docs/benchmarks.md): 56 ms a round on mixed ports (0 on equal ones), and 0.95 for every pair at
+    once on equal ports (1.0 on mixed ones); the benchmark uses its own calibration's."""
 
-    startup_s: float = 0.005
-    crowded_port_efficiency: float = 0.6
+    startup_s: float = 0.05
+    crowded_port_efficiency: float = 0.95
 
     def __post_init__(self) -> None:
         if not self.startup_s >= 0 or not 0 < self.crowded_port_efficiency <= 1:
