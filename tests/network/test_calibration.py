@@ -8,6 +8,7 @@ import pytest
 
 from shunter.network.calibration import (
     MIN_PORT_SHARE,
+    fit_round_startup,
     fit_startup_and_efficiency,
     most_contended_seed,
     solve_share,
@@ -61,3 +62,12 @@ def test_the_calibration_seed_is_the_order_where_flows_meet_the_most():
     # a shift permutation: one flow per receiver whatever the order, so no seed beats seed 0
     shift = np.roll(np.eye(4), 1, axis=1) * 4e6
     assert most_contended_seed(shift, bandwidth) == 0
+
+
+def test_round_startup_is_what_the_rounds_took_beyond_one_round_spread_over_the_rounds_saved():
+    """Closed form: 3 rounds of fluid 1.2 s took 1.5 s; one round of fluid 1.0 s took 1.1 s, so
+    the rounds at its pace would take 1.32 s: 0.18 s over 2 saved rounds is 0.09 s. Rounds faster
+    than one round, or a single round: 0."""
+    assert fit_round_startup(3, 1.2, 1.0, 1.5, 1.1) == pytest.approx(0.09)
+    assert fit_round_startup(3, 1.0, 1.0, 1.0, 1.1) == 0.0
+    assert fit_round_startup(1, 1.0, 1.0, 2.0, 1.0) == 0.0

@@ -41,16 +41,17 @@ from shunter.network.bounds import port_lower_bound_s
 from shunter.network.calibration import (
     LinkCalibration,
     fit_port_share,
+    fit_round_startup,
     fit_startup_and_efficiency,
     most_contended_seed,
 )
-from shunter.network.cost import all_to_all_time_s, fair_share_time_s, sender_queue_time_s
+from shunter.network.cost import RoundCost, all_to_all_time_s, fair_share_time_s, sender_queue_time_s
 from shunter.network.transport import STRATEGIES, TRANSPORT_OF_STRATEGY, Strategy
 from shunter.parallel.cluster import parse_host_bandwidths
 from shunter.parallel.exchange import Links, exchange, open_links, plan_exchange
 from shunter.parallel.moe import as_slots, contiguous_placement, rows_between_ranks
 from shunter.parallel.runtime import init_from_environment, run_rank
-from shunter.plan.schedule import Schedule, schedule_all_to_all
+from shunter.plan.schedule import Schedule, merge_rounds, schedule_all_to_all
 from shunter.plan.slots import ExpertSlots, read_slots
 from shunter.plan.traffic import routed_counts
 from shunter.shapes import MIXTRAL_8X7B
@@ -117,18 +118,49 @@ def calibrate(
         lambda rows: fair_share_time_s(rows * 4.0, rates, 0.0), bandwidth, links, group,
     )  # fmt: skip
     concurrent = fit_port_share(every_pair * probe.numel() * 4.0, rates, "fair_share", uniform_efficiency)
-    matching, round_startup = _fit_pattern(
+    matching, _ = _fit_pattern(
         rank, shift, probe.numel(), "scheduled",
         lambda rows: schedule_all_to_all(rows * 4.0, rates).makespan_s, bandwidth, links, group,
+    )  # fmt: skip
+    largest = every_pair * probe.numel() * max(CALIBRATION_SCALES)
+    round_startup = _fit_round_startup(rank, largest, bandwidth, links, group)
+    all_at_once, _ = _fit_pattern(
+        rank, every_pair, probe.numel(), "scheduled",
+        lambda rows: port_lower_bound_s(rows * 4.0, rates), bandwidth, links, group,
     )  # fmt: skip
     shared = 1.0
     if world >= 3:
         shared = _fit_shared_port_efficiency(rank, every_pair, probe.numel(), bandwidth, off, links, group)
-    rounds = schedule_all_to_all(shift * 4.0, bandwidth).num_rounds
     return LinkCalibration(
-        off, latency, concurrent, startup, matching, round_startup / max(rounds, 1), shared,
-        efficiency.round(4).tolist(),
+        off, latency, concurrent, startup, matching, round_startup, shared, efficiency.round(4).tolist(),
+        min(all_at_once / matching, 1.0),
     )  # fmt: skip
+
+
+def _one_round(traffic_bytes: np.ndarray, bandwidth: np.ndarray) -> Schedule:
+    """Every transfer of the schedule at once, as one round (one flow per port stays one round)."""
+    schedule = schedule_all_to_all(traffic_bytes, bandwidth)
+    return merge_rounds(schedule, bandwidth, np.ones(schedule.num_rounds, dtype=bool))
+
+
+def _fit_round_startup(rank: int, rows: np.ndarray, bandwidth: np.ndarray, links: Links, group) -> float:
+    """Seconds a round costs beyond its bytes: rows [n, n] run as plain matchings (n - 1 rounds for
+    every pair) and as one round, median of CALIBRATION_REPS after a warm-up each
+    (calibration.fit_round_startup). The matching schedule's rounds meet at barriers and each
+    starts its flows afresh; the one round keeps every port busy while it has bytes."""
+    chunk = torch.empty(int(rows[rank].sum()), 1, dtype=ELEMENT)
+    rounds = schedule_all_to_all(rows * 4.0, bandwidth, max_lanes_per_device=1)
+    once = _one_round(rows * 4.0, bandwidth)
+    measured = []
+    for schedule in (rounds, once):
+        times = []
+        for _ in range(1 + CALIBRATION_REPS):
+            dist.barrier(group)
+            started = time.perf_counter()
+            exchange(chunk, rows, "scheduled", schedule=schedule, group=group, links=links)
+            times += _slowest([time.perf_counter() - started], group)
+        measured.append(float(np.median(times[1:])))
+    return fit_round_startup(rounds.num_rounds, rounds.makespan_s, once.makespan_s, *measured)
 
 
 def _fit_shared_port_efficiency(
@@ -176,7 +208,7 @@ def _fit_pattern(
     for scale in CALIBRATION_SCALES:
         rows = pattern * scale * unit_rows
         chunk = torch.empty(int(rows[rank].sum()), 1, dtype=ELEMENT)
-        schedule = schedule_all_to_all(rows * 4.0, bandwidth) if strategy == "scheduled" else None
+        schedule = _one_round(rows * 4.0, bandwidth) if strategy == "scheduled" else None
         times = []
         for _ in range(1 + CALIBRATION_REPS):
             dist.barrier(group)
@@ -273,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     for layer in range(layers):
         rows = layer_rows(trace.expert_ids[layer, :tokens], placements[layer], world)
         traffic = rows.astype(np.float64) * row_bytes
+        round_cost = RoundCost(calibration.round_startup_s, calibration.merged_round_efficiency)
         schedules = (
-            plan_exchange(traffic, bandwidth, args.max_lanes),
-            plan_exchange(traffic.T, bandwidth, args.max_lanes),
+            plan_exchange(traffic, bandwidth, args.max_lanes, round_cost),
+            plan_exchange(traffic.T, bandwidth, args.max_lanes, round_cost),
         )
         send = torch.randn(int(rows[rank].sum()), row_elements, generator=torch.Generator().manual_seed(rank))
         seed = args.seed + 2 * layer

@@ -30,14 +30,23 @@ class LinkCalibration:
         shaped rates with every port side that n - 1 flows cross delivering concurrent_efficiency
         of its rate (fewer flows: more, fluid.port_efficiency_by_flows). TCP flows sharing a
         shaped port do not fill it as a fluid would (queues, ACKs behind data, ramp-up).
-    matching_efficiency, round_startup_s: the same fit for one flow per port (every rank sends to
-        the next, run as a schedule): what one round of a matching schedule sustains, and what
-        starting a round costs.
+    matching_efficiency: the same fit for one flow per port (every rank sends to the next, run as
+        a schedule): what one round of a matching schedule sustains.
+    round_startup_s: what each round of a schedule costs beyond its bytes: the uniform pattern
+        run as plain matchings (n - 1 rounds) against the same bytes as one round
+        (fit_round_startup). It is not a start-up the one-round fit above sees (that fitted 0):
+        rounds meet at barriers, and each starts its flows afresh while one round keeps a port
+        busy as long as any flow into it has bytes.
     shared_port_efficiency: the share of its rate a receiving port delivers while two or more
         random-order flows meet there: the uniform pattern run in random order, the slowdown over
         its fluid time solved for this share (1.0 with fewer than 3 ranks). Two equal flows started
         together fill a shared port (0.96 of the shaped rate, as one flow); flows that arrive while
-        others run and leave at different times do not."""
+        others run and leave at different times do not.
+    merged_round_efficiency: every pair at once as one round of a schedule (point-to-point, each
+        direction on its own connection), its fitted efficiency over matching_efficiency, at most
+        1: what a port side crossed by n - 1 flows of a merged round delivers beside one flow
+        (network.cost.RoundCost.crowded_port_efficiency). all_to_all_single's concurrent_efficiency
+        is far lower because gloo carries both directions of a pair on one connection."""
 
     efficiency: float
     latency_s: float
@@ -47,6 +56,7 @@ class LinkCalibration:
     round_startup_s: float
     shared_port_efficiency: float
     pair_efficiency: list[list[float]]
+    merged_round_efficiency: float = 1.0
 
 
 def fit_startup_and_efficiency(fluid_s: np.ndarray, measured_s: np.ndarray) -> tuple[float, float]:
@@ -55,6 +65,19 @@ def fit_startup_and_efficiency(fluid_s: np.ndarray, measured_s: np.ndarray) -> t
     if startup < 0:  # through the origin instead
         slope, startup = float(fluid_s @ measured_s / (fluid_s @ fluid_s)), 0.0
     return 1.0 / max(float(slope), 1e-9), float(startup)
+
+
+def fit_round_startup(
+    rounds: int, rounds_fluid_s: float, once_fluid_s: float, rounds_measured_s: float, once_measured_s: float
+) -> float:
+    """Seconds each round of a schedule costs beyond its bytes, at least 0: the same traffic run as
+    `rounds` rounds (fluid time rounds_fluid_s) and as one round (once_fluid_s) took
+    rounds_measured_s and once_measured_s; what the rounds took beyond the one round's time scaled
+    to their fluid time, spread over the rounds the one round saved."""
+    if rounds < 2:
+        return 0.0
+    beyond = rounds_measured_s - once_measured_s * rounds_fluid_s / once_fluid_s
+    return max(beyond / (rounds - 1), 0.0)
 
 
 def solve_share(time_s: Callable[[float], float], target_s: float) -> float:

@@ -23,7 +23,7 @@ import numpy as np
 
 from shunter.errors import ShunterError
 from shunter.network.bounds import off_diagonal
-from shunter.network.fluid import simulate_baseline
+from shunter.network.fluid import port_efficiency_by_flows, simulate_baseline
 from shunter.network.schedule import Schedule
 from shunter.network.transport import SenderQueueTransport, Transport
 
@@ -56,6 +56,43 @@ def flow_time_s(
 def schedule_time_s(schedule: Schedule, latency_s: float) -> float:
     """A matching schedule run round by round: sum over rounds of (latency + longest transfer)."""
     return schedule.makespan_with_latency_s(latency_s)
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """What running a round of a schedule costs on a real network beside its fluid duration.
+
+    startup_s: paid once per busy round (the ranks meet between rounds; connections ramp up).
+    crowded_port_efficiency: the share of its rate a port side delivers while n - 1 flows cross it;
+        with k flows, fluid.port_efficiency_by_flows (1 for one flow, linear in between). A round
+        lasts its fluid duration / the efficiency of its most crowded port side: TCP flows sharing a
+        port do not split it at the planned rates.
+    The defaults are what `shunter bench a2a` calibrated on the emulated 4-host cluster (2026-12-03,
+    docs/benchmarks.md): 56 ms a round on mixed ports (0 on equal ones), and 0.95 for every pair at
+    once on equal ports (1.0 on mixed ones); the benchmark uses its own calibration's."""
+
+    startup_s: float = 0.05
+    crowded_port_efficiency: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not self.startup_s >= 0 or not 0 < self.crowded_port_efficiency <= 1:
+            raise ShunterError(
+                f"a round cost needs startup_s >= 0 and an efficiency in (0, 1], got {self.startup_s!r} "
+                f"and {self.crowded_port_efficiency!r}"
+            )
+
+
+FREE_ROUNDS = RoundCost(0.0, 1.0)  # the fluid model: a round costs its duration
+
+
+def round_times_s(schedule: Schedule, cost: RoundCost) -> np.ndarray:
+    """[num_rounds] seconds each round takes under cost: its fluid duration / the efficiency of its
+    most crowded port side (Schedule.round_crowding), plus startup_s if it moves anything."""
+    durations = schedule.round_durations_s()
+    # distinct peers, so at most n - 1 flows: within port_efficiency_by_flows' table
+    efficiency = port_efficiency_by_flows(schedule.num_devices, cost.crowded_port_efficiency)
+    per_round = durations / efficiency[schedule.round_crowding()]
+    return np.where(durations > 0, per_round + cost.startup_s, 0.0)
 
 
 def fair_share_time_s(
@@ -152,9 +189,10 @@ def all_to_all_time_s(
     calibration: what a measured network sustains (calibration.LinkCalibration), replacing the
         fluid's ideal ports and latency_s: every port runs at calibration.efficiency of its rate;
         fair_share pays max(concurrent_startup_s, latency_s) once and a crowded port side delivers
-        concurrent_efficiency; planned scales the schedule's makespan (planned on the shaped rates)
-        by 1 / (efficiency x matching_efficiency) and pays max(round_startup_s, latency_s) per
-        busy round; random order's shared receiving ports deliver shared_port_efficiency.
+        concurrent_efficiency; planned scales each round's duration (planned on the shaped rates)
+        by 1 / (efficiency x matching_efficiency x the efficiency of its most crowded port side at
+        merged_round_efficiency, round_times_s) and pays max(round_startup_s, latency_s) per busy
+        round; random order's shared receiving ports deliver shared_port_efficiency.
     """
     if calibration is not None:
         return _calibrated_all_to_all_time_s(
@@ -187,10 +225,11 @@ def _calibrated_all_to_all_time_s(
         startup = max(calibration.concurrent_startup_s, calibration.latency_s)
         return fair_share_time_s(traffic_bytes, sustained, startup, calibration.concurrent_efficiency)
     if transport == "planned":
-        planned = _required(schedule)
-        busy = int((planned.round_durations_s() > 0).sum())
         rate = calibration.efficiency * calibration.matching_efficiency
-        return planned.makespan_s / rate + busy * max(calibration.round_startup_s, calibration.latency_s)
+        crowded = RoundCost(0.0, calibration.merged_round_efficiency)
+        rounds = round_times_s(_required(schedule), crowded)
+        busy = int((rounds > 0).sum())
+        return float(rounds.sum()) / rate + busy * max(calibration.round_startup_s, calibration.latency_s)
     return sender_queue_time_s(
         traffic_bytes, sustained, transport, seed, calibration.latency_s, calibration.shared_port_efficiency
     )

@@ -54,6 +54,16 @@ class Schedule:
         """Round by round, each round latency_s + its longest transfer: makespan_s + rounds * latency_s."""
         return float(self.round_durations_s(latency_s).sum())
 
+    def round_crowding(self) -> np.ndarray:
+        """[num_rounds] int: the most flows (distinct peers) any device sends to or receives from in
+        each round; 1 in every busy round of a matching schedule."""
+        rounds, n = self.num_rounds, self.num_devices
+        pairs = np.zeros((rounds, n, n), dtype=bool)
+        pairs[self.round_of, self.src, self.dst] = self.bytes > 0
+        sends = pairs.sum(axis=2).max(axis=1, initial=0)
+        receives = pairs.sum(axis=1).max(axis=1, initial=0)
+        return np.maximum(sends, receives)
+
     def delivered_bytes(self) -> np.ndarray:
         """[n, n] bytes moved from each src to each dst over all rounds."""
         n = self.num_devices

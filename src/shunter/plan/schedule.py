@@ -22,6 +22,12 @@ each port add up to at most that port's bandwidth.
   max_i max(sum_j D_ij / r_ij, sum_j D_ji / r_ji) / lanes_i with r_ij = min(lane rates), which
   `choose_lanes` minimises over lane counts up to a cap, raising the cap only while the schedule
   is more than CLOSE_TO_BOUND above the port bound.
+
+On a real network a round also costs a start-up (RoundCost.startup_s: the ranks meet between
+rounds, each connection ramps up), and a port side that k flows cross at once delivers less than
+its rate (TCP flows do not split a port at planned rates). `schedule_with_round_cost` picks, under
+that cost, between the lane schedule and plain matchings and which rounds to run as one
+(`merge_rounds_with_startup`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from shunter.network.bounds import bandwidth_vector, off_diagonal, port_lower_bound_s
+from shunter.network.cost import RoundCost, round_times_s
+from shunter.network.fluid import port_efficiency_by_flows
 from shunter.network.schedule import Schedule
 from shunter.plan.decompose import decompose_into_matchings
 
@@ -198,13 +206,8 @@ def merge_short_rounds(
 ) -> Schedule:
     """The same transfers with the shortest rounds folded into one last round.
 
-    On a real network a round costs more than its transfers: the ranks wait for the round's
-    slowest peer, and each new connection use ramps up. The shortest rounds, taken while their
-    durations add up to at most `max_share` of the makespan, run as one round in which every one of
-    their transfers starts at once, at rate bytes / T with T = max_i max(sent_i, received_i) / B_i
-    (so every port's rates add up to at most its bandwidth, and all finish together). T is at most
-    the sum of the rounds it replaces, so the makespan never grows; that round is no longer a
-    matching. max_share = 0 returns the schedule unchanged.
+    The shortest rounds, taken while their durations add up to at most `max_share` of the
+    makespan, run as one round (see merge_rounds). max_share = 0 returns the schedule unchanged.
     """
     durations = schedule.round_durations_s()
     if max_share <= 0 or schedule.num_rounds < 2:
@@ -213,6 +216,18 @@ def merge_short_rounds(
     within = np.cumsum(durations[order]) <= max_share * durations.sum()
     short = np.zeros(schedule.num_rounds, dtype=bool)
     short[order[within]] = True
+    return merge_rounds(schedule, bandwidth_bytes_s, short)
+
+
+def merge_rounds(schedule: Schedule, bandwidth_bytes_s: np.ndarray | float, which: np.ndarray) -> Schedule:
+    """The same transfers with the rounds marked in which [num_rounds] bool folded into one last round.
+
+    In that round every one of their transfers starts at once, at rate bytes / T with
+    T = max_i max(sent_i, received_i) / B_i (so every port's rates add up to at most its bandwidth,
+    and all finish together). T is at most the sum of the rounds it replaces, so the fluid makespan
+    never grows; that round is no longer a matching. Fewer than two marked rounds: unchanged.
+    """
+    short = np.asarray(which, dtype=bool)
     if short.sum() < 2:
         return schedule
     # kept rounds keep their order and come first; the merged round is the last
@@ -238,6 +253,86 @@ def merge_short_rounds(
         n,
         schedule.strategy,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules under a per-round cost (network.cost.RoundCost)
+
+EXHAUSTIVE_MERGE_ROUNDS = 10  # up to this many rounds every subset is tried; beyond, the k shortest
+
+
+def schedule_cost_s(schedule: Schedule, cost: RoundCost) -> float:
+    """The schedule's time under cost: the sum of round_times_s."""
+    return float(round_times_s(schedule, cost).sum())
+
+
+def merge_rounds_with_startup(
+    schedule: Schedule, bandwidth_bytes_s: np.ndarray | float, cost: RoundCost
+) -> Schedule:
+    """The schedule with the set of rounds folded into one (merge_rounds) that costs least under
+    cost: a merge saves startup_s per round it removes and costs what its crowded ports lose.
+
+    Every subset of rounds is tried up to EXHAUSTIVE_MERGE_ROUNDS rounds; beyond that, the k
+    shortest rounds for every k. Ties keep more rounds (fewer flows sharing a port)."""
+    rounds = schedule.num_rounds
+    if rounds < 2:
+        return schedule
+    n = schedule.num_devices
+    bandwidth = bandwidth_vector(bandwidth_bytes_s, n)
+    times = round_times_s(schedule, cost)
+    sent = np.zeros((rounds, n))
+    received = np.zeros((rounds, n))
+    np.add.at(sent, (schedule.round_of, schedule.src), schedule.bytes)
+    np.add.at(received, (schedule.round_of, schedule.dst), schedule.bytes)
+    pairs = np.zeros((rounds, n, n), dtype=bool)
+    pairs[schedule.round_of, schedule.src, schedule.dst] = schedule.bytes > 0
+    efficiency = port_efficiency_by_flows(n, cost.crowded_port_efficiency)
+
+    def merged_cost(which: np.ndarray) -> float:
+        fluid = float((np.maximum(sent[which].sum(0), received[which].sum(0)) / bandwidth).max())
+        union = pairs[which].any(axis=0)
+        crowd = int(max(union.sum(axis=1).max(), union.sum(axis=0).max()))
+        merged = fluid / efficiency[crowd] + cost.startup_s if fluid > 0 else 0.0
+        return float(times[~which].sum()) + merged
+
+    if rounds <= EXHAUSTIVE_MERGE_ROUNDS:
+        candidates = (
+            np.array([(mask >> r) & 1 for r in range(rounds)], dtype=bool)
+            for mask in range(1 << rounds)
+            if bin(mask).count("1") >= 2
+        )
+    else:
+        order = np.argsort(schedule.round_durations_s(), kind="stable")
+        candidates = (np.isin(np.arange(rounds), order[:k]) for k in range(2, rounds + 1))
+    best, best_cost = np.zeros(rounds, dtype=bool), float(times.sum())
+    for which in candidates:
+        candidate_cost = merged_cost(which)
+        if candidate_cost < best_cost * (1 - 1e-12):
+            best, best_cost = which, candidate_cost
+    return merge_rounds(schedule, bandwidth, best)
+
+
+def schedule_with_round_cost(
+    traffic_bytes: np.ndarray,
+    bandwidth_bytes_s: np.ndarray | float,
+    cost: RoundCost,
+    max_lanes_per_device: int = DEFAULT_MAX_LANES,
+) -> Schedule:
+    """The schedule that runs fastest under cost: the lane schedule (schedule_all_to_all) and plain
+    matchings (one lane per device), each with its rounds merged by merge_rounds_with_startup; the
+    cheaper one, plain matchings on a tie. On equal ports the two are the same schedule.
+
+    Lanes reach the port bound in the fluid model but put two or more flows on a port at planned,
+    unequal rates; TCP splits a shared port its own way, so those rounds run slower than planned."""
+    matrix = off_diagonal(traffic_bytes)
+    bandwidth = bandwidth_vector(bandwidth_bytes_s, matrix.shape[0])
+    matchings = merge_rounds_with_startup(schedule_all_to_all(matrix, bandwidth, 1), bandwidth, cost)
+    if max_lanes_per_device <= 1 or np.all(bandwidth == bandwidth[0]):
+        return matchings
+    lanes = merge_rounds_with_startup(
+        schedule_all_to_all(matrix, bandwidth, max_lanes_per_device), bandwidth, cost
+    )
+    return lanes if schedule_cost_s(lanes, cost) < schedule_cost_s(matchings, cost) else matchings
 
 
 def _schedule_single_lane(matrix: np.ndarray, bandwidth: np.ndarray) -> Schedule:
