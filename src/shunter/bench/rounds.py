@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 from shunter.bench.sandbox import CappedRun, RunTimedOut, run_capped
+from shunter.errors import ShunterError
 from shunter.units import format_bytes
 
 
@@ -30,8 +31,9 @@ class InterleavedRuns:
         return key
 
     def run(self, reps: int, warmup: int, progress: IO[str], timeout_s: float | None = None) -> None:
-        """Every job warmup + reps times. A job that runs past timeout_s is recorded as timed out
-        and not run again (a contender thrashing under the cap would take hours per round)."""
+        """Every job warmup + reps times. A job that runs past timeout_s, or fails (killed at its
+        memory cap), is recorded as such and not run again (a contender thrashing under the cap
+        would take hours per round; one that cannot fit says so in its row)."""
         timed: dict[str, list[CappedRun]] = {key: [] for key in self.jobs}
         timed_out: dict[str, str] = {}
         for round_number in range(warmup + reps):
@@ -43,6 +45,10 @@ class InterleavedRuns:
                     run = run_capped(job, cap_bytes, f"{label} ({which})", timeout_s)
                 except RunTimedOut:
                     timed_out[key] = f"timed out: no result within {timeout_s:g} s ({which}), not run again"
+                    print(f"{label:<34} {which:>9}: {timed_out[key]}", file=progress, flush=True)
+                    continue
+                except ShunterError as exc:  # killed at the cap, or failed: a row that says so
+                    timed_out[key] = f"failed ({which}), not run again: {exc}"
                     print(f"{label:<34} {which:>9}: {timed_out[key]}", file=progress, flush=True)
                     continue
                 if round_number >= warmup:
