@@ -62,7 +62,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-3000:])
         raise ShunterError(f"{argv[0]} exited with status {done.returncode}")
-    result: dict[str, Any] = parse_batched_bench(done.stdout + done.stderr, job["sequences"])
+    try:
+        result: dict[str, Any] = parse_batched_bench(done.stdout + done.stderr, job["sequences"])
+    except ShunterError:
+        sys.stderr.write((done.stdout + done.stderr)[-3000:])
+        raise
     # the blocks llama.cpp read from disk (512-byte units): its page faults on the mapped file
     result["disk_read_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock * 512
     result["generated_ids"] = None  # it feeds random tokens, it does not sample
