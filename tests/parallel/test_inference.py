@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -261,11 +260,9 @@ def test_a_rank_killed_mid_generation_ends_every_rank_with_one_line(tiny_checkpo
         )
     assert procs[0].stdout.read(len("5 ")) == "5 ", procs[0].communicate()[1][-2000:]  # the prompt: started
     procs[2].send_signal(signal.SIGKILL)
-    started = time.monotonic()
-    for proc in procs[:2]:
+    for proc in procs[:2]:  # the timeout only stops a hang; how fast is the collective timeout's business
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 1, stderr[-2000:]
         assert "Traceback" not in stderr
         errors = [line for line in stderr.splitlines() if line.startswith("shunter: error:")]
         assert len(errors) == 1 and "a collective failed" in errors[0], stderr[-2000:]
-    assert time.monotonic() - started < 45

@@ -93,20 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=16,
         help="lanes per port Shunter's schedule may use on mixed ports (default 16; 1: plain matchings)",
     )
-    add_congestion_control_argument(a2a)
-    a2a.add_argument(
-        "--timeout",
-        type=flag_type(parse_number, above=0),
-        default=120.0,
-        help="seconds any collective may wait",
-    )
-    a2a.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
-    )
-    _register_train(kinds)
-    a2a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    a2a.add_argument("--out", default=None, help="also write the JSON result to this file")
+    add_cluster_run_arguments(a2a, timeout_s=120.0)
     a2a.set_defaults(func=run_a2a, outputs={"out": "file"})
+    _register_train(kinds)
 
     ep = kinds.add_parser(
         "ep",
@@ -136,18 +125,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--strategy", default="all_to_all", choices=STRATEGIES, help="the exchange (default all_to_all)"
     )
     ep.add_argument("--no-colocation", action="store_true", help="skip the colocation run")
-    add_congestion_control_argument(ep)
-    ep.add_argument(
-        "--timeout",
-        type=flag_type(parse_number, above=0),
-        default=120.0,
-        help="seconds any collective may wait",
-    )
-    ep.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
-    )
-    ep.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ep.add_argument("--out", default=None, help="also write the JSON result to this file")
+    add_cluster_run_arguments(ep, timeout_s=120.0)
     ep.set_defaults(func=run_ep, outputs={"out": "file"})
 
     offload = kinds.add_parser(
@@ -299,6 +277,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--plot", metavar="FILE", help="draw output tok/s against concurrency (.png, .pdf, .svg)"
     )
     serve.set_defaults(func=run_serve, outputs={"out": "file", "plot": "figure"})
+
+
+def add_cluster_run_arguments(parser: argparse.ArgumentParser, timeout_s: float) -> None:
+    """What every benchmark running ranks on the emulated cluster takes: the congestion control,
+    the collective timeout, the rendezvous port, --json and --out."""
+    add_congestion_control_argument(parser)
+    parser.add_argument(
+        "--timeout",
+        type=flag_type(parse_number, above=0),
+        default=timeout_s,
+        help="seconds any collective may wait",
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--out", default=None, help="also write the JSON result to this file")
 
 
 def serve_config(args: argparse.Namespace):
@@ -674,18 +669,7 @@ def _register_train(kinds: argparse._SubParsersAction) -> None:
         help="run the ranks on this machine's loopback with torchrun, unshaped (no root needed; "
         "--bandwidth then only feeds the simulator)",
     )
-    add_congestion_control_argument(train)
-    train.add_argument(
-        "--timeout",
-        type=flag_type(parse_number, above=0),
-        default=300.0,
-        help="seconds any collective may wait",
-    )
-    train.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})"
-    )
-    train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    train.add_argument("--out", default=None, help="also write the JSON result to this file")
+    add_cluster_run_arguments(train, timeout_s=300.0)
     train.add_argument(
         "--plot",
         metavar="FILE",

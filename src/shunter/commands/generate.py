@@ -156,6 +156,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def run_stats(
+    path: Path,
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    engine: str,
+    batch: int,
+    prompt: list[int],
+    result: GenerationResult,
+    peak_rss: int,
+) -> dict[str, object]:
+    """What `--json` reports of one generation, whichever engine ran it."""
+    return {
+        "model": str(path),
+        "family": spec.family,
+        "dtype": str(dtype).removeprefix("torch."),
+        "engine": engine,
+        "batch": batch,
+        "prompt_tokens": len(prompt),
+        "generated_ids": result.tokens[0],
+        "generated_tokens": result.generated_tokens,
+        "prefill_s": result.prefill_s,
+        "decode_s": result.decode_s,
+        "prefill_tok_s": result.prefill_tok_s,
+        "decode_tok_s": result.decode_tok_s,
+        "peak_rss_bytes": peak_rss,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ShunterError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
@@ -216,21 +244,8 @@ def run(args: argparse.Namespace) -> int:
         stop_ids=spec.eos_token_ids,
         on_step=stream,
     )
-    stats = {
-        "model": str(path),
-        "family": spec.family,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "engine": "offload" if isinstance(model, OffloadedModel) else "in-memory",
-        "batch": args.batch,
-        "prompt_tokens": len(prompt),
-        "generated_ids": result.tokens[0],
-        "generated_tokens": result.generated_tokens,
-        "prefill_s": result.prefill_s,
-        "decode_s": result.decode_s,
-        "prefill_tok_s": result.prefill_tok_s,
-        "decode_tok_s": result.decode_tok_s,
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
+    engine = "offload" if isinstance(model, OffloadedModel) else "in-memory"
+    stats = run_stats(path, spec, model.dtype, engine, args.batch, prompt, result, peak_rss_bytes())
     if plan is not None:
         stats["plan"] = plan_as_dict(plan) | {"sequences_given": args.batch}
     elif args.explain:
@@ -375,20 +390,10 @@ def run_expert_parallel(
     if rank == 0:
         all_stats = []
         for (model_path, model_spec, _), run, result in zip(models, runs, results, strict=True):
-            stats: dict[str, object] = {
-                "model": str(model_path),
-                "family": model_spec.family,
-                "dtype": str(run.model.model.dtype).removeprefix("torch."),
-                "engine": "expert-parallel",
-                "batch": args.batch,
-                "prompt_tokens": len(prompt),
-                "generated_ids": result.tokens[0],
-                "generated_tokens": result.generated_tokens,
-                "prefill_s": result.prefill_s,
-                "decode_s": result.decode_s,
-                "prefill_tok_s": result.prefill_tok_s,
-                "decode_tok_s": result.decode_tok_s,
-                "peak_rss_bytes": int(peak.item()),
+            dtype = run.model.model.dtype
+            stats = run_stats(
+                model_path, model_spec, dtype, "expert-parallel", args.batch, prompt, result, int(peak.item())
+            ) | {
                 "world_size": world,
                 "placement": str(args.plan) if args.plan else "contiguous",
                 "strategy": args.strategy,
