@@ -173,21 +173,27 @@ def save_checkpoint(
             shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
-        (staging / OUTPUT_MARKER).write_text("written by shunter: a later export may replace this\n")
-        # mkdtemp makes a private directory; a model directory is as readable as any other
-        os.chmod(staging, 0o755)
-        for file in staging.iterdir():
-            os.chmod(file, 0o644)
-        check_replaceable(out_dir, overwrite)
-        if out_dir.exists():
-            # move the old directory aside first, so a failure between the two renames loses nothing
-            retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.replace(out_dir, retired / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        publish_staged_model(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def publish_staged_model(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Mark a fully written model directory as Shunter's, make it readable, and rename it to
+    out_dir, replacing an earlier one only as check_replaceable allows."""
+    (staging / OUTPUT_MARKER).write_text("written by shunter: a later export may replace this\n")
+    # mkdtemp makes a private directory; a model directory is as readable as any other
+    os.chmod(staging, 0o755)
+    for file in staging.iterdir():
+        os.chmod(file, 0o644)
+    check_replaceable(out_dir, overwrite)
+    if out_dir.exists():
+        # move the old directory aside first, so a failure between the two renames loses nothing
+        retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+        os.replace(out_dir, retired / out_dir.name)
+        os.replace(staging, out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)

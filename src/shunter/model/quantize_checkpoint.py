@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from shunter.errors import ShunterError
 from shunter.model.checkpoint import INDEX_FILE, Checkpoint
-from shunter.model.export import OUTPUT_MARKER, check_replaceable
+from shunter.model.export import OUTPUT_MARKER, check_replaceable, publish_staged_model
 from shunter.model.quant import (
     DEFAULT_GROUP_SIZE,
     QUANT_METHOD,
@@ -180,18 +180,7 @@ def quantize_checkpoint(
         }
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_other_files(model_dir, staging, {f.name for f in files} | {INDEX_FILE, "config.json"})
-        (staging / OUTPUT_MARKER).write_text("written by shunter: a later export may replace this\n")
-        os.chmod(staging, 0o755)
-        for file in staging.iterdir():
-            os.chmod(file, 0o644)
-        check_replaceable(out_dir, overwrite)
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.replace(out_dir, retired / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        publish_staged_model(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
