@@ -1,5 +1,8 @@
 """The math of an MoE decoder, once, as functions over explicit weights.
 
+One module on purpose: every engine (in memory, offload, expert-parallel, training) calls these
+same functions, and splitting attention from routing would only split what is read together.
+
 Shapes: B batch, T new tokens, S cached slots, H hidden, N = B*T flattened tokens,
 E experts, k experts per token, I expert intermediate size.
 Every schedule (in memory, offloaded, expert-parallel) calls these same functions.

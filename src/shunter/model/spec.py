@@ -1,4 +1,8 @@
-"""ModelSpec: one normalised description of an MoE model, read from a Hugging Face `config.json`."""
+"""ModelSpec: one normalised description of an MoE model, read from a Hugging Face `config.json`.
+
+Long because it holds every family's config reader beside the one type they fill; the readers
+would move to a `model/families/` package once a family needs more than its field list.
+"""
 
 from __future__ import annotations
 

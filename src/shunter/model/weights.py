@@ -1,5 +1,8 @@
 """Explicit weight containers and the map from a family's checkpoint names to them.
 
+One room: the containers and the one reader that fills them from any layout (per-expert, fused,
+input-major, quantised) change together.
+
 The layer functions take these dataclasses; where the tensors come from (RAM, disk, another
 device) is the caller's business.
 """

@@ -1,6 +1,7 @@
 """The plan document: what `shunter plan --out` writes and every consumer reads (simulate, bench a2a,
 the expert-parallel runtime). One writer (`document_from_plan` + `PlanDocument.to_dict`), one reader
-(`read_plan` / `load_plan`), versioned, round-trip tested.
+(`read_plan` / `load_plan`), versioned, round-trip tested; one room so that writer and reader
+cannot drift apart.
 
 A layer's placement is stored the way a runtime consumes it, as physical expert slots (compare
 DeepSeek EPLB's `phy2log`, `log2phy`, `logcnt`): slot s holds expert `slot_expert[s]` on device

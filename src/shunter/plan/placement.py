@@ -1,4 +1,5 @@
-"""Expert placement: Aurora's four cases, and the baselines it is measured against.
+"""Expert placement: Aurora's four cases, and the baselines it is measured against (one room:
+the cases share their cost functions and are tested against each other and brute force).
 
 1. exclusive, equal devices: balance expert load over devices (with one expert per device every
    assignment has the same all-to-all bound, so the schedule does the work);

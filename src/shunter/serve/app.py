@@ -1,6 +1,7 @@
 """The HTTP side: OpenAI's completions and chat completions (streamed as server-sent events or
 whole), models, health and metrics, on FastAPI. Every bad request is answered with OpenAI's
-error JSON and a 4xx status; the engine thread (serve.scheduler) never sees one."""
+error JSON and a 4xx status; the engine thread (serve.scheduler) never sees one. One room: the
+routes share the request checks and the streaming of one engine."""
 
 from __future__ import annotations
 

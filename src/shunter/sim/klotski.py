@@ -1,4 +1,5 @@
 """Klotski's offload pipeline: n batches share one load of each layer's weights (klotski.md).
+One room: the cost model, its planner search and the reproduction's figures share one timeline.
 
 The cost model is a pure function over explicit per-layer times, so the offload engine's planner
 and the simulator use the same one:

@@ -1,4 +1,8 @@
-"""Single-process MoE training: AdamW, warmup + cosine schedule, checkpoints, exact resume, export."""
+"""Single-process MoE training: AdamW, warmup + cosine schedule, checkpoints, exact resume, export.
+
+One room: the parallel trainer (train.parallel) subclasses this one and reuses each of these
+pieces, so they stay together as the single-process reference it is tested against.
+"""
 
 from __future__ import annotations
 
