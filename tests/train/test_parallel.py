@@ -176,6 +176,37 @@ def test_the_allreduce_ops_cover_every_gradient_element_once():
     assert all(len(op) == 1 and (op[0].stop - op[0].start) * 4 <= 40 for op in micro_ops(params, 40))
 
 
+def test_a_rank_whose_experts_no_token_chose_runs_the_same_backward(tmp_path):
+    """A rank that receives no rows in a layer still runs that layer's backward all-to-all: without
+    it its peers' next all-to-all met a different one on that rank (a gloo size mismatch, seen when
+    training on the emulated cluster). Oracle: one process running both MoE layers on the whole
+    batch; the unchosen experts' gradients are zero there."""
+    from shunter.model.layers import moe_block
+    from tests.train.unchosen_experts_ranks import TOKENS_PER_RANK, setup
+
+    result = torchrun(2, "tests.train.unchosen_experts_ranks", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    spec, moes, x = setup()
+    x.requires_grad_(True)
+    for moe in moes:
+        moe.experts_gate_up.requires_grad_(True)
+        moe.experts_down.requires_grad_(True)
+    hidden = moe_block(x, moes[0], spec).output
+    chosen = moe_block(hidden.abs() + 0.1, moes[1], spec)
+    assert set(chosen.expert_ids.flatten().tolist()) == {0, 1}  # rank 1's experts 2 and 3 unchosen
+    chosen.output.pow(2).sum().backward()
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"grads.rank{rank}.pt")
+        rows = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
+        torch.testing.assert_close(grads["x"], x.grad[rows], rtol=1e-5, atol=1e-6)
+        for i, moe in enumerate(moes):
+            ids = grads[f"layer{i}.experts"]
+            for name, full in (("gate_up", moe.experts_gate_up), ("down", moe.experts_down)):
+                ours = grads[f"layer{i}.{name}"]
+                ours = torch.zeros_like(full[ids]) if ours is None else ours
+                torch.testing.assert_close(ours, full.grad[ids], rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture()
 def four_device_plan(tmp_path) -> Path:
     trace = zipf_trace(CONFIG.num_layers, 512, CONFIG.num_experts, CONFIG.top_k, 1.2, 0.5, 0)

@@ -494,6 +494,12 @@ class TrainingExpertParallelMoE(ExpertParallelMoE):
         )
         received = _Exchange.apply(sent, rows, self.context, "dispatch")
         computed = self._run_local_slots(received, slot_counts)
+        if received.shape[0] == 0:
+            # No token chose this rank's experts: `computed` is a fresh empty tensor outside the
+            # graph, and autograd would skip this rank's backward of the dispatch exchange while
+            # its peers run theirs (their rows then meet another layer's all-to-all). The clone
+            # keeps the exchange in the graph; its gradient is empty.
+            computed = received.clone()
         returned = _Exchange.apply(computed, rows.T, self.context, "combine")
         out = torch.zeros_like(x)
         add_weighted_rows(out, returned, token_index, choice_index, applied)
@@ -623,10 +629,11 @@ class ParallelTrainer(Trainer):
                 sync.finish()
             finally:
                 sync.stop()
+            for expert in experts:  # experts no token chose: zero, as their rows of the one-process
+                if expert.grad is None:  # stacks (the optimizer still decays and moves them)
+                    expert.grad = torch.zeros_like(expert)
             if replica_group is not None:  # replicas of an expert sum their gradients
                 for expert in experts:
-                    if expert.grad is None:
-                        expert.grad = torch.zeros_like(expert)
                     dist.all_reduce(expert.grad, group=replica_group)
             synced = time.perf_counter()
             if step == start_step:  # as DDP does: rebuild the ops in the order rank 0's gradients came
