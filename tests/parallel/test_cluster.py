@@ -237,12 +237,13 @@ def test_bad_arguments(argv: list[str], expected: str, monkeypatch: pytest.Monke
 
 
 @needs_root
-def test_run_prefixes_every_rank_and_sets_torchrun_variables(unchanged_network, capsys) -> None:
+def test_run_prefixes_every_rank_and_sets_torchrun_variables(unchanged_network, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     program = (
         "import os, sys; e = os.environ; "
         "print('rank', e['RANK'], 'of', e['WORLD_SIZE'], e['LOCAL_RANK'], e['LOCAL_WORLD_SIZE'], "
         "e['MASTER_ADDR'], e['MASTER_PORT'], e['SHUNTER_CLUSTER_BANDWIDTHS'], "
-        "os.path.exists('/sys/class/net/' + e['GLOO_SOCKET_IFNAME'])); "
+        "os.path.exists('/sys/class/net/' + e['GLOO_SOCKET_IFNAME']), e['OMP_NUM_THREADS']); "
         "print('to stderr', file=sys.stderr)"
     )
     argv = ["cluster", "run", "--hosts", "2", "--bandwidth", "1Gbit/s,80Mbit/s", "--port", "29600"]
@@ -253,7 +254,8 @@ def test_run_prefixes_every_rank_and_sets_torchrun_variables(unchanged_network, 
     for rank, line in enumerate(lines):
         prefix = f"[host {rank}] rank {rank} of 2 0 1 10."
         assert line.startswith(prefix), line
-        assert line.endswith(" 29600 125000000,10000000 True"), line
+        threads = max(1, (os.cpu_count() or 1) // 2)  # the hosts' share of the cores, as torchrun sets
+        assert line.endswith(f" 29600 125000000,10000000 True {threads}"), line
     assert lines[0].split()[8] == lines[1].split()[8]  # one MASTER_ADDR
     assert sorted(err.splitlines()) == ["[host 0] to stderr", "[host 1] to stderr"]
 

@@ -320,7 +320,7 @@ def print_train_table(report: dict[str, Any]) -> None:
 
 def plot_timelines(report: dict[str, Any], path: Path) -> None:
     """Per variant, per rank, the last measured step: forward, backward, optimizer, and above them the
-    all-to-alls and the allreduces in flight (seconds since the step began)."""
+    all-to-alls and the allreduces in flight, on one clock (ms since the first rank began the step)."""
     from shunter.sim.plots import pyplot, save_figure
 
     plt = pyplot()
@@ -336,16 +336,19 @@ def plot_timelines(report: dict[str, Any], path: Path) -> None:
     }
     lanes = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "a2a": 0.33, "allreduce": 0.66}
     for ax, name in zip(axes, names, strict=True):
-        for record in report["measured"][name]["per_rank_last_step"]:
+        records = report["measured"][name]["per_rank_last_step"]
+        first = min(record.get("began_s", 0.0) for record in records)
+        for record in records:
             y = record["rank"]
+            offset = record.get("began_s", first) - first  # the ranks on one clock, from the first to begin
             for kind, spans in record["intervals"].items():
-                bars = [(a * 1e3, (b - a) * 1e3) for a, b in spans]
+                bars = [((offset + a) * 1e3, (b - a) * 1e3) for a, b in spans]
                 ax.broken_barh(bars, (y + lanes[kind], 0.3), color=colors[kind], label=kind)
         ax.set_title(f"{name}: step {report['measured'][name]['step_s'] * 1e3:.0f} ms (median)", fontsize=9)
         ax.set_yticks(
             [r + 0.5 for r in range(report["hosts"])], [f"rank {r}" for r in range(report["hosts"])]
         )
-        ax.set_xlabel("ms since the step began")
+        ax.set_xlabel("ms since the first rank began the step")
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     axes[0].legend(unique.values(), unique.keys(), loc="upper right", fontsize=7, ncol=5)

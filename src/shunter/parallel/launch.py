@@ -52,6 +52,10 @@ def run_on_cluster(
             for rank, namespace in enumerate(cluster.namespaces):
                 env = {**os.environ, **cluster.rank_environment(rank, port)}
                 env.setdefault("PYTHONUNBUFFERED", "1")  # so a Python rank's prints stream live
+                # The hosts share this machine's cores: as torchrun does for several ranks on one
+                # machine, size each rank's OpenMP team to its share, or every rank's team of all
+                # cores spins against the others' (and starves the collectives' threads).
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cluster.num_hosts)))
                 try:
                     proc = subprocess.Popen(
                         ["ip", "netns", "exec", namespace, *command],

@@ -732,6 +732,9 @@ class ParallelTrainer(Trainer):
             "allreduce_exposed_s": synced - backward_done,
             "a2a_with_allreduce_s": _overlap(timeline.a2a_backward, timeline.allreduce),
             "optimizer_s": ended - synced,
+            # perf_counter is CLOCK_MONOTONIC, one clock for every process on a machine: the
+            # ranks' steps line up on it (the emulated cluster's hosts share this machine)
+            "began_s": began,
             # seconds since the step began, for per-rank timeline plots
             "intervals": {
                 "forward": [[0.0, forward_done - began]],
