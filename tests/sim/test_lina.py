@@ -97,3 +97,26 @@ def test_without_dense_gradients_priority_changes_nothing() -> None:
     """Oracle: no allreduce: DeepSpeed and priority run the same graph."""
     setup = training_setup(dense_gradient_bytes_per_block=0.0)
     assert training_step(setup, "priority").step_s == pytest.approx(training_step(setup, "deepspeed").step_s)
+
+
+def test_measured_rows_of_the_ideal_gate_give_the_ideal_gates_step() -> None:
+    """Oracle: replaying the ideal gate's own rows as measured routing changes nothing; piling every
+    row onto one device's experts can only lengthen the step; the optimizer step adds its time."""
+    from shunter.plan.traffic import routed_counts
+    from shunter.sim.lina import balanced_expert_ids, static_shares
+
+    setup = training_setup()
+    n, E, blocks = CLUSTER.num_devices, setup.shapes.num_experts, setup.shapes.num_layers
+    ids = balanced_expert_ids(setup.tokens_per_device * n, E, setup.shapes.top_k)
+    rows = routed_counts(ids, E, n) @ static_shares(E, n)  # [n, n] rows device i sends device j
+    replayed = replace(setup, dispatch_rows=np.stack([rows] * blocks))
+    for variant in ("deepspeed", "priority", "lina"):
+        assert training_step(replayed, variant).step_s == pytest.approx(training_step(setup, variant).step_s)
+    piled = np.zeros((blocks, n, n))
+    piled[:, :, 0] = rows.sum(axis=1)  # every device sends all its rows to device 0
+    assert (
+        training_step(replace(setup, dispatch_rows=piled), "deepspeed").step_s
+        > training_step(setup, "deepspeed").step_s
+    )
+    with_optimizer = training_step(replace(setup, optimizer_s=0.25), "deepspeed").step_s
+    assert with_optimizer == pytest.approx(training_step(setup, "deepspeed").step_s + 0.25)

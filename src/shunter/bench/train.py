@@ -21,7 +21,10 @@ median over the steps after warm-up.
 The simulator (`shunter.sim.lina.training_step`) gets the model's shapes (fp32), the shaped port
 rate, this model's dense-gradient bytes per block, and a compute speed calibrated so that its
 compute time equals the measured compute time of the overlap run (forward + backward without
-communication): the prediction is then about communication alone. Its variants: deepspeed for
+communication), the routing of the measured steps (each layer's dispatch rows between ranks, mean
+over the steps: early in training the gate is far from balanced, and the hot ranks' ports and
+experts set the all-to-all's time), and the measured optimizer step: the prediction is then about
+communication alone. Its variants: deepspeed for
 overlap, priority with one micro-op per block's gradient for priority, priority with the micro-op
 size for priority+partitioning, lina (with all-to-all chunks) for full Lina.
 """
@@ -38,6 +41,8 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from shunter.errors import ShunterError
 from shunter.model.spec import spec_from_config
@@ -145,6 +150,9 @@ def summarize(work: Path, hosts: int, warmup: int) -> dict[str, Any]:
             statistics.fmean(records[i][name] for records in per_rank) for i in range(steps)
         )
     summary["compute_s"] = summary["forward_compute_s"] + summary["backward_compute_s"]
+    # the routing of the measured steps (the same on every rank), mean per layer: rows [L, n, n]
+    routing = [per_rank[0][i]["dispatch_rows"] for i in range(steps)]
+    summary["dispatch_rows"] = np.mean(routing, axis=0).tolist()
     summary["per_rank_last_step"] = [records[steps - 1] for records in per_rank]
     return summary
 
@@ -160,15 +168,22 @@ def dense_gradient_bytes(config: TrainConfig) -> int:
 
 
 def predict(
-    config: TrainConfig, hosts: int, bandwidth_bytes_s: float, compute_s: float, micro_op_bytes: int
+    config: TrainConfig,
+    hosts: int,
+    bandwidth_bytes_s: float,
+    compute_s: float,
+    micro_op_bytes: int,
+    dispatch_rows: np.ndarray | None = None,
+    optimizer_s: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """The simulator's step for each variant (see the module docstring), compute calibrated to
-    compute_s seconds per step per rank (measured)."""
+    compute_s seconds per step per rank (measured), routed as the measured steps were
+    (dispatch_rows [L, n, n]; None: the ideal gate), with the measured optimizer step."""
     spec = spec_from_config(config.model_config(eos_token_id=0), source="bench config")
     shapes = MoEShapes.from_spec(spec, bytes_per_param=4, bytes_per_activation=4, name="bench")
     per_block = dense_gradient_bytes(config) / config.num_layers
 
-    def setup(flop_s: float, micro: float) -> TrainingSetup:
+    def setup(flop_s: float, micro: float, optimizer: float = optimizer_s) -> TrainingSetup:
         return TrainingSetup(
             shapes=shapes,
             cluster=ClusterSpec.uniform(hosts, bandwidth_bytes_s, flop_s),
@@ -178,11 +193,13 @@ def predict(
             dense_gradient_bytes_per_block=per_block,
             dense_flops_per_token_per_block=0.0,
             micro_op_bytes=micro,
+            dispatch_rows=dispatch_rows,
+            optimizer_s=optimizer,
         )
 
     probe_flop_s = 1e12
-    probe = training_step(setup(probe_flop_s, micro_op_bytes), "deepspeed")
-    simulated_compute_s = probe.step_s * probe.utilisation
+    probe = training_step(setup(probe_flop_s, micro_op_bytes, optimizer=0.0), "deepspeed")
+    simulated_compute_s = probe.step_s * probe.utilisation  # mean over devices
     flop_s = probe_flop_s * simulated_compute_s / max(compute_s, 1e-9)
     whole = per_block * 2  # one micro-op per block: priority without partitioning
     results = {
@@ -262,7 +279,15 @@ def run_bench(
     for summary in measured.values():
         summary["speedup"] = baseline["step_s"] / summary["step_s"]
         summary["backward_a2a_speedup"] = baseline["a2a_backward_s"] / max(summary["a2a_backward_s"], 1e-12)
-    predicted = predict(config, hosts, bandwidth_bytes_s, baseline["compute_s"], micro_op_bytes)
+    predicted = predict(
+        config,
+        hosts,
+        bandwidth_bytes_s,
+        baseline["compute_s"],
+        micro_op_bytes,
+        np.asarray(baseline["dispatch_rows"]),
+        baseline["optimizer_s"],
+    )
     rows = []
     for name in ("overlap", "priority", "priority+partitioning", "lina"):
         m = measured.get(name)

@@ -12,7 +12,8 @@ combine (C) -> aggregation (A), ports shared max-min fairly (a plain NCCL all-to
 - ideal: a perfectly balanced gate (every expert gets N k / E tokens) on the static placement.
 Training step, per device: forward G N F C per block, then backward in reverse (combine-backward
 all-to-all, expert backward at 2x forward FLOPs, dispatch-backward all-to-all, attention backward
-at 2x), and an allreduce of each block's dense gradients once its backward is done. Variants:
+at 2x), and an allreduce of each block's dense gradients once its backward is done, then the
+optimizer step. Routing is the ideal gate's, or a measured step's rows per block. Variants:
 - deepspeed: each block's allreduce is one collective launched when ready; it shares ports with
   the all-to-alls (both as NCCL-like collectives: the ring runs on as many channels per port as
   the all-to-all has flows, so a shared port splits evenly);
@@ -181,6 +182,10 @@ class TrainingSetup:
     (its attention and the dense layer beside it); micro_op_bytes: Lina's allreduce micro-op;
     a2a_chunks: Lina's all-to-all partitions; allreduce_channels: parallel flows of a ring
     allreduce per port (None: n - 1, as many as an all-to-all has).
+    dispatch_rows [blocks, n, n]: (token, choice) pairs device i sends device j in each block's
+    dispatch (a measured step's routing; expert compute follows each device's received rows);
+    None: the ideal gate, which a balancing loss aims at (early in training routing is far from it).
+    optimizer_s: the optimizer step after the last allreduce (per device, measured or estimated).
     """
 
     shapes: MoEShapes
@@ -194,6 +199,8 @@ class TrainingSetup:
     a2a_chunks: int = 4
     allreduce_channels: int | None = None
     latency_s: float = 0.0
+    dispatch_rows: np.ndarray | None = None
+    optimizer_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,18 +221,28 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
     T = setup.tokens_per_device
     speed = cluster.compute_flop_s
     compute = setup.compute
-    # Training routes with a balancing loss: take the ideal gate's traffic.
-    ids = balanced_expert_ids(T * n, shapes.num_experts, shapes.top_k)
-    shares = static_shares(shapes.num_experts, n)
-    traffic = dispatch_traffic(ids, shares, shapes.token_bytes, n)
-    processed = tokens_per_device(ids, shares)
+    blocks = shapes.num_layers
+    if setup.dispatch_rows is None:  # the ideal gate's traffic, the same in every block
+        ids = balanced_expert_ids(T * n, shapes.num_experts, shapes.top_k)
+        shares = static_shares(shapes.num_experts, n)
+        traffics = [dispatch_traffic(ids, shares, shapes.token_bytes, n)] * blocks
+        processed = [tokens_per_device(ids, shares)] * blocks
+    else:
+        rows = np.asarray(setup.dispatch_rows, dtype=np.float64)
+        if rows.shape != (blocks, n, n):
+            raise ValueError(f"dispatch_rows has shape {rows.shape}, expected {(blocks, n, n)}")
+        off_diagonal = rows * (1 - np.eye(n))  # rows a device keeps never cross the network
+        traffics = list(off_diagonal * shapes.token_bytes)
+        processed = list(rows.sum(axis=1))  # rows each device's experts run
     dense_flops = (
         shapes.attention_flops_per_token(setup.context_tokens) + setup.dense_flops_per_token_per_block
     )
     dense_flops += shapes.gate_flops_per_token
     tokens = np.full(n, float(T))
     dense_fwd = compute.op_time_s("attention", tokens, dense_flops, 0.0, speed)
-    expert_fwd = compute.op_time_s("expert", processed, shapes.expert_flops_per_token, 0.0, speed)
+    expert_fwd = [
+        compute.op_time_s("expert", p, shapes.expert_flops_per_token, 0.0, speed) for p in processed
+    ]
     chunks = setup.a2a_chunks if variant == "lina" else 1
     channels = setup.allreduce_channels or max(n - 1, 1)
     micro = variant in ("priority", "lina")
@@ -257,18 +274,24 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
 
     aggregation = compute.op_time_s("aggregation", tokens, shapes.aggregation_flops_per_token, 0.0, speed)
     previous: tuple[str, ...] = ()
-    blocks = shapes.num_layers
     for block in range(blocks):
         g = f"f{block}G"
         ops.append(Compute(g, dense_fwd, previous, "dense"))
-        previous = (moe(f"f{block}", (g,), traffic, expert_fwd, traffic),)
+        previous = (moe(f"f{block}", (g,), traffics[block], expert_fwd[block], traffics[block]),)
     for block in reversed(range(blocks)):
         # Backward: the combine computation's backward (whose start tells Lina's scheduler an
         # all-to-all is coming), gradients to the experts (the dispatch pattern), expert backward,
         # then gradients home (the combine pattern), then the dense backward.
         combine_bwd = f"b{block}M"
         ops.append(Compute(combine_bwd, 2 * aggregation, previous, "aggregation"))
-        join = moe(f"b{block}", (combine_bwd,), traffic, 2 * expert_fwd, traffic, announced_by=(combine_bwd,))
+        join = moe(
+            f"b{block}",
+            (combine_bwd,),
+            traffics[block],
+            2 * expert_fwd[block],
+            traffics[block],
+            announced_by=(combine_bwd,),
+        )
         a = f"b{block}A"
         ops.append(Compute(a, 2 * dense_fwd, (join,), "dense"))
         previous = (a,)
@@ -280,6 +303,9 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
             name = f"b{block}R{p}"
             ops.append(Collective(name, src, dst, nbytes, after, low_priority=True, kind="allreduce"))
             after = (a, name) if micro else (a,)
+    if setup.optimizer_s > 0:  # once every gradient is summed
+        summed = tuple(op.name for op in ops if isinstance(op, Collective) and op.kind == "allreduce")
+        ops.append(Compute("optimizer", np.full(n, setup.optimizer_s), (*previous, *summed), "optimizer"))
     return ops
 
 

@@ -181,11 +181,13 @@ class ParallelOptions:
 @dataclass
 class StepTimeline:
     """perf_counter intervals of one rank's step: all-to-alls (forward and backward) and allreduces
-    (launch to completion, recorded by the backend's thread)."""
+    (launch to completion, recorded by the backend's thread); and each MoE layer's dispatch rows
+    (row [i, j]: (token, choice) pairs rank i sent to rank j), the routing the simulator replays."""
 
     a2a_forward: list[tuple[float, float]] = field(default_factory=list)
     a2a_backward: list[tuple[float, float]] = field(default_factory=list)
     allreduce: list[tuple[float, float]] = field(default_factory=list)
+    dispatch_rows: list[list[list[int]]] = field(default_factory=list)  # per MoE layer, rows [n, n]
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def clear(self) -> None:
@@ -193,6 +195,7 @@ class StepTimeline:
             self.a2a_forward.clear()
             self.a2a_backward.clear()
             self.allreduce.clear()
+            self.dispatch_rows.clear()
 
     def add_allreduce(self, start: float, end: float) -> None:
         with self.lock:
@@ -481,6 +484,7 @@ class TrainingExpertParallelMoE(ExpertParallelMoE):
         counts = self._all_counts(flat_experts)  # [n, E]
         slot_counts = split_by_shares(counts, self.slots)
         rows = _rows_of_slot_counts(slot_counts, self.slots)
+        self.context.timeline.dispatch_rows.append(rows.tolist())
         by_expert = flat_experts.argsort(stable=True)
         slot_of_pair = torch.empty_like(flat_experts)
         slot_of_pair[by_expert] = torch.from_numpy(
@@ -735,6 +739,7 @@ class ParallelTrainer(Trainer):
             # perf_counter is CLOCK_MONOTONIC, one clock for every process on a machine: the
             # ranks' steps line up on it (the emulated cluster's hosts share this machine)
             "began_s": began,
+            "dispatch_rows": timeline.dispatch_rows,
             # seconds since the step began, for per-rank timeline plots
             "intervals": {
                 "forward": [[0.0, forward_done - began]],
