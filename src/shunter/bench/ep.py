@@ -24,8 +24,10 @@ sides: measured and predicted figures are the MoE layers' time. Policies:
 Colocation (Aurora): a second model (the trace's routing with experts relabelled e -> E-1-e and the
 tokens taken from the end, so hot experts differ) runs beside the first, both static on every host,
 each on its own thread and process group; against each alone on half the hosts at the same time.
-The prediction is `sim.lina.inference_batch` with the measured expert time per row count and copy
-rate (a ComputeProfile), the shaped port rates, no attention (colocation: no prediction).
+The prediction is `sim.lina.inference_batch` with the expert's time per row count measured on each
+rank alone (a ComputeProfile), the copy rate, the counts all-gather's per-message latency, this
+machine's cores shared by the ranks, the shaped port rates, no attention (colocation: no
+prediction). `plot_per_batch` draws both series per policy.
 """
 
 from __future__ import annotations
