@@ -24,8 +24,10 @@ sides: measured and predicted figures are the MoE layers' time. Policies:
 Colocation (Aurora): a second model (the trace's routing with experts relabelled e -> E-1-e and the
 tokens taken from the end, so hot experts differ) runs beside the first, both static on every host,
 each on its own thread and process group; against each alone on half the hosts at the same time.
-The prediction is `sim.lina.inference_batch` with the measured expert time per row count and copy
-rate (a ComputeProfile), the shaped port rates, no attention (colocation: no prediction).
+The prediction is `sim.lina.inference_batch` with the expert's time per row count measured on each
+rank alone (a ComputeProfile), the copy rate, the counts all-gather's per-message latency, this
+machine's cores shared by the ranks, the shaped port rates, no attention (colocation: no
+prediction). `plot_per_batch` draws both series per policy.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ from shunter.trace.routing_trace import RoutingTrace, load_trace
 
 BANDWIDTH_VARIABLE = "SHUNTER_CLUSTER_BANDWIDTHS"
 POLICIES = ("static", "eplb", "lina", "ideal")
-PROFILE_ROWS = (16, 64, 256, 1024)  # row counts the expert time is measured at, for the prediction
+# row counts the expert time is measured at, for the prediction: one call per expert on a rank, so a
+# batch's calls run 0 to ~k N / (n E / 2) rows; the per-row cost steps up past ~256 rows (cache)
+PROFILE_ROWS = (16, 64, 128, 256, 384, 512, 768, 1024)
 
 
 class Experts:
@@ -83,10 +87,14 @@ class Experts:
             for _ in range(layers)
         ]
         self.expert_bytes = 3 * hidden * intermediate * 4
+        self.num_experts = num_experts
 
     def copy_in(self, layer: int, expert: int) -> MLPWeights:
         source = self.store[layer][expert]
         return MLPWeights(source.gate_up.clone(), source.down.clone())
+
+
+PHASES = ("counts", "copy", "dispatch", "expert", "combine", "other")
 
 
 def batch_seconds(
@@ -100,66 +108,112 @@ def batch_seconds(
     bandwidth: np.ndarray,
     group,
     links,
-) -> tuple[float, float]:
-    """(seconds, copy seconds) of one batch through every layer on this rank's group, the slowest
-    rank's. ids_of_layer[l] [N, k]: every token's choices (rank r owns its even block);
-    resident_of_layer[l]: the slots whose experts a rank holds all along (any other expert of its
-    slots is copied in from host RAM for the batch)."""
+) -> tuple[float, float, np.ndarray]:
+    """(seconds, copy seconds, phases [n, len(PHASES)]) of one batch through every layer on this
+    rank's group: seconds and copy seconds the slowest rank's, phases every rank's seconds in each of
+    PHASES summed over the layers ("other": the rest of its time between the barrier and its end,
+    i.e. bookkeeping and the expert labels). ids_of_layer[l] [N, k]: every token's choices (rank r
+    owns its even block); resident_of_layer[l]: the slots whose experts a rank holds all along (any
+    other expert of its slots is copied in from host RAM for the batch)."""
     rank, n = dist.get_rank(group), dist.get_world_size(group)
+    phase = dict.fromkeys(PHASES, 0.0)
+    most_rows = max(ids.size for ids in ids_of_layer)
+    # hidden states to send, made before the clock starts (a runtime's are the attention's output)
+    source_rows = torch.randn(most_rows, hidden, generator=torch.Generator().manual_seed(rank))
     dist.barrier(group)
     started = time.perf_counter()
-    copy_s = 0.0
     for layer, (ids, slots) in enumerate(zip(ids_of_layer, slots_of_layer, strict=True)):
         home = token_home_devices(ids.shape[0], n)
         mine = torch.from_numpy(np.bincount(ids[home == rank].ravel(), minlength=slots.num_experts))
         everyone = [torch.empty_like(mine) for _ in range(n)]
+        mark = time.perf_counter()
         dist.all_gather(everyone, mine, group=group)
+        phase["counts"] += time.perf_counter() - mark
         counts = torch.stack(everyone).numpy()
         slot_counts = split_by_load(counts, slots) if split_live else split_by_shares(counts, slots)
         rows = _rows_of_slot_counts(slot_counts, slots)
         my_slots = np.flatnonzero(slots.slot_device == rank)
-        copy_started = time.perf_counter()
+        mark = time.perf_counter()
         weights = {}
         for expert in sorted(set(slots.slot_expert[my_slots].tolist())):
             resident = resident_of_layer[layer]
             held = resident.slot_device[resident.slot_expert == expert]
             weights[expert] = experts.store[layer][expert] if rank in held else experts.copy_in(layer, expert)
-        copy_s += time.perf_counter() - copy_started
+        phase["copy"] += time.perf_counter() - mark
         traffic = rows.astype(np.float64) * hidden * 4
         schedules = (None, None)
         if strategy == "scheduled":
             schedules = (plan_exchange(traffic, bandwidth), plan_exchange(traffic.T, bandwidth))
-        send = torch.randn(int(rows[rank].sum()), hidden, generator=torch.Generator().manual_seed(layer))
+        send = source_rows[: int(rows[rank].sum())]  # the rows leave in the order of their destinations
+        mark = time.perf_counter()
         received = exchange(send, rows, strategy, schedule=schedules[0], group=group, links=links)
+        phase["dispatch"] += time.perf_counter() - mark
         labels = np.concatenate([np.repeat(my_slots, slot_counts[s, my_slots]) for s in range(n)])
         out = torch.empty_like(received)
+        mark = time.perf_counter()
         for slot in my_slots.tolist():
             index = torch.from_numpy(np.flatnonzero(labels == slot))
             if index.numel():
                 out[index] = expert_mlp(received[index], weights[int(slots.slot_expert[slot])])
+        phase["expert"] += time.perf_counter() - mark
+        mark = time.perf_counter()
         exchange(out, rows.T, strategy, schedule=schedules[1], seed=1, group=group, links=links)
-    elapsed = torch.tensor([time.perf_counter() - started, copy_s], dtype=torch.float64)
-    dist.all_reduce(elapsed, dist.ReduceOp.MAX, group=group)
-    return float(elapsed[0]), float(elapsed[1])
+        phase["combine"] += time.perf_counter() - mark
+    mine_s = time.perf_counter() - started
+    phase["other"] = mine_s - sum(phase[name] for name in PHASES if name != "other")
+    figures = torch.tensor([phase[name] for name in PHASES], dtype=torch.float64)
+    everyone = [torch.empty_like(figures) for _ in range(n)]
+    dist.all_gather(everyone, figures, group=group)
+    phases = torch.stack(everyone).numpy()
+    # a rank's total is its phases' sum; the batch ends when the slowest rank's does
+    return float(phases.sum(axis=1).max()), float(phases[:, PHASES.index("copy")].max()), phases
 
 
-def measure_compute(experts: Experts, hidden: int, group) -> tuple[ComputeProfile, float]:
-    """The expert's seconds at PROFILE_ROWS rows, and host copy bytes/s, the slowest rank's."""
-    expert = experts.store[0][0]
+def expert_seconds(expert: MLPWeights, hidden: int, repeats: int = 5) -> list[float]:
+    """Seconds of one expert_mlp call at each of PROFILE_ROWS rows: the median of `repeats` calls
+    after a warm one (a median, since the other processes on the machine make single calls slow)."""
     seconds = []
     for rows in PROFILE_ROWS:
         x = torch.randn(rows, hidden)
         expert_mlp(x, expert)
-        started = time.perf_counter()
-        for _ in range(3):
+        calls = []
+        for _ in range(repeats):
+            started = time.perf_counter()
             expert_mlp(x, expert)
-        seconds.append((time.perf_counter() - started) / 3)
+            calls.append(time.perf_counter() - started)
+        seconds.append(float(np.median(calls)))
+    return seconds
+
+
+def measure_compute(experts: Experts, hidden: int, group) -> tuple[ComputeProfile, float, float, dict]:
+    """(profile, copy bytes/s, message latency s, calibration) for the prediction, the slowest rank's
+    figures. The expert is timed on each rank in turn while the others wait at a barrier: its time
+    on a core of its own; the simulator adds the slowdown of ranks computing at once on the
+    machine's shared cores (InferenceSetup.shared_cores). The latency is a ring all-gather of the
+    per-expert counts (what each layer runs first) over its n - 1 steps."""
+    rank, n = dist.get_rank(group), dist.get_world_size(group)
+    expert = experts.store[0][0]
+    alone = torch.zeros(len(PROFILE_ROWS), dtype=torch.float64)
+    for turn in range(n):
+        dist.barrier(group)
+        if turn == rank:
+            alone = torch.tensor(expert_seconds(expert, hidden), dtype=torch.float64)
+    dist.barrier(group)
     started = time.perf_counter()
     for _ in range(3):
         experts.copy_in(0, 0)
     copy_s = (time.perf_counter() - started) / 3
-    figures = torch.tensor([*seconds, copy_s], dtype=torch.float64)
+    counts = torch.zeros(experts.num_experts, dtype=torch.int64)
+    gathered = [torch.empty_like(counts) for _ in range(n)]
+    gathers = []
+    for _ in range(12):
+        dist.barrier(group)
+        started = time.perf_counter()
+        dist.all_gather(gathered, counts, group=group)
+        gathers.append(time.perf_counter() - started)
+    figures = torch.cat([alone, torch.tensor([copy_s, float(np.median(gathers))], dtype=torch.float64)])
     dist.all_reduce(figures, dist.ReduceOp.MAX, group=group)
+    expert_s, copy_s, gather_s = figures[: len(PROFILE_ROWS)].numpy(), float(figures[-2]), float(figures[-1])
     zero = {"tokens": np.array([0.0, 1e9]), "seconds": np.array([0.0, 0.0])}
     profile = ComputeProfile(
         tokens={
@@ -167,13 +221,16 @@ def measure_compute(experts: Experts, hidden: int, group) -> tuple[ComputeProfil
             "attention": zero["tokens"],
             "aggregation": zero["tokens"],
         },
-        seconds={
-            "expert": figures[:-1].numpy(),
-            "attention": zero["seconds"],
-            "aggregation": zero["seconds"],
-        },
+        seconds={"expert": expert_s, "attention": zero["seconds"], "aggregation": zero["seconds"]},
     )
-    return profile, experts.expert_bytes / float(figures[-1])
+    latency_s = gather_s / max(n - 1, 1)
+    calibration = {
+        "rows": list(PROFILE_ROWS),
+        "expert_s_alone": expert_s.tolist(),
+        "counts_all_gather_s": gather_s,
+        "message_latency_s": latency_s,
+    }
+    return profile, experts.expert_bytes / copy_s, latency_s, calibration
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -269,18 +326,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         for layer in range(layers)
     ]
-    compute, copy_bytes_s = measure_compute(experts, args.hidden, None)
+    compute, copy_bytes_s, latency_s, calibration = measure_compute(experts, args.hidden, None)
+    shared_cores = len(os.sched_getaffinity(0))  # every emulated host's rank runs on this machine
     shapes = MoEShapes(
         name="bench-ep", hidden_size=args.hidden, expert_intermediate_size=args.intermediate,
         num_experts=E, top_k=k,
         num_layers=layers, num_heads=1, num_kv_heads=1, head_dim=1, bytes_per_param=4, bytes_per_activation=4,
     )  # fmt: skip
     cluster = ClusterSpec(tuple(Device(f"host{i}", float(b), 1e12, 1 << 40) for i, b in enumerate(bandwidth)))
-    setup = InferenceSetup(shapes, cluster, ComputeModel(profile=compute), 0, copy_bytes_s, 0.0)
+    setup = InferenceSetup(
+        shapes, cluster, ComputeModel(profile=compute), 0, copy_bytes_s, latency_s, shared_cores
+    )
 
     measured: dict[str, list[float]] = {p: [] for p in POLICIES}
     copies: dict[str, list[float]] = {p: [] for p in POLICIES}
     predicted: dict[str, list[float]] = {p: [] for p in POLICIES}
+    phases: dict[str, list[np.ndarray]] = {p: [] for p in POLICIES}
     replanned = 0
     for index, batch in enumerate(stream):
         # Every batch under every policy, the order rotating: drift of the machine hits all alike.
@@ -297,13 +358,14 @@ def main(argv: list[str] | None = None) -> int:
                 slots = [ExpertSlots.from_shares(p.placement.shares) for p in plans]
                 replanned += sum(p.replanned for p in plans) if index >= args.warmup else 0
                 live = True
-            seconds, copy_s = batch_seconds(
+            seconds, copy_s, phase_s = batch_seconds(
                 ids, slots, live, resident, experts, args.hidden, args.strategy, bandwidth, None, links
             )
             if index < args.warmup:
                 continue
             measured[policy].append(seconds)
             copies[policy].append(copy_s)
+            phases[policy].append(phase_s)
     # predicted after the measurements: minutes of simulation between timed batches would leave the
     # links idle (TCP restarts slowly after idle) and the next batch slower than a stream's
     for policy in ("static", "lina", "ideal"):  # the simulator has no EPLB-style policy
@@ -315,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             "measured": summary(measured[policy]),
             "predicted": summary(predicted[policy]) if predicted[policy] else None,
             "per_batch_s": measured[policy],
+            "predicted_per_batch_s": predicted[policy] or None,
+            "phases": list(PHASES),
+            "phase_s_mean_per_rank": np.mean(phases[policy], axis=0).tolist(),
             "copy_s_mean": float(np.mean(copies[policy])),
         }
         if results[policy]["predicted"]:
@@ -343,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             "intermediate": args.intermediate,
             "strategy": args.strategy,
             "copy_bytes_s": copy_bytes_s,
+            "calibration": calibration,
+            "shared_cores": shared_cores,
             "policies": results,
             "colocation": colocation,
         }
@@ -401,6 +468,40 @@ def _colocation(args, trace: RoutingTrace, stream: list[RoutingTrace], experts: 
         "batches_per_model": len(stream),
         "predicted": None,
     }
+
+
+def plot_per_batch(report: dict, path: Path) -> None:
+    """One panel per policy: the measured seconds of each timed batch against its index, and the
+    simulator's prediction for the same batch beside it (none for the EPLB-style plan)."""
+    from shunter.sim.plots import pyplot, save_figure
+
+    plt = pyplot()
+    policies = report["policies"]
+    figure, axes = plt.subplots(len(policies), 1, figsize=(8, 1.2 + 1.8 * len(policies)), sharex=True)
+    axes = [axes] if len(policies) == 1 else list(axes)
+    rates = ", ".join(f"{b * 8 / 1e6:g}" for b in report["bandwidth_bytes_s"])
+    for axis, (name, entry) in zip(axes, policies.items(), strict=True):
+        measured = np.array(entry["per_batch_s"]) * 1e3
+        batches = np.arange(len(measured))
+        axis.plot(batches, measured, "o-", color="#3182bd", label="measured", markersize=3)
+        title = f"{name}: measured p50 {entry['measured']['p50_s'] * 1e3:.1f} ms"
+        if entry.get("predicted_per_batch_s"):
+            predicted = np.array(entry["predicted_per_batch_s"]) * 1e3
+            axis.plot(batches, predicted, "x--", color="#e6550d", label="predicted", markersize=4)
+            title += f", predicted p50 {entry['predicted']['p50_s'] * 1e3:.1f} ms"
+        axis.set_title(title, fontsize=9)
+        axis.set_ylabel("ms per batch")
+        axis.set_ylim(bottom=0)
+    axes[0].legend(loc="lower right", fontsize=7)
+    axes[-1].set_xlabel("batch (after the warm-up)")
+    figure.suptitle(
+        f"{report['hosts']} hosts, ports {rates} Mbit/s; {report['layers']} MoE layers, "
+        f"{report['batch_tokens']} tokens a batch",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    save_figure(figure, path)
+    plt.close(figure)
 
 
 def _slowest(seconds: float) -> float:

@@ -126,7 +126,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ep.add_argument("--no-colocation", action="store_true", help="skip the colocation run")
     add_cluster_run_arguments(ep, timeout_s=120.0)
-    ep.set_defaults(func=run_ep, outputs={"out": "file"})
+    ep.add_argument(
+        "--plot",
+        metavar="FILE",
+        default=None,
+        help="draw each policy's measured and predicted time per batch (.png, .pdf, .svg)",
+    )
+    ep.set_defaults(func=run_ep, outputs={"out": "file", "plot": "figure"})
 
     offload = kinds.add_parser(
         "offload",
@@ -561,6 +567,10 @@ def run_ep(args: argparse.Namespace) -> int:
             raise ShunterError(f"the benchmark ranks failed (exit status {status}); their output is above")
         report = json.loads(result_path.read_text())
     report["congestion_control"] = args.congestion_control
+    if args.plot:
+        from shunter.bench.ep import plot_per_batch  # torch.distributed: only when drawing
+
+        plot_per_batch(report, Path(args.plot))
     return emit_report(report, args, print_ep_table)
 
 

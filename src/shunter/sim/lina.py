@@ -1,8 +1,11 @@
 """Lina's two timelines (lina.md): inference per batch with dynamic replication, and a training step
 in which the all-to-all is scheduled ahead of the data-parallel allreduce.
 
-Inference, per batch, every MoE layer: attention + gate (G) -> dispatch (N) -> experts (F) ->
-combine (C) -> aggregation (A), ports shared max-min fairly (a plain NCCL all-to-all). Policies:
+Inference, per batch, every MoE layer: attention + gate (G) -> all-gather of every device's
+per-expert counts (K, a ring: n - 1 message latencies; the split of a replicated expert's rows
+needs them) -> dispatch (N) -> experts (F: one call per expert a device holds, on its share of
+that expert's rows) -> combine (C) -> aggregation (A), ports shared max-min fairly (a plain NCCL
+all-to-all). Policies:
 - static: expert e on device e * n // E (DeepSpeed's one expert per device);
 - lina: plan.replication.plan_lina_layer per layer and batch (path estimate, phase-2 re-plan when
   the top-2k experts differ); a replicated expert's tokens are split over its replicas. A device
@@ -51,7 +54,10 @@ TrainingVariant = Literal["deepspeed", "priority", "lina"]
 @dataclass(frozen=True)
 class InferenceSetup:
     """shapes: the model; context_tokens: attention context per token; host_link_bytes_s: how fast
-    a device swaps expert weights in from host memory (PCIe); latency_s: per message."""
+    a device swaps expert weights in from host memory (PCIe); latency_s: per message; shared_cores:
+    the devices are processes sharing this many cores (emulated hosts on one machine), so experts
+    computing at once on more devices than cores slow each other (`shared_core_finish_s`); None:
+    every device computes on its own."""
 
     shapes: MoEShapes
     cluster: ClusterSpec
@@ -59,6 +65,7 @@ class InferenceSetup:
     context_tokens: int = 512
     host_link_bytes_s: float = 25e9
     latency_s: float = 0.0
+    shared_cores: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,38 @@ def balanced_expert_ids(num_tokens: int, num_experts: int, top_k: int) -> np.nda
     gets N k / E pairs (when E divides N k) and choices of a token are distinct (k <= E)."""
     flat = np.arange(num_tokens * top_k, dtype=np.int64) % num_experts
     return flat.reshape(num_tokens, top_k)
+
+
+def shared_core_finish_s(alone_s: np.ndarray, cores: float) -> np.ndarray:
+    """[n] seconds until each device's compute ends when all start together on `cores` shared cores,
+    device d needing alone_s[d] seconds of a core: while k devices compute each gets min(1, cores / k)
+    of a core (an OS scheduler's processor sharing), so the shortest finish first and free theirs."""
+    alone_s = np.asarray(alone_s, dtype=np.float64)
+    finish = np.zeros_like(alone_s)
+    active = int(np.count_nonzero(alone_s > 0))
+    now = done = 0.0  # wall time; core seconds every still-running device has received
+    for device in np.argsort(alone_s, kind="stable"):
+        if alone_s[device] <= 0:
+            continue
+        now += (alone_s[device] - done) / min(1.0, cores / active)
+        done = float(alone_s[device])
+        finish[device] = now
+        active -= 1
+    return finish
+
+
+def all_gather_ring(name: str, num_devices: int, nbytes: float, after: tuple[str, ...]) -> list[Collective]:
+    """A ring all-gather of `nbytes` per device as n - 1 steps, each device sending one message to
+    the next (gloo's and NCCL's ring), each step after the last: it costs n - 1 message latencies."""
+    ring = np.arange(num_devices)
+    steps = []
+    for step in range(num_devices - 1):
+        previous = after if step == 0 else (f"{name}.{step - 1}",)
+        sizes = np.full(num_devices, nbytes)
+        steps.append(
+            Collective(f"{name}.{step}", ring, (ring + 1) % num_devices, sizes, previous, kind="all_gather")
+        )
+    return steps
 
 
 def inference_batch(
@@ -134,15 +173,20 @@ def inference_batch(
                 swap_after = (f"G{layer}",)
         processed = tokens_per_device(ids, shares)
         imbalance[layer] = processed.max() / processed.mean() if processed.mean() > 0 else 1.0
-        experts_here = (shares > 0).sum(axis=0)
+        rows = np.bincount(ids.reshape(-1), minlength=E)[:, None] * shares  # [E, n] rows of each call
         expert_s = setup.compute.op_time_s(
-            "expert", processed, shapes.expert_flops_per_token, shapes.expert_bytes * experts_here, speed
-        )
+            "expert", rows, shapes.expert_flops_per_token, shapes.expert_bytes, speed
+        ).sum(axis=0)
+        if setup.shared_cores is not None:
+            expert_s = shared_core_finish_s(expert_s, setup.shared_cores)
         traffic = dispatch_traffic(ids, shares, shapes.token_bytes, n)
         L = str(layer)
         ops.append(Compute(f"G{L}", attention, previous_end, "gate"))
         ops.append(Compute(f"W{L}", swap_s, swap_after, "swap", stream="copy"))
-        ops.append(Collective.from_traffic(f"N{L}", traffic, (f"G{L}",), kind="dispatch"))
+        counts = all_gather_ring(f"K{L}", n, 8.0 * E, (f"G{L}",))  # int64 per expert
+        ops.extend(counts)
+        ops.append(Collective.from_traffic(f"N{L}", traffic, (counts[-1].name,) if counts else (f"G{L}",),
+                                           kind="dispatch"))  # fmt: skip
         ops.append(Compute(f"F{L}", expert_s, (f"N{L}", f"W{L}"), "expert"))
         ops.append(Collective.from_traffic(f"C{L}", combine_traffic(traffic), (f"F{L}",), kind="combine"))
         ops.append(Compute(f"A{L}", aggregation, (f"C{L}",), "aggregation"))
