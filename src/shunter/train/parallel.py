@@ -358,7 +358,8 @@ class GradientSync:
 
     def _schedule(self) -> None:
         """The priority scheduler thread: one allreduce at a time, none while an all-to-all is
-        pending (unless flushing after backward)."""
+        pending; once backward is over (flushing) no all-to-all can come, so the rest go at once,
+        in flight together as overlap's buckets are (waited for in `finish`)."""
         try:
             for index, op in enumerate(self.ops):
                 with self.condition:
@@ -370,8 +371,10 @@ class GradientSync:
                     )
                     if self.stopping:
                         return
+                    flushing = self.flushing
                 work = self._launch(op)
-                work.wait()  # type: ignore[attr-defined]
+                if not flushing:
+                    work.wait()  # type: ignore[attr-defined]
         except BaseException as exc:  # a failed collective: reported by finish() on the main thread
             self.error = exc
 
