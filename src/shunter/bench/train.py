@@ -5,9 +5,11 @@ Variants (Lina's ablation, lina.md; `shunter.train.parallel` for the schedulers)
 - overlap: DDP's buckets, each allreduced as soon as ready, alongside the all-to-alls (the
   baseline, DeepSpeed's behaviour);
 - priority: the same buckets, launched only while no all-to-all is pending (no partitioning);
-- priority+partitioning: priority with the gradients cut into micro-ops (`--comm lina`).
-Full Lina also chunks the all-to-all along tokens, pipelined with the expert FFN, and packs
-experts; the runtime does not do those, so that row has the simulator's prediction only.
+- priority+partitioning: priority with the gradients cut into micro-ops (`--comm lina`);
+- lina: priority+partitioning with every all-to-all also cut into 4 chunks along tokens,
+  pipelined with the expert FFN (`--comm lina --a2a-chunks 4`, the simulator's `a2a_chunks`).
+Full Lina also packs experts; the runtime does not, so neither the lina run nor its prediction
+does.
 
 Overlap and priority allreduce buckets of one block's dense gradients (`--bucket-bytes`, default
 the dense gradients / layers), as the simulator's DeepSpeed does: DDP's 25 MB bucket would hold a
@@ -53,11 +55,12 @@ from shunter.sim.lina import TrainingSetup, training_step
 from shunter.train import TrainConfig, Trainer
 from shunter.train.trainer import parameters
 
-# (name, --comm, uses micro-ops)
+# (name, --comm, uses micro-ops, --a2a-chunks)
 VARIANTS = (
-    ("overlap", "overlap", False),
-    ("priority", "priority", False),
-    ("priority+partitioning", "lina", True),
+    ("overlap", "overlap", False, 1),
+    ("priority", "priority", False, 1),
+    ("priority+partitioning", "lina", True, 1),
+    ("lina", "lina", True, 4),
 )
 # Lina's ablation (step-time speedup over DeepSpeed): priority alone, with partitioning, whole system
 PAPER_SPEEDUP = {"priority": "1.24x", "priority+partitioning": "1.36-1.42x", "lina": "1.57x (average)"}
@@ -261,7 +264,7 @@ def run_bench(
     if bucket_bytes is None:  # one bucket per block's worth of gradients, as the simulator has it
         bucket_bytes = max(dense_gradient_bytes(config) // config.num_layers, 1)
     measured: dict[str, Any] = {}
-    for name, comm, micro in VARIANTS:
+    for name, comm, micro, a2a_chunks in VARIANTS:
         out = scratch / name / "model"
         work = out.with_name("model.work")
         work.mkdir(parents=True)
@@ -270,6 +273,8 @@ def run_bench(
         extra = {"timeout": str(timeout_s), "bucket-bytes": str(bucket_bytes)}
         if micro:
             extra["micro-op-bytes"] = str(micro_op_bytes)
+        if a2a_chunks > 1:
+            extra["a2a-chunks"] = str(a2a_chunks)
         log(f"bench train: {name} ({warmup} + {steps} steps on {hosts} ranks)")
         status = launch(train_command(config_path, corpus, out, hosts, comm, warmup + steps, extra))
         if status != 0:

@@ -23,6 +23,7 @@ from shunter.train import TrainConfig, Trainer, TrainResult
 from shunter.train.corpus import stdlib_dir
 from shunter.train.parallel import (
     COMM_SCHEDULERS,
+    DEFAULT_A2A_CHUNKS,
     DEFAULT_BUCKET_BYTES,
     DEFAULT_MICRO_OP_BYTES,
     DEFAULT_TIMEOUT_S,
@@ -78,6 +79,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--micro-op-bytes",
         default=str(DEFAULT_MICRO_OP_BYTES),
         help="Lina's allreduce micro-op size (default 30MB)",
+    )
+    parallel.add_argument(
+        "--a2a-chunks",
+        type=int,
+        default=DEFAULT_A2A_CHUNKS,
+        metavar="K",
+        help="run each MoE layer's all-to-alls as K chunks of its tokens, pipelined with the expert FFN "
+        "(Lina's partitioning of the all-to-all); default 1, no chunking",
     )
     parallel.add_argument(
         "--bucket-bytes",
@@ -155,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         "--plan": args.plan is not None,
         "--micro-op-bytes": args.micro_op_bytes != str(DEFAULT_MICRO_OP_BYTES),
         "--bucket-bytes": args.bucket_bytes != str(DEFAULT_BUCKET_BYTES),
+        "--a2a-chunks": args.a2a_chunks != DEFAULT_A2A_CHUNKS,
     }
     for flag, given in parallel_only.items():
         if given:
@@ -175,6 +185,7 @@ def _parallel_options(args: argparse.Namespace, config: TrainConfig) -> Parallel
         comm=args.comm,
         micro_op_bytes=parse_bytes(args.micro_op_bytes, "--micro-op-bytes"),
         bucket_bytes=parse_bytes(args.bucket_bytes, "--bucket-bytes"),
+        a2a_chunks=args.a2a_chunks,
         placements=placements,
         plan_source=source,
     )
