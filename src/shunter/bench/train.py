@@ -21,14 +21,15 @@ step's time is the slowest rank's; the breakdown is the mean over ranks; each fi
 median over the steps after warm-up.
 
 The simulator (`shunter.sim.lina.training_step`) gets the model's shapes (fp32), the shaped port
-rate, this model's dense-gradient bytes per block, and a compute speed calibrated so that its
-compute time equals the measured compute time of the overlap run (forward + backward without
-communication), the routing of the measured steps (each layer's dispatch rows between ranks, mean
-over the steps: early in training the gate is far from balanced, and the hot ranks' ports and
-experts set the all-to-all's time), and the measured optimizer step: the prediction is then about
-communication alone. Its variants: deepspeed for
-overlap, priority with one micro-op per block's gradient for priority, priority with the micro-op
-size for priority+partitioning, lina (with all-to-all chunks) for full Lina.
+rate, this model's dense-gradient bytes per block (the embedding's after the whole backward, when
+its gradient is complete), a compute speed calibrated so that its compute time equals the
+measured compute time of the overlap run (forward + backward without communication), the measured
+optimizer step, and the routing of the measured steps: each step is simulated with its own
+dispatch rows between ranks per layer (early in training the gate is far from balanced and moves
+from step to step; the hot ranks' ports and experts set each all-to-all's time), and the median
+over the steps is reported. The prediction is then about communication alone. Its variants:
+deepspeed for overlap, priority with one micro-op per block's gradient for priority, priority with
+the micro-op size for priority+partitioning, lina (4 all-to-all chunks) for full Lina.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +154,16 @@ def summarize(work: Path, hosts: int, warmup: int) -> dict[str, Any]:
             statistics.fmean(records[i][name] for records in per_rank) for i in range(steps)
         )
     summary["compute_s"] = summary["forward_compute_s"] + summary["backward_compute_s"]
-    # the routing of the measured steps (the same on every rank), mean per layer: rows [L, n, n]
-    routing = [per_rank[0][i]["dispatch_rows"] for i in range(steps)]
-    summary["dispatch_rows"] = np.mean(routing, axis=0).tolist()
+    # each measured step's routing (the same on every rank): per layer the dispatch rows [L, n, n]
+    summary["dispatch_rows"] = [per_rank[0][i]["dispatch_rows"] for i in range(steps)]
     summary["per_rank_last_step"] = [records[steps - 1] for records in per_rank]
     return summary
+
+
+def embedding_gradient_bytes(config: TrainConfig) -> int:
+    """fp32 bytes of the input embedding's gradient (tied or not: its lookup is the forward's first
+    op, so backward completes it last)."""
+    return config.vocab_size * config.hidden_size * 4
 
 
 def dense_gradient_bytes(config: TrainConfig) -> int:
@@ -176,17 +182,19 @@ def predict(
     bandwidth_bytes_s: float,
     compute_s: float,
     micro_op_bytes: int,
-    dispatch_rows: np.ndarray | None = None,
+    routing: Sequence[np.ndarray] | None = None,
     optimizer_s: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """The simulator's step for each variant (see the module docstring), compute calibrated to
-    compute_s seconds per step per rank (measured), routed as the measured steps were
-    (dispatch_rows [L, n, n]; None: the ideal gate), with the measured optimizer step."""
+    compute_s seconds per step per rank (measured), with the measured optimizer step; each measured
+    step simulated with its own routing (routing: per step the dispatch rows [L, n, n]; None: the
+    ideal gate), and the median over the steps reported, as for the measured steps."""
     spec = spec_from_config(config.model_config(eos_token_id=0), source="bench config")
     shapes = MoEShapes.from_spec(spec, bytes_per_param=4, bytes_per_activation=4, name="bench")
-    per_block = dense_gradient_bytes(config) / config.num_layers
+    final = embedding_gradient_bytes(config)
+    per_block = (dense_gradient_bytes(config) - final) / config.num_layers
 
-    def setup(flop_s: float, micro: float, optimizer: float = optimizer_s) -> TrainingSetup:
+    def setup(flop_s: float, micro: float, rows: np.ndarray | None, optimizer: float) -> TrainingSetup:
         return TrainingSetup(
             shapes=shapes,
             cluster=ClusterSpec.uniform(hosts, bandwidth_bytes_s, flop_s),
@@ -196,25 +204,33 @@ def predict(
             dense_gradient_bytes_per_block=per_block,
             dense_flops_per_token_per_block=0.0,
             micro_op_bytes=micro,
-            dispatch_rows=dispatch_rows,
+            dispatch_rows=rows,
             optimizer_s=optimizer,
+            final_gradient_bytes=final,
         )
 
+    # Calibration: the mean compute over devices is the same under any routing of as many rows.
     probe_flop_s = 1e12
-    probe = training_step(setup(probe_flop_s, micro_op_bytes, optimizer=0.0), "deepspeed")
+    probe = training_step(setup(probe_flop_s, micro_op_bytes, None, 0.0), "deepspeed")
     simulated_compute_s = probe.step_s * probe.utilisation  # mean over devices
     flop_s = probe_flop_s * simulated_compute_s / max(compute_s, 1e-9)
-    whole = per_block * 2  # one micro-op per block: priority without partitioning
-    results = {
-        "overlap": training_step(setup(flop_s, micro_op_bytes), "deepspeed"),
-        "priority": training_step(setup(flop_s, whole), "priority"),
-        "priority+partitioning": training_step(setup(flop_s, micro_op_bytes), "priority"),
-        "lina": training_step(setup(flop_s, micro_op_bytes), "lina"),
+    whole = per_block + final  # one micro-op per block's gradients: priority without partitioning
+    variants = {
+        "overlap": ("deepspeed", micro_op_bytes),
+        "priority": ("priority", whole),
+        "priority+partitioning": ("priority", micro_op_bytes),
+        "lina": ("lina", micro_op_bytes),
     }
-    return {
-        name: {"step_s": r.step_s, "backward_a2a_s": r.backward_a2a_s, "forward_a2a_s": r.forward_a2a_s}
-        for name, r in results.items()
-    } | {"calibrated_compute_flop_s": {"value": flop_s}}
+    steps = [None] if routing is None else list(routing)
+    predicted: dict[str, dict[str, float]] = {}
+    for name, (variant, micro) in variants.items():
+        results = [training_step(setup(flop_s, micro, rows, optimizer_s), variant) for rows in steps]
+        predicted[name] = {
+            "step_s": statistics.median(r.step_s for r in results),
+            "backward_a2a_s": statistics.median(r.backward_a2a_s for r in results),
+            "forward_a2a_s": statistics.median(r.forward_a2a_s for r in results),
+        }
+    return predicted | {"calibrated_compute_flop_s": {"value": flop_s}}
 
 
 def torchrun_launcher(hosts: int, port: int) -> Launcher:
@@ -290,7 +306,7 @@ def run_bench(
         bandwidth_bytes_s,
         baseline["compute_s"],
         micro_op_bytes,
-        np.asarray(baseline["dispatch_rows"]),
+        [np.asarray(rows) for rows in baseline["dispatch_rows"]],
         baseline["optimizer_s"],
     )
     rows = []

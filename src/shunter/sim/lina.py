@@ -230,6 +230,8 @@ class TrainingSetup:
     dispatch (a measured step's routing; expert compute follows each device's received rows);
     None: the ideal gate, which a balancing loss aims at (early in training routing is far from it).
     optimizer_s: the optimizer step after the last allreduce (per device, measured or estimated).
+    final_gradient_bytes: dense gradients complete only when the whole backward is (the input
+    embedding, whose lookup is the first op of the forward), allreduced after the first block's.
     """
 
     shapes: MoEShapes
@@ -245,6 +247,7 @@ class TrainingSetup:
     latency_s: float = 0.0
     dispatch_rows: np.ndarray | None = None
     optimizer_s: float = 0.0
+    final_gradient_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -340,6 +343,8 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
         ops.append(Compute(a, 2 * dense_fwd, (join,), "dense"))
         previous = (a,)
         size = setup.dense_gradient_bytes_per_block
+        if block == 0:
+            size += setup.final_gradient_bytes
         pieces = max(1, int(np.ceil(size / setup.micro_op_bytes))) if micro else 1
         after: tuple[str, ...] = (a,)
         for p in range(pieces):
