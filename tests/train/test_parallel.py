@@ -23,7 +23,8 @@ from shunter.parallel.moe import rows_between_ranks
 from shunter.plan.slots import ExpertSlots
 from shunter.trace.synthetic import zipf_trace
 from shunter.train import Trainer
-from shunter.train.parallel import bucket_ops, chunk_slot_counts, micro_ops
+from shunter.train.comm import bucket_ops, micro_ops
+from shunter.train.expert_parallel import chunk_slot_counts
 from tests.parallel.test_expert_parallel import EMULATED_4, _free_port, torchrun
 from tests.train.test_train import TINY, corpus  # noqa: F401  (a fixture)
 

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from shunter.model.export import random_weights
 from shunter.model.spec import spec_from_config
 from shunter.plan.slots import ExpertSlots
-from shunter.train.parallel import ExchangeContext, StepTimeline, TrainingExpertParallelMoE
+from shunter.train.comm import StepTimeline
+from shunter.train.expert_parallel import ExchangeContext, TrainingExpertParallelMoE
 from shunter.train.trainer import TrainConfig
 
 CONFIG = TrainConfig(

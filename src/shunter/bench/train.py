@@ -1,7 +1,7 @@
 """`shunter bench train`: expert-parallel training steps under each allreduce scheduler, on the
 emulated cluster (one rank per host, ports shaped), beside the simulator and Lina's ablation.
 
-Variants (Lina's ablation, lina.md; `shunter.train.parallel` for the schedulers):
+Variants (Lina's ablation, lina.md; `shunter.train.comm` for the schedulers):
 - overlap: DDP's buckets, each allreduced as soon as ready, alongside the all-to-alls (the
   baseline, DeepSpeed's behaviour);
 - priority: the same buckets, launched only while no all-to-all is pending (no partitioning);

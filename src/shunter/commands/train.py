@@ -20,9 +20,9 @@ from shunter.errors import FieldError, ShunterError
 from shunter.files import read_text_input
 from shunter.plan.document import load_plan
 from shunter.train import TrainConfig, Trainer, TrainResult
+from shunter.train.comm import COMM_SCHEDULERS
 from shunter.train.corpus import stdlib_dir
 from shunter.train.parallel import (
-    COMM_SCHEDULERS,
     DEFAULT_A2A_CHUNKS,
     DEFAULT_BUCKET_BYTES,
     DEFAULT_MICRO_OP_BYTES,
