@@ -9,8 +9,10 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
+from shunter.bench.train import predict
 from shunter.cli import main
 from shunter.parallel.cluster import PREFIX, _base36
 from tests.parallel.test_expert_parallel import _free_port
@@ -62,6 +64,33 @@ def test_a_tiny_local_run_reports_every_variant(corpus, tmp_path, capsys):  # no
     assert report["rows"][0]["measured_speedup"] == 1.0
     assert (tmp_path / "timeline.png").stat().st_size > 0
     assert report["rows"][3]["measured_step_s"] > 0 and report["rows"][3]["paper_speedup"].startswith("1.57")
+    assert report["cores"] == len(os.sched_getaffinity(0))
+
+
+def _predict(cores: float | None, routing: list[np.ndarray] | None) -> dict[str, dict[str, float]]:
+    return predict(CONFIG, 4, 50e6, compute_s=0.4, micro_op_bytes=1 << 20, routing=routing, optimizer_s=0.05,
+                   cores=cores)  # fmt: skip
+
+
+def test_on_balanced_routing_calibrated_shared_cores_change_no_prediction():
+    """Oracle: the prediction without sharing (cores=None). Under the ideal gate every rank computes
+    the same ops at the same times, so sharing stretches them all alike, and the calibration to the
+    measured (shared) compute and optimizer times undoes it."""
+    alone = _predict(None, None)
+    shared = _predict(2, None)
+    for name in ("overlap", "priority", "priority+partitioning", "lina"):
+        assert shared[name]["step_s"] == pytest.approx(alone[name]["step_s"], rel=1e-3)
+
+
+def test_with_a_hot_rank_shared_cores_shorten_the_step():
+    """Oracle: cores=None. One rank receives every row of a block: while it computes alone it runs
+    at full speed, which the same measured mean compute, shared, makes a shorter step."""
+    hot = np.zeros((CONFIG.num_layers, 4, 4))
+    hot[:, :, 0] = CONFIG.batch_size // 4 * CONFIG.seq_len * CONFIG.top_k  # every rank sends rank 0 all
+    alone = _predict(None, [hot])
+    shared = _predict(2, [hot])
+    assert shared["overlap"]["step_s"] < alone["overlap"]["step_s"]
+    assert _predict(4, [hot])["overlap"]["step_s"] == pytest.approx(alone["overlap"]["step_s"], rel=1e-3)
 
 
 needs_root = pytest.mark.skipif(

@@ -17,7 +17,6 @@ from shunter.sim.lina import (
     TrainingSetup,
     balanced_expert_ids,
     inference_batch,
-    shared_core_finish_s,
     split_batches,
     training_step,
 )
@@ -121,11 +120,3 @@ def test_measured_rows_of_the_ideal_gate_give_the_ideal_gates_step() -> None:
     )
     with_optimizer = training_step(replace(setup, optimizer_s=0.25), "deepspeed").step_s
     assert with_optimizer == pytest.approx(training_step(setup, "deepspeed").step_s + 0.25)
-
-
-def test_devices_sharing_cores_split_them_until_the_shortest_finish():
-    # 4 devices on 2 cores: at half speed until 1 s of work is done (t = 2), then 3 share 2 cores
-    # (2/3 speed) for device 1's next 1 s (t = 3.5), then 2 on 2 cores at full speed.
-    finish = shared_core_finish_s(np.array([1.0, 2.0, 4.0, 0.0, 3.0]), cores=2)
-    np.testing.assert_allclose(finish, [2.0, 3.5, 5.5, 0.0, 4.5])
-    np.testing.assert_allclose(shared_core_finish_s(np.array([1.0, 2.0]), cores=4), [1.0, 2.0])

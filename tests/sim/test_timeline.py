@@ -110,3 +110,101 @@ def test_an_op_graph_with_a_cycle_is_an_error() -> None:
 def test_an_unknown_dependency_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown op 'nope'"):
         run_timeline([Compute("x", np.ones(1), ("nope",))], np.ones(1), TimelineOptions())
+
+
+# Shared cores: the devices are processes on `cores` cores, processor-shared (TimelineOptions.cores).
+
+
+def test_four_devices_on_two_cores_each_run_at_half_speed() -> None:
+    """Oracle: 4 devices with 1 s of work each, ready at 0 on 2 cores, each at 1/2: all end at 2 s,
+    each busy 2 s of wall time."""
+    timeline = run_timeline([Compute("f", np.ones(4))], np.ones(4), TimelineOptions(cores=2))
+    np.testing.assert_allclose(timeline.compute_finish_s["f"], [2.0, 2.0, 2.0, 2.0])
+    np.testing.assert_allclose(timeline.busy_s, [2.0, 2.0, 2.0, 2.0])
+
+
+def test_a_device_computing_alone_runs_at_full_speed() -> None:
+    """Oracle: one device of four has work (1 s) on 2 cores: it ends at 1 s."""
+    timeline = run_timeline(
+        [Compute("f", np.array([0.0, 1.0, 0.0, 0.0]))], np.ones(4), TimelineOptions(cores=2)
+    )
+    np.testing.assert_allclose(timeline.compute_finish_s["f"], [0.0, 1.0, 0.0, 0.0])
+
+
+def test_devices_sharing_cores_split_them_until_the_shortest_finish() -> None:
+    """Oracle: 4 devices on 2 cores at 1/2 until 1 s of work is done (t = 2), then 3 share 2 cores
+    (2/3 speed) for the next 1 s of work (t = 3.5), then 2 on 2 cores at full speed; a device
+    without work (0 s) occupies nothing."""
+    work = np.array([1.0, 2.0, 4.0, 0.0, 3.0])
+    timeline = run_timeline([Compute("f", work)], np.ones(5), TimelineOptions(cores=2))
+    np.testing.assert_allclose(timeline.compute_finish_s["f"], [2.0, 3.5, 5.5, 0.0, 4.5])
+
+
+def test_a_staggered_start_shares_only_while_both_compute() -> None:
+    """Oracle, one core: device 0 computes 2 s from 0; device 1 first copies for 1 s (a copy stream
+    is not the CPU's: device 0 runs alone, 1 s of work done), then computes 0.5 s: both at 1/2,
+    device 1 ends at 2 s; device 0's last 0.5 s alone: 2.5 s."""
+    ops = [
+        Compute("copy", np.array([0.0, 1.0]), stream="copy"),
+        Compute("f", np.array([2.0, 0.5]), ("copy",)),
+    ]
+    timeline = run_timeline(ops, np.ones(2), TimelineOptions(cores=1))
+    np.testing.assert_allclose(timeline.compute_start_s["f"], [0.0, 1.0])
+    np.testing.assert_allclose(timeline.compute_finish_s["f"], [2.5, 2.0])
+
+
+def test_on_shared_cores_a_device_starts_its_next_op_when_its_own_inputs_are_done() -> None:
+    """Oracle, one core: a = [2, 1] s, b = [1, 1] s after a. Both run a at 1/2; device 1's ends at
+    2 s and it starts b (its own a is done) beside device 0's a, both at 1/2: a ends on device 0
+    at 4 s, b on device 1 at 4 s; device 0's b alone: 5 s."""
+    ops = [Compute("a", np.array([2.0, 1.0])), Compute("b", np.array([1.0, 1.0]), ("a",))]
+    timeline = run_timeline(ops, np.ones(2), TimelineOptions(cores=1))
+    np.testing.assert_allclose(timeline.compute_finish_s["a"], [4.0, 2.0])
+    np.testing.assert_allclose(timeline.compute_start_s["b"], [4.0, 2.0])
+    np.testing.assert_allclose(timeline.compute_finish_s["b"], [5.0, 4.0])
+
+
+def test_a_device_computing_while_the_others_wait_in_a_collective_runs_at_full_speed() -> None:
+    """Oracle, 1 core: g = [1, 1] shared (2 s), then the all-to-all (2 B at 1 B/s, 2-4 s), then
+    f = [3, 1]: both at 1/2 until device 1's 1 s is done (6 s), device 0's last 2 s alone (8 s)."""
+    ops = [
+        Compute("g", np.array([1.0, 1.0])),
+        flow("n", 0, 1, 2.0, ("g",)),
+        Compute("f", np.array([3.0, 1.0]), ("n",)),
+    ]
+    timeline = run_timeline(ops, np.ones(2), TimelineOptions(cores=1))
+    assert timeline.collective_start_s["n"] == pytest.approx(2.0)
+    np.testing.assert_allclose(timeline.compute_finish_s["f"], [8.0, 6.0])
+    assert timeline.makespan_s == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("priority", [False, True])
+def test_as_many_cores_as_devices_is_compute_of_their_own(priority: bool) -> None:
+    """Oracle: the eager engine (cores=None) on the same graph: with a core each nothing is shared."""
+    ops = [
+        Compute("g", np.array([1.0, 3.0, 2.0])),
+        Compute("w", np.array([0.5, 0.0, 2.5]), ("g",), stream="copy"),
+        flow("m1", 0, 2, 4.0, low_priority=True),
+        flow("n", 0, 1, 5.0, ("g",), announced_by=("g",)),
+        Compute("f", np.array([2.0, 1.0, 0.0]), ("n", "w")),
+        flow("c", 1, 2, 3.0, ("f",)),
+        flow("m2", 0, 2, 4.0, ("m1", "f"), low_priority=True),
+        Compute("a", np.array([1.0, 1.0, 1.0]), ("c",)),
+    ]
+    eager = run_timeline(ops, np.full(3, 2.0), TimelineOptions(priority=priority))
+    for cores in (3, 8):
+        shared = run_timeline(ops, np.full(3, 2.0), TimelineOptions(priority=priority, cores=cores))
+        assert shared.makespan_s == pytest.approx(eager.makespan_s)
+        np.testing.assert_allclose(shared.busy_s, eager.busy_s)
+        for name in eager.compute_finish_s:
+            np.testing.assert_allclose(shared.compute_start_s[name], eager.compute_start_s[name])
+            np.testing.assert_allclose(shared.compute_finish_s[name], eager.compute_finish_s[name])
+        for name in eager.collective_finish_s:
+            assert shared.collective_start_s[name] == pytest.approx(eager.collective_start_s[name])
+            assert shared.collective_finish_s[name] == pytest.approx(eager.collective_finish_s[name])
+
+
+def test_a_cycle_on_shared_cores_is_an_error() -> None:
+    ops = [Compute("x", np.ones(2), ("y",)), Compute("y", np.ones(2), ("x",))]
+    with pytest.raises(ValueError, match="cannot finish"):
+        run_timeline(ops, np.ones(2), TimelineOptions(cores=1))

@@ -26,7 +26,9 @@ tokens taken from the end, so hot experts differ) runs beside the first, both st
 each on its own thread and process group; against each alone on half the hosts at the same time.
 The prediction is `sim.lina.inference_batch` with the expert's time per row count measured on each
 rank alone (a ComputeProfile), the copy rate, the counts all-gather's per-message latency, this
-machine's cores shared by the ranks, the shaped port rates, no attention (colocation: no
+machine's cores shared by the ranks (`os.sched_getaffinity`, recorded as "shared_cores"; the
+timeline shares them among the ranks computing at each instant, TimelineOptions.cores), the shaped
+port rates, no attention (colocation: no
 prediction). `plot_per_batch` draws both series per policy.
 """
 
@@ -189,8 +191,8 @@ def measure_compute(experts: Experts, hidden: int, group) -> tuple[ComputeProfil
     """(profile, copy bytes/s, message latency s, calibration) for the prediction, the slowest rank's
     figures. The expert is timed on each rank in turn while the others wait at a barrier: its time
     on a core of its own; the simulator adds the slowdown of ranks computing at once on the
-    machine's shared cores (InferenceSetup.shared_cores). The latency is a ring all-gather of the
-    per-expert counts (what each layer runs first) over its n - 1 steps."""
+    machine's shared cores (InferenceSetup.shared_cores, shared in the timeline). The latency is a
+    ring all-gather of the per-expert counts (what each layer runs first) over its n - 1 steps."""
     rank, n = dist.get_rank(group), dist.get_world_size(group)
     expert = experts.store[0][0]
     alone = torch.zeros(len(PROFILE_ROWS), dtype=torch.float64)

@@ -22,9 +22,13 @@ median over the steps after warm-up.
 
 The simulator (`shunter.sim.lina.training_step`) gets the model's shapes (fp32), the shaped port
 rate, this model's dense-gradient bytes per block (the embedding's after the whole backward, when
-its gradient is complete), a compute speed calibrated so that its compute time equals the
-measured compute time of the overlap run (forward + backward without communication), the measured
-optimizer step, and the routing of the measured steps: each step is simulated with its own
+its gradient is complete), this machine's cores (`os.sched_getaffinity`, recorded as "cores"):
+the ranks are processes sharing them, so a rank computing while the others wait in an all-to-all
+runs at full speed and four computing at once on two cores at half (TimelineOptions.cores); a
+compute speed calibrated so that the shared simulation's mean compute time per rank equals the
+measured one of the overlap run (forward + backward without communication, a wall time taken
+while the ranks shared the cores; see `predict`), the measured optimizer step (as time alone on a
+core), and the routing of the measured steps: each step is simulated with its own
 dispatch rows between ranks per layer (early in training the gate is far from balanced and moves
 from step to step; the hot ranks' ports and experts set each all-to-all's time), and the median
 over the steps is reported. The prediction is then about communication alone. Its variants:
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -51,6 +56,7 @@ from shunter.errors import ShunterError
 from shunter.model.spec import spec_from_config
 from shunter.plan.cluster import ClusterSpec
 from shunter.shapes import MoEShapes
+from shunter.sim.cores import shared_rate
 from shunter.sim.cost import ComputeModel
 from shunter.sim.lina import TrainingSetup, training_step
 from shunter.train import TrainConfig, Trainer
@@ -184,11 +190,22 @@ def predict(
     micro_op_bytes: int,
     routing: Sequence[np.ndarray] | None = None,
     optimizer_s: float = 0.0,
+    cores: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """The simulator's step for each variant (see the module docstring), compute calibrated to
     compute_s seconds per step per rank (measured), with the measured optimizer step; each measured
     step simulated with its own routing (routing: per step the dispatch rows [L, n, n]; None: the
-    ideal gate), and the median over the steps reported, as for the measured steps."""
+    ideal gate), and the median over the steps reported, as for the measured steps.
+
+    cores: the ranks ran as processes on this many shared cores (the emulated cluster or loopback
+    on one machine); None: each rank on cores of its own. The measured compute_s and optimizer_s
+    are wall times taken while the ranks shared the cores, so with cores the simulator, which
+    shares them too, is given each rank's time alone on a core: the compute speed is solved for so
+    that the *shared* simulation of the overlap run (its routing, step by step) gives the measured
+    mean compute per rank (a fixed point: the slowdown from sharing depends on the speed, through
+    how long ranks wait for each other in the all-to-alls), and the optimizer, which every rank
+    runs at once after the last allreduce, gets optimizer_s x min(1, cores / hosts) alone.
+    """
     spec = spec_from_config(config.model_config(eos_token_id=0), source="bench config")
     shapes = MoEShapes.from_spec(spec, bytes_per_param=4, bytes_per_activation=4, name="bench")
     final = embedding_gradient_bytes(config)
@@ -207,13 +224,30 @@ def predict(
             dispatch_rows=rows,
             optimizer_s=optimizer,
             final_gradient_bytes=final,
+            shared_cores=cores,
         )
 
-    # Calibration: the mean compute over devices is the same under any routing of as many rows.
+    steps = [None] if routing is None else list(routing)
+
+    def simulated_compute_s(flop_s: float, rows_of_steps: Sequence[np.ndarray | None]) -> float:
+        """Median over the steps of the mean over devices of the wall time spent computing."""
+        probes = [
+            training_step(setup(flop_s, micro_op_bytes, rows, 0.0), "deepspeed") for rows in rows_of_steps
+        ]
+        return statistics.median(p.step_s * p.utilisation for p in probes)
+
+    # Calibration. Without sharing, compute time is inversely proportional to the speed and its mean
+    # over devices the same under any routing of as many rows: one probe on the ideal gate.
     probe_flop_s = 1e12
-    probe = training_step(setup(probe_flop_s, micro_op_bytes, None, 0.0), "deepspeed")
-    simulated_compute_s = probe.step_s * probe.utilisation  # mean over devices
-    flop_s = probe_flop_s * simulated_compute_s / max(compute_s, 1e-9)
+    flop_s = probe_flop_s * simulated_compute_s(probe_flop_s, [None]) / max(compute_s, 1e-9)
+    optimizer_alone_s = optimizer_s
+    if cores is not None:
+        for _ in range(50):
+            ratio = simulated_compute_s(flop_s, steps) / max(compute_s, 1e-9)
+            flop_s *= ratio
+            if abs(ratio - 1) < 1e-4:
+                break
+        optimizer_alone_s = optimizer_s * shared_rate(cores, hosts)
     whole = per_block + final  # one micro-op per block's gradients: priority without partitioning
     variants = {
         "overlap": ("deepspeed", micro_op_bytes),
@@ -221,10 +255,9 @@ def predict(
         "priority+partitioning": ("priority", micro_op_bytes),
         "lina": ("lina", micro_op_bytes),
     }
-    steps = [None] if routing is None else list(routing)
     predicted: dict[str, dict[str, float]] = {}
     for name, (variant, micro) in variants.items():
-        results = [training_step(setup(flop_s, micro, rows, optimizer_s), variant) for rows in steps]
+        results = [training_step(setup(flop_s, micro, rows, optimizer_alone_s), variant) for rows in steps]
         predicted[name] = {
             "step_s": statistics.median(r.step_s for r in results),
             "backward_a2a_s": statistics.median(r.backward_a2a_s for r in results),
@@ -300,6 +333,9 @@ def run_bench(
     for summary in measured.values():
         summary["speedup"] = baseline["step_s"] / summary["step_s"]
         summary["backward_a2a_speedup"] = baseline["a2a_backward_s"] / max(summary["a2a_backward_s"], 1e-12)
+    # Every launcher here runs the ranks on this machine (the emulated cluster's hosts or loopback),
+    # sharing its cores; recorded so that a re-prediction offline uses the measuring machine's count.
+    cores = len(os.sched_getaffinity(0))
     predicted = predict(
         config,
         hosts,
@@ -308,6 +344,7 @@ def run_bench(
         micro_op_bytes,
         [np.asarray(rows) for rows in baseline["dispatch_rows"]],
         baseline["optimizer_s"],
+        cores,
     )
     rows = []
     for name in ("overlap", "priority", "priority+partitioning", "lina"):
@@ -331,6 +368,7 @@ def run_bench(
         "warmup": warmup,
         "micro_op_bytes": micro_op_bytes,
         "bucket_bytes": bucket_bytes,
+        "cores": cores,
         "model": dataclasses.asdict(config),
         "dense_gradient_bytes": dense_gradient_bytes(config),
         "rows": rows,

@@ -13,6 +13,11 @@ all-to-all). Policies:
   after the previous layer's gate for a phase-1 plan (pipelined with compute), after this layer's
   gate when phase 2 re-planned (blocking); the experts wait for their weights;
 - ideal: a perfectly balanced gate (every expert gets N k / E tokens) on the static placement.
+Devices that are processes on one machine's few cores (the emulated cluster: InferenceSetup and
+TrainingSetup shared_cores) share them in the timeline (TimelineOptions.cores): while k devices
+compute, each at min(1, cores / k) of its speed, so a rank computing while the others wait in a
+collective (a hot rank's experts) runs at full speed. Collectives are barriers, so after a dispatch
+all devices start their experts together.
 Training step, per device: forward G N F C per block, then backward in reverse (combine-backward
 all-to-all, expert backward at 2x forward FLOPs, dispatch-backward all-to-all, attention backward
 at 2x), and an allreduce of each block's dense gradients once its backward is done, then the
@@ -55,9 +60,9 @@ TrainingVariant = Literal["deepspeed", "priority", "lina"]
 class InferenceSetup:
     """shapes: the model; context_tokens: attention context per token; host_link_bytes_s: how fast
     a device swaps expert weights in from host memory (PCIe); latency_s: per message; shared_cores:
-    the devices are processes sharing this many cores (emulated hosts on one machine), so experts
-    computing at once on more devices than cores slow each other (`shared_core_finish_s`); None:
-    every device computes on its own."""
+    the devices are processes sharing this many cores (emulated hosts on one machine), so devices
+    computing at once beyond the cores slow each other (TimelineOptions.cores; the compute model's
+    seconds are then a device's alone on a core); None: every device computes on its own."""
 
     shapes: MoEShapes
     cluster: ClusterSpec
@@ -90,24 +95,6 @@ def balanced_expert_ids(num_tokens: int, num_experts: int, top_k: int) -> np.nda
     gets N k / E pairs (when E divides N k) and choices of a token are distinct (k <= E)."""
     flat = np.arange(num_tokens * top_k, dtype=np.int64) % num_experts
     return flat.reshape(num_tokens, top_k)
-
-
-def shared_core_finish_s(alone_s: np.ndarray, cores: float) -> np.ndarray:
-    """[n] seconds until each device's compute ends when all start together on `cores` shared cores,
-    device d needing alone_s[d] seconds of a core: while k devices compute each gets min(1, cores / k)
-    of a core (an OS scheduler's processor sharing), so the shortest finish first and free theirs."""
-    alone_s = np.asarray(alone_s, dtype=np.float64)
-    finish = np.zeros_like(alone_s)
-    active = int(np.count_nonzero(alone_s > 0))
-    now = done = 0.0  # wall time; core seconds every still-running device has received
-    for device in np.argsort(alone_s, kind="stable"):
-        if alone_s[device] <= 0:
-            continue
-        now += (alone_s[device] - done) / min(1.0, cores / active)
-        done = float(alone_s[device])
-        finish[device] = now
-        active -= 1
-    return finish
 
 
 def all_gather_ring(name: str, num_devices: int, nbytes: float, after: tuple[str, ...]) -> list[Collective]:
@@ -177,8 +164,6 @@ def inference_batch(
         expert_s = setup.compute.op_time_s(
             "expert", rows, shapes.expert_flops_per_token, shapes.expert_bytes, speed
         ).sum(axis=0)
-        if setup.shared_cores is not None:
-            expert_s = shared_core_finish_s(expert_s, setup.shared_cores)
         traffic = dispatch_traffic(ids, shares, shapes.token_bytes, n)
         L = str(layer)
         ops.append(Compute(f"G{L}", attention, previous_end, "gate"))
@@ -191,7 +176,8 @@ def inference_batch(
         ops.append(Collective.from_traffic(f"C{L}", combine_traffic(traffic), (f"F{L}",), kind="combine"))
         ops.append(Compute(f"A{L}", aggregation, (f"C{L}",), "aggregation"))
         previous_gate, previous_end = (f"G{L}",), (f"A{L}",)
-    timeline = run_timeline(ops, cluster.bandwidth_bytes_s, TimelineOptions("fair_share", setup.latency_s))
+    options = TimelineOptions("fair_share", setup.latency_s, cores=setup.shared_cores)
+    timeline = run_timeline(ops, cluster.bandwidth_bytes_s, options)
     return BatchResult(timeline.makespan_s, replanned, imbalance, swap_total)
 
 
@@ -232,6 +218,8 @@ class TrainingSetup:
     optimizer_s: the optimizer step after the last allreduce (per device, measured or estimated).
     final_gradient_bytes: dense gradients complete only when the whole backward is (the input
     embedding, whose lookup is the first op of the forward), allreduced after the first block's.
+    shared_cores: the devices are processes sharing this many cores (TimelineOptions.cores; compute
+    and optimizer_s are then seconds alone on a core); None: every device computes on its own.
     """
 
     shapes: MoEShapes
@@ -248,12 +236,14 @@ class TrainingSetup:
     dispatch_rows: np.ndarray | None = None
     optimizer_s: float = 0.0
     final_gradient_bytes: float = 0.0
+    shared_cores: float | None = None
 
 
 @dataclass(frozen=True)
 class StepResult:
     """step_s: the training step; backward_a2a_s / forward_a2a_s: mean time one all-to-all spends on
-    the wire (a chunked one: its chunks summed); utilisation: mean compute share of the step."""
+    the wire (a chunked one: its chunks summed); utilisation: mean share of the step a device spends
+    computing (on shared cores: wall time, stretched while it shares them)."""
 
     step_s: float
     backward_a2a_s: float
@@ -361,7 +351,8 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
 def training_step(setup: TrainingSetup, variant: TrainingVariant) -> StepResult:
     """Simulate one step; priority applies to the priority and lina variants."""
     ops = training_ops(setup, variant)
-    options = TimelineOptions("fair_share", setup.latency_s, priority=variant in ("priority", "lina"))
+    priority = variant in ("priority", "lina")
+    options = TimelineOptions("fair_share", setup.latency_s, priority, cores=setup.shared_cores)
     timeline = run_timeline(ops, setup.cluster.bandwidth_bytes_s, options)
 
     def mean_all_to_all_s(kind: str) -> float:

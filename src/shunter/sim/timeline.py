@@ -15,6 +15,13 @@ Networks:
   and are shared max-min fairly (network.fluid.FluidNetwork) — what plain NCCL/TCP transports approach.
 - "planned": each collective runs its own matching schedule (its planned_s, latency included)
   with the network to itself; collectives queue for it (ready time, then list order).
+Shared cores (TimelineOptions.cores = c; None: every device computes on its own): the devices
+are processes on one machine's c cores (emulated hosts), so ops on the "compute" stream are
+processor-shared (sim.cores.SharedCores): while k devices run one, each progresses at min(1, c / k)
+of its speed (a device computing while the others wait in a collective runs at full speed). Compute
+is then event-driven: device d starts its next op of a stream when the op's dependencies are done on
+d and d's stream is free, and the op's end on d is an event beside the network's. Other streams
+(e.g. "copy") are not the CPU's and run at full speed. busy_s counts a device's wall time computing.
 Priority (Lina): a low-priority collective (an allreduce micro-op) starts only when no
 high-priority collective is running, waiting, or announced (a compute op in its announced_by has
 started: "an all-to-all is coming"); a started one is never preempted.
@@ -29,6 +36,7 @@ import numpy as np
 
 from shunter.network.fluid import FluidNetwork
 from shunter.network.transport import TimelineTransport
+from shunter.sim.cores import SharedCores
 
 
 @dataclass(frozen=True)
@@ -81,9 +89,13 @@ Op = Compute | Collective
 
 @dataclass(frozen=True)
 class TimelineOptions:
+    """network and latency_s: how collectives move; priority: Lina's rule; cores: the devices share
+    this many cores (module docstring; None: each computes on its own, compute resolved eagerly)."""
+
     network: TimelineTransport = "fair_share"
     latency_s: float = 0.0
     priority: bool = False
+    cores: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,8 @@ class Timeline:
     """What happened: per op, when it started and finished.
 
     compute_start_s / compute_finish_s: name -> [n] (a no-op device has start == finish);
-    collective_start_s / collective_finish_s: name -> seconds; busy_s [n]: compute time per device.
+    collective_start_s / collective_finish_s: name -> seconds; busy_s [n]: wall time each device
+    spends on its "compute" stream (on shared cores: its ops' stretched durations).
     """
 
     makespan_s: float
@@ -124,6 +137,190 @@ class Timeline:
         return total
 
 
+class _EagerCompute:
+    """Compute on devices of their own: an op's start and finish on every device follow from its
+    inputs alone, so each stream is resolved in its order as soon as the inputs are known, ahead
+    of the clock. start_s / finish_s: name -> [n] of every resolved op."""
+
+    def __init__(self, computes: list[Compute], n: int, collective_finish_s: dict[str, float]) -> None:
+        self.n = n
+        self.start_s: dict[str, np.ndarray] = {}
+        self.finish_s: dict[str, np.ndarray] = {}
+        self.busy_s = np.zeros(n)
+        self._collective_finish_s = collective_finish_s
+        self._streams: dict[str, list[Compute]] = {}
+        for op in computes:
+            self._streams.setdefault(op.stream, []).append(op)
+        self._device_free = {stream: np.zeros(n) for stream in self._streams}
+        self._next_of_stream = dict.fromkeys(self._streams, 0)
+
+    def _ready(self, op: Compute) -> np.ndarray | None:
+        """[n] earliest start per device from dependencies, or None while one is unresolved."""
+        ready = np.zeros(self.n)
+        for d in op.after:
+            finish = self.finish_s.get(d, self._collective_finish_s.get(d))
+            if finish is None:
+                return None
+            ready = np.maximum(ready, finish)
+        return ready
+
+    def resolve(self, now_s: float) -> None:
+        """Resolve every op whose inputs are known (now_s plays no part: nothing is shared)."""
+        progress = True
+        while progress:
+            progress = False
+            for stream, queue in self._streams.items():
+                while self._next_of_stream[stream] < len(queue):
+                    op = queue[self._next_of_stream[stream]]
+                    ready = self._ready(op)
+                    if ready is None:
+                        break
+                    seconds = np.asarray(op.seconds, dtype=np.float64)
+                    runs = seconds > 0
+                    start = np.where(runs, np.maximum(ready, self._device_free[stream]), ready)
+                    finish = start + seconds
+                    self._device_free[stream] = np.where(runs, finish, self._device_free[stream])
+                    if stream == "compute":
+                        self.busy_s += seconds
+                    self.start_s[op.name], self.finish_s[op.name] = start, finish
+                    self._next_of_stream[stream] += 1
+                    progress = True
+
+    def next_event_s(self) -> float:
+        # Compute finishing can make an imminent all-to-all "waiting" no sooner than its readiness
+        # (a candidate of the collectives already), so compute has no events of its own.
+        return math.inf
+
+    def advance(self, until_s: float) -> None:
+        pass
+
+    def unresolved(self) -> list[str]:
+        return [op.name for stream, q in self._streams.items() for op in q[self._next_of_stream[stream] :]]
+
+    def started(self, name: str, now_s: float) -> bool:
+        """Whether op `name` has started on some device that runs it by now_s (an op that runs
+        nowhere: once resolved)."""
+        if name not in self.start_s:
+            return False
+        started = self.start_s[name][self.finish_s[name] > self.start_s[name]]
+        return not started.size or started.min() <= now_s
+
+
+class _SharedCompute:
+    """Compute on shared cores (TimelineOptions.cores): per device and stream, the next op starts
+    when its dependencies are done on that device and the device's stream is free; "compute" ops
+    progress on SharedCores, other streams' at full speed. An op's start and finish are known per
+    device as they happen; start_s / finish_s hold the ops done on every device."""
+
+    def __init__(
+        self, computes: list[Compute], n: int, collective_finish_s: dict[str, float], cores: float
+    ) -> None:
+        self.n = n
+        self.start_s: dict[str, np.ndarray] = {}
+        self.finish_s: dict[str, np.ndarray] = {}
+        self.busy_s = np.zeros(n)
+        self._collective_finish_s = collective_finish_s
+        self._cores = SharedCores(n, cores)
+        self._seconds = {op.name: np.asarray(op.seconds, dtype=np.float64) for op in computes}
+        self._start = {op.name: np.full(n, np.nan) for op in computes}  # per device, NaN: not yet
+        self._finish = {op.name: np.full(n, np.nan) for op in computes}
+        self._streams: dict[str, list[Compute]] = {}
+        for op in computes:
+            self._streams.setdefault(op.stream, []).append(op)
+        self._next = {stream: np.zeros(n, dtype=np.int64) for stream in self._streams}
+        self._free_at = {stream: np.zeros(n) for stream in self._streams}  # streams off the cores
+
+    def _ready_on(self, op: Compute, device: int) -> float | None:
+        """Earliest start of op on device from its dependencies, or None while one is not done there."""
+        ready = 0.0
+        for d in op.after:
+            if d in self._finish:
+                finish = float(self._finish[d][device])
+                if math.isnan(finish):
+                    return None
+            elif d in self._collective_finish_s:
+                finish = self._collective_finish_s[d]
+            else:
+                return None
+            ready = max(ready, finish)
+        return ready
+
+    def _record(self, name: str, device: int, start: float, finish: float) -> None:
+        self._start[name][device], self._finish[name][device] = start, finish
+        if not np.isnan(self._finish[name]).any():
+            self.start_s[name], self.finish_s[name] = self._start[name], self._finish[name]
+
+    def _head(self, stream: str, device: int) -> Compute | None:
+        queue = self._streams[stream]
+        index = int(self._next[stream][device])
+        return queue[index] if index < len(queue) else None
+
+    def resolve(self, now_s: float) -> None:
+        """Start, on each device, every op that may start by now_s; a no-op entry is done when its
+        dependencies are (it occupies nothing)."""
+        progress = True
+        while progress:
+            progress = False
+            for stream in self._streams:
+                for device in range(self.n):
+                    while (op := self._head(stream, device)) is not None:
+                        ready = self._ready_on(op, device)
+                        if ready is None:
+                            break
+                        work = float(self._seconds[op.name][device])
+                        if work <= 0:
+                            self._record(op.name, device, ready, ready)
+                        elif ready > now_s:
+                            break
+                        elif stream == "compute":
+                            if self._cores.running(device):
+                                break
+                            self._cores.start(device, work, op.name)
+                            self._start[op.name][device] = now_s
+                        else:
+                            if self._free_at[stream][device] > now_s:
+                                break
+                            self._free_at[stream][device] = now_s + work
+                            self._record(op.name, device, now_s, now_s + work)
+                        self._next[stream][device] += 1
+                        progress = True
+
+    def next_event_s(self) -> float:
+        """The first of: running compute ends, an op's inputs become done on a device, a stream
+        off the cores frees."""
+        candidates = [self._cores.next_event_s()]
+        now_s = self._cores.now_s
+        for stream in self._streams:
+            for device in range(self.n):
+                op = self._head(stream, device)
+                ready = None if op is None else self._ready_on(op, device)
+                if ready is None:
+                    continue
+                if stream != "compute":
+                    ready = max(ready, float(self._free_at[stream][device]))
+                if ready > now_s:
+                    candidates.append(ready)
+        return min(candidates)
+
+    def advance(self, until_s: float) -> None:
+        for device, name in self._cores.advance(until_s):
+            start = float(self._start[name][device])
+            self.busy_s[device] += until_s - start
+            self._record(name, device, start, until_s)
+
+    def unresolved(self) -> list[str]:
+        return [name for name, finish in self._finish.items() if np.isnan(finish).any()]
+
+    def started(self, name: str, now_s: float) -> bool:
+        """Whether op `name` has started on some device that runs it by now_s (an op that runs
+        nowhere: once done everywhere)."""
+        runs = self._seconds[name] > 0
+        if not runs.any():
+            return name in self.finish_s
+        start = self._start[name][runs]
+        return bool((start[~np.isnan(start)] <= now_s).any())
+
+
 def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: TimelineOptions) -> Timeline:
     """Simulate the op graph; see the module docstring for the rules. Raises ValueError on a
     dependency that names no earlier-or-later op, or on a cycle (an op that can never start)."""
@@ -142,16 +339,14 @@ def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: Timeline
     tag_of = {op.name: k for k, op in enumerate(collectives)}
     is_compute = {op.name: isinstance(op, Compute) for op in ops}
 
-    c_start: dict[str, np.ndarray] = {}
-    c_finish: dict[str, np.ndarray] = {}
     k_start: dict[str, float] = {}
     k_finish: dict[str, float] = {}
-    streams: dict[str, list[Compute]] = {}
-    for op in computes:
-        streams.setdefault(op.stream, []).append(op)
-    device_free = {stream: np.zeros(n) for stream in streams}
-    next_of_stream = dict.fromkeys(streams, 0)
-    busy = np.zeros(n)
+    compute: _EagerCompute | _SharedCompute
+    if options.cores is None:
+        compute = _EagerCompute(computes, n, k_finish)
+    else:
+        compute = _SharedCompute(computes, n, k_finish, options.cores)
+    c_start, c_finish = compute.start_s, compute.finish_s
     network = FluidNetwork(bandwidth, options.latency_s) if options.network == "fair_share" else None
     planned_free_at = 0.0
     planned_running: list[tuple[float, str]] = []  # (finish, name) on the planned network
@@ -181,35 +376,11 @@ def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: Timeline
         ready = dep_ready(op)
         if ready is not None and (float(ready.max()) if ready.size else 0.0) <= now:
             return True
-        for d in op.announced_by:
-            if d in c_start:
-                started = c_start[d][c_finish[d] > c_start[d]]
-                if not started.size or started.min() <= now:
-                    return True
-        return False
+        return any(compute.started(d, now) for d in op.announced_by)
 
     while True:
-        # 1. Compute is deterministic once its inputs are known: resolve each stream in its order.
-        progress = True
-        while progress:
-            progress = False
-            for stream, queue in streams.items():
-                while next_of_stream[stream] < len(queue):
-                    op = queue[next_of_stream[stream]]
-                    ready = dep_ready(op)
-                    if ready is None:
-                        break
-                    seconds = np.asarray(op.seconds, dtype=np.float64)
-                    runs = seconds > 0
-                    start = np.where(runs, np.maximum(ready, device_free[stream]), ready)
-                    finish = start + seconds
-                    device_free[stream] = np.where(runs, finish, device_free[stream])
-                    if stream == "compute":
-                        busy += seconds
-                    c_start[op.name], c_finish[op.name] = start, finish
-                    next_of_stream[stream] += 1
-                    progress = True
-
+        # 1. Compute whose inputs are known: resolved (eager) or started (shared cores).
+        compute.resolve(now)
         # 2. Collectives whose inputs are known, and may start now.
         waiting: list[tuple[float, int, Collective]] = []
         future_ready = math.inf
@@ -256,17 +427,16 @@ def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: Timeline
 
         if finished_now:
             continue
-        # 3. Next event: a collective becomes ready, a flow starts or ends, a planned run ends.
-        candidates = [future_ready]
+        # 3. Next event: a collective becomes ready, a flow starts or ends, a planned run ends,
+        # compute on shared cores starts or ends.
+        candidates = [future_ready, compute.next_event_s()]
         if network is not None:
             candidates.append(network.next_event_s())
         else:
             candidates += [finish for finish, _ in planned_running]
             if planned_free_at > now:
                 candidates.append(planned_free_at)
-        # Compute finishing can make an imminent all-to-all "waiting" no sooner than its readiness
-        # (already a candidate), so compute events need no entry of their own.
-        unresolved = [op.name for stream, q in streams.items() for op in q[next_of_stream[stream] :]]
+        unresolved = compute.unresolved()
         resolved_all = not unresolved and len(k_finish) == len(collectives)
         next_time = min(candidates)
         if resolved_all:
@@ -286,8 +456,9 @@ def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: Timeline
                 else:
                     still.append((finish, name))
             planned_running = still
+        compute.advance(next_time)
         now = next_time
 
     ends = [float(f.max()) for f in c_finish.values() if f.size] + list(k_finish.values())
     kinds = {op.name: op.kind for op in ops}
-    return Timeline(max(ends, default=0.0), busy, c_start, c_finish, k_start, k_finish, kinds)
+    return Timeline(max(ends, default=0.0), compute.busy_s, c_start, c_finish, k_start, k_finish, kinds)
