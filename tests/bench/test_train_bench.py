@@ -65,6 +65,7 @@ def test_a_tiny_local_run_reports_every_variant(corpus, tmp_path, capsys):  # no
     assert (tmp_path / "timeline.png").stat().st_size > 0
     assert report["rows"][3]["measured_step_s"] > 0 and report["rows"][3]["paper_speedup"].startswith("1.57")
     assert report["cores"] == len(os.sched_getaffinity(0))
+    assert 0 < report["message_latency_s"] < 1.0  # measured on the same ranks (bench.latency)
 
 
 def _predict(cores: float | None, routing: list[np.ndarray] | None) -> dict[str, dict[str, float]]:

@@ -208,3 +208,23 @@ def test_a_cycle_on_shared_cores_is_an_error() -> None:
     ops = [Compute("x", np.ones(2), ("y",)), Compute("y", np.ones(2), ("x",))]
     with pytest.raises(ValueError, match="cannot finish"):
         run_timeline(ops, np.ones(2), TimelineOptions(cores=1))
+
+
+@pytest.mark.parametrize("cores", [None, 3])
+def test_a_device_is_past_a_collective_once_its_own_flows_end(cores: float | None) -> None:
+    """Oracle, by hand on ports of 1 byte/s: all-to-all x moves 2 bytes 0 -> 1 and 6 bytes 1 -> 2.
+    Device 0's part ends at 2 s, device 1's and 2's at 6 s; a device with no flow in collective y
+    (device 0) is past it as y starts. The compute after x starts on each device when its own part
+    ends (a rank's all-to-all returns then), not when the last byte anywhere arrives."""
+    x = Collective("x", np.array([0, 1]), np.array([1, 2]), np.array([2.0, 6.0]))
+    ops = [
+        x,
+        Compute("f", np.array([1.0, 1.0, 1.0]), ("x",)),
+        flow("y", 1, 2, 1.0, ("f",)),
+        Compute("g", np.array([1.0, 1.0, 1.0]), ("y",)),
+    ]
+    timeline = run_timeline(ops, np.ones(3), TimelineOptions(cores=cores))
+    assert timeline.collective_finish_s["x"] == pytest.approx(6.0)
+    assert timeline.compute_start_s["f"] == pytest.approx([2.0, 6.0, 6.0])
+    assert timeline.collective_start_s["y"] == pytest.approx(7.0)
+    assert timeline.compute_start_s["g"] == pytest.approx([7.0, 8.0, 8.0])

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from shunter.bench.latency import ring_message_latency_s
 from shunter.errors import ShunterError
 from shunter.model.layers import expert_mlp
 from shunter.model.loader import default_trace_path
@@ -205,17 +206,10 @@ def measure_compute(experts: Experts, hidden: int, group) -> tuple[ComputeProfil
     for _ in range(3):
         experts.copy_in(0, 0)
     copy_s = (time.perf_counter() - started) / 3
-    counts = torch.zeros(experts.num_experts, dtype=torch.int64)
-    gathered = [torch.empty_like(counts) for _ in range(n)]
-    gathers = []
-    for _ in range(12):
-        dist.barrier(group)
-        started = time.perf_counter()
-        dist.all_gather(gathered, counts, group=group)
-        gathers.append(time.perf_counter() - started)
-    figures = torch.cat([alone, torch.tensor([copy_s, float(np.median(gathers))], dtype=torch.float64)])
+    gather_s, latency_s = ring_message_latency_s(group, values=experts.num_experts)
+    figures = torch.cat([alone, torch.tensor([copy_s], dtype=torch.float64)])
     dist.all_reduce(figures, dist.ReduceOp.MAX, group=group)
-    expert_s, copy_s, gather_s = figures[: len(PROFILE_ROWS)].numpy(), float(figures[-2]), float(figures[-1])
+    expert_s, copy_s = figures[: len(PROFILE_ROWS)].numpy(), float(figures[-1])
     zero = {"tokens": np.array([0.0, 1e9]), "seconds": np.array([0.0, 0.0])}
     profile = ComputeProfile(
         tokens={
@@ -225,7 +219,6 @@ def measure_compute(experts: Experts, hidden: int, group) -> tuple[ComputeProfil
         },
         seconds={"expert": expert_s, "attention": zero["seconds"], "aggregation": zero["seconds"]},
     )
-    latency_s = gather_s / max(n - 1, 1)
     calibration = {
         "rows": list(PROFILE_ROWS),
         "expert_s_alone": expert_s.tolist(),

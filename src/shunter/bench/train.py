@@ -28,7 +28,9 @@ runs at full speed and four computing at once on two cores at half (TimelineOpti
 compute speed calibrated so that the shared simulation's mean compute time per rank equals the
 measured one of the overlap run (forward + backward without communication, a wall time taken
 while the ranks shared the cores; see `predict`), the measured optimizer step (as time alone on a
-core), and the routing of the measured steps: each step is simulated with its own
+core), the per-message latency measured on the same ranks before the variants run
+(`shunter.bench.latency`: a ring all-gather of a few bytes, over its n - 1 steps), and the routing
+of the measured steps: each step is simulated with its own
 dispatch rows between ranks per layer (early in training the gate is far from balanced and moves
 from step to step; the hot ranks' ports and experts set each all-to-all's time), and the median
 over the steps is reported. The prediction is then about communication alone. Its variants:
@@ -191,6 +193,7 @@ def predict(
     routing: Sequence[np.ndarray] | None = None,
     optimizer_s: float = 0.0,
     cores: float | None = None,
+    latency_s: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """The simulator's step for each variant (see the module docstring), compute calibrated to
     compute_s seconds per step per rank (measured), with the measured optimizer step; each measured
@@ -205,6 +208,10 @@ def predict(
     mean compute per rank (a fixed point: the slowdown from sharing depends on the speed, through
     how long ranks wait for each other in the all-to-alls), and the optimizer, which every rank
     runs at once after the last allreduce, gets optimizer_s x min(1, cores / hosts) alone.
+
+    latency_s: every message's start-up (`shunter.bench.latency`, measured on the same ranks): each
+    all-to-all (or chunk of one) and each allreduce op idles that long before its bytes move, which
+    is what cutting the allreduce into micro-ops and the all-to-all into chunks costs.
     """
     spec = spec_from_config(config.model_config(eos_token_id=0), source="bench config")
     shapes = MoEShapes.from_spec(spec, bytes_per_param=4, bytes_per_activation=4, name="bench")
@@ -224,6 +231,7 @@ def predict(
             dispatch_rows=rows,
             optimizer_s=optimizer,
             final_gradient_bytes=final,
+            latency_s=latency_s,
             shared_cores=cores,
         )
 
@@ -268,13 +276,13 @@ def predict(
 
 def torchrun_launcher(hosts: int, port: int) -> Launcher:
     """Ranks on this machine's loopback under torchrun: no shaping (for tests and machines
-    without root); `command` is `python -m shunter ...`."""
+    without root); `command` is `python -m MODULE ...`."""
 
     def launch(command: list[str]) -> int:
-        assert command[1:3] == ["-m", "shunter"]
+        assert command[1] == "-m"
         torchrun = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={hosts}",
-            f"--master-port={port}", "-m", "shunter", *command[3:],
+            f"--master-port={port}", "-m", *command[2:],
         ]  # fmt: skip
         with subprocess.Popen(torchrun, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as ranks:
             assert ranks.stdout is not None
@@ -312,6 +320,12 @@ def run_bench(
     config_path.write_text(_toml(config))
     if bucket_bytes is None:  # one bucket per block's worth of gradients, as the simulator has it
         bucket_bytes = max(dense_gradient_bytes(config) // config.num_layers, 1)
+    log(f"bench train: the message latency of {hosts} ranks")
+    latency_file = scratch / "latency.json"
+    status = launch([sys.executable, "-m", "shunter.bench.latency", str(latency_file)])
+    if status != 0:
+        raise ShunterError(f"the latency probe's ranks failed (exit status {status}); their output is above")
+    latency_s = float(json.loads(latency_file.read_text())["message_latency_s"])
     measured: dict[str, Any] = {}
     for name, comm, micro, a2a_chunks in VARIANTS:
         out = scratch / name / "model"
@@ -345,6 +359,7 @@ def run_bench(
         [np.asarray(rows) for rows in baseline["dispatch_rows"]],
         baseline["optimizer_s"],
         cores,
+        latency_s,
     )
     rows = []
     for name in ("overlap", "priority", "priority+partitioning", "lina"):
@@ -369,6 +384,7 @@ def run_bench(
         "micro_op_bytes": micro_op_bytes,
         "bucket_bytes": bucket_bytes,
         "cores": cores,
+        "message_latency_s": latency_s,
         "model": dataclasses.asdict(config),
         "dense_gradient_bytes": dense_gradient_bytes(config),
         "rows": rows,

@@ -289,6 +289,8 @@ class FluidNetwork:
         self._rate = np.zeros(0)
         self._rates_valid = False
         self._flows_of_tag: dict[int, int] = {}
+        self._device_flows: dict[int, np.ndarray] = {}  # tag -> [n] unfinished flows sent or received
+        self._parts_done: list[tuple[int, int, float]] = []  # (tag, device, time) since last taken
 
     @property
     def busy(self) -> bool:
@@ -299,6 +301,11 @@ class FluidNetwork:
         keep = (np.asarray(num_bytes) > 0) & (np.asarray(src) != np.asarray(dst))
         count = int(keep.sum())
         self._flows_of_tag[tag] = self._flows_of_tag.get(tag, 0) + count
+        n = self.bandwidth.shape[0]
+        touching = self._device_flows.setdefault(tag, np.zeros(n, dtype=np.int64))
+        touching += np.bincount(np.asarray(src)[keep], minlength=n) + np.bincount(
+            np.asarray(dst)[keep], minlength=n
+        )
         if count == 0:
             return
         self._src = np.concatenate([self._src, np.asarray(src, dtype=np.int64)[keep]])
@@ -308,6 +315,17 @@ class FluidNetwork:
         self._active_at = np.concatenate([self._active_at, np.full(count, self.now_s + self.latency_s)])
         self._tag = np.concatenate([self._tag, np.full(count, tag, dtype=np.int64)])
         self._rates_valid = False
+
+    def devices_in(self, tag: int) -> np.ndarray:
+        """[n] bool: the devices with a flow of `tag` still to finish."""
+        n = self.bandwidth.shape[0]
+        return self._device_flows.get(tag, np.zeros(n, dtype=np.int64)) > 0
+
+    def take_parts_done(self) -> list[tuple[int, int, float]]:
+        """(tag, device, time) for each device whose last flow of a tag (sent or received) ended,
+        since the last call: a rank's part of an all-to-all is then over (it returns)."""
+        parts, self._parts_done = self._parts_done, []
+        return parts
 
     def flows_of(self, tag: int) -> int:
         """Flows of `tag` not yet finished (0 for a tag whose flows are all done or never existed)."""
@@ -353,6 +371,12 @@ class FluidNetwork:
         )
         completed: list[int] = []
         if done.any():
+            for tag, src, dst in zip(self._tag[done], self._src[done], self._dst[done], strict=True):
+                touching = self._device_flows[int(tag)]
+                for device in (int(src), int(dst)):
+                    touching[device] -= 1
+                    if touching[device] == 0:
+                        self._parts_done.append((int(tag), device, until_s))
             for tag, count in zip(*np.unique(self._tag[done], return_counts=True), strict=True):
                 self._flows_of_tag[int(tag)] -= int(count)
                 if self._flows_of_tag[int(tag)] == 0:

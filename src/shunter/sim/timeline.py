@@ -3,13 +3,14 @@
 The graph is a list of ops, each naming the ops it waits for:
 - Compute(name, seconds [n], after, stream): runs on every device where seconds[d] > 0. A device
   runs one op at a time per stream, in list order (a CUDA stream): device d starts the op when it
-  has finished the earlier ops of that stream and every dependency is done (a compute
-  dependency: on d; a collective: everywhere). A zero entry is a no-op that occupies nothing.
+  has finished the earlier ops of that stream and every dependency is done on d (a collective
+  is done on d once d's own flows, sent and received, have ended: a rank's all-to-all returns when
+  its part is done, in gloo and NCCL alike). A zero entry is a no-op that occupies nothing.
   Stream "compute" is the GPU's arithmetic (utilisation counts it); another stream (e.g. "copy"
   for weights arriving over PCIe) runs beside it.
 - Collective(name, src, dst, bytes, after): a set of flows (an all-to-all, one allreduce chunk).
-  It starts when every dependency is done on every device (collectives are barriers) and ends
-  when its last byte arrives.
+  It starts when every dependency is done on every device (collectives start as barriers) and
+  ends when its last byte arrives.
 Networks:
 - "fair_share": all started collectives share the ports; flows start after the per-message latency
   and are shared max-min fairly (network.fluid.FluidNetwork) — what plain NCCL/TCP transports approach.
@@ -142,7 +143,7 @@ class _EagerCompute:
     inputs alone, so each stream is resolved in its order as soon as the inputs are known, ahead
     of the clock. start_s / finish_s: name -> [n] of every resolved op."""
 
-    def __init__(self, computes: list[Compute], n: int, collective_finish_s: dict[str, float]) -> None:
+    def __init__(self, computes: list[Compute], n: int, collective_finish_s: dict[str, np.ndarray]) -> None:
         self.n = n
         self.start_s: dict[str, np.ndarray] = {}
         self.finish_s: dict[str, np.ndarray] = {}
@@ -159,7 +160,7 @@ class _EagerCompute:
         ready = np.zeros(self.n)
         for d in op.after:
             finish = self.finish_s.get(d, self._collective_finish_s.get(d))
-            if finish is None:
+            if finish is None or np.isnan(finish).any():
                 return None
             ready = np.maximum(ready, finish)
         return ready
@@ -213,7 +214,7 @@ class _SharedCompute:
     device as they happen; start_s / finish_s hold the ops done on every device."""
 
     def __init__(
-        self, computes: list[Compute], n: int, collective_finish_s: dict[str, float], cores: float
+        self, computes: list[Compute], n: int, collective_finish_s: dict[str, np.ndarray], cores: float
     ) -> None:
         self.n = n
         self.start_s: dict[str, np.ndarray] = {}
@@ -239,7 +240,9 @@ class _SharedCompute:
                 if math.isnan(finish):
                     return None
             elif d in self._collective_finish_s:
-                finish = self._collective_finish_s[d]
+                finish = float(self._collective_finish_s[d][device])
+                if math.isnan(finish):
+                    return None
             else:
                 return None
             ready = max(ready, finish)
@@ -341,11 +344,14 @@ def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: Timeline
 
     k_start: dict[str, float] = {}
     k_finish: dict[str, float] = {}
+    kd_finish: dict[
+        str, np.ndarray
+    ] = {}  # per started collective, [n] when each device's part ended (NaN: not yet)
     compute: _EagerCompute | _SharedCompute
     if options.cores is None:
-        compute = _EagerCompute(computes, n, k_finish)
+        compute = _EagerCompute(computes, n, kd_finish)
     else:
-        compute = _SharedCompute(computes, n, k_finish, options.cores)
+        compute = _SharedCompute(computes, n, kd_finish, options.cores)
     c_start, c_finish = compute.start_s, compute.finish_s
     network = FluidNetwork(bandwidth, options.latency_s) if options.network == "fair_share" else None
     planned_free_at = 0.0
@@ -399,16 +405,19 @@ def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: Timeline
         high_pending = options.priority and any(
             imminent(op) for op in collectives if not op.low_priority and op.name not in k_finish
         )
-        finished_now = False  # a collective with nothing to send ends as it starts: look again
+        finished_now = False  # a collective over for some device as it starts: look again
         for _, _, op in waiting:
             if op.low_priority and high_pending:
                 continue
             if network is not None:
                 k_start[op.name] = now
                 network.add(tag_of[op.name], op.src, op.dst, op.bytes)
+                # a device with no flow in it is done with it as it starts
+                kd_finish[op.name] = np.where(network.devices_in(tag_of[op.name]), np.nan, now)
                 if network.flows_of(tag_of[op.name]) == 0:
                     k_finish[op.name] = now
-                    finished_now = True
+                if not np.isnan(kd_finish[op.name]).all():
+                    finished_now = True  # some device is already past it: its compute may go on now
             else:
                 if planned_free_at > now:
                     break  # the planned network runs one collective at a time
@@ -419,6 +428,7 @@ def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: Timeline
                 planned_running.append((k_finish_at, op.name))
                 if duration == 0:
                     k_finish[op.name] = now
+                    kd_finish[op.name] = np.full(n, now)
                     planned_running.pop()
                     planned_free_at = now
                     finished_now = True
@@ -448,11 +458,14 @@ def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: Timeline
         if network is not None:
             for tag in network.advance(next_time):
                 k_finish[collectives[tag].name] = next_time
+            for tag, device, finish in network.take_parts_done():
+                kd_finish[collectives[tag].name][device] = finish
         else:
             still = []
             for finish, name in planned_running:
                 if finish <= next_time:
                     k_finish[name] = finish
+                    kd_finish[name] = np.full(n, finish)
                 else:
                     still.append((finish, name))
             planned_running = still
