@@ -3,10 +3,11 @@
 A [out, in] weight is cut into groups of `group_size` consecutive input columns per output row.
 - 8 bits, symmetric (llama.cpp's Q8_0): w = q * scale, q int8 in [-127, 127], one fp16 scale per
   group; 8.25 bits a weight at group 64 (Q8_0: 8.5 at group 32).
-- 4 bits, asymmetric (llama.cpp's Q4_1, HQQ's form without its optimiser): w = q * scale + min,
-  q in [0, 15], an fp16 scale and an fp16 min per group; 4.5 bits a weight at group 64, the same
-  as Q4_0's 4.5 at group 32. The min lets a skewed group use all 16 levels (symmetric 4-bit
-  spends half its levels on a sign the group may not need), and scale + min is the form torch's
+- 4 bits, asymmetric (llama.cpp's Q4_1, HQQ's form): w = q * scale + min, q in [0, 15], an fp16
+  scale and an fp16 min per group, fitted by a search over clipped ranges with a least-squares
+  refit (`fit_scale_and_min`); 4.5 bits a weight at group 64, the same as Q4_0's 4.5 at group
+  32. The min lets a skewed group use all 16 levels (symmetric 4-bit spends half its levels on a
+  sign the group may not need), and scale + min is the form torch's
   own int4 CPU kernel takes, should a faster kernel use it later.
 Two 4-bit values share a byte: byte j of a group holds q[j] in its low nibble and q[j + g/2] in
 its high nibble, so unpacking is two vector ops (mask, shift) and one concatenation per group.
@@ -114,17 +115,69 @@ def quantize(
         divisor = torch.where(scales == 0, 1.0, scales.float())[..., None]
         q = (groups / divisor).round().clamp(-127, 127).to(torch.int8)
         return QuantizedWeight(q.reshape(w.shape), scales, None, 8, group_size)
-    low = groups.amin(-1)
-    scales = ((groups.amax(-1) - low) / 15).to(SCALE_DTYPE)
-    mins = low.to(SCALE_DTYPE)
+    scales, mins = fit_scale_and_min(groups)
     _check_finite_scales(scales, what)
     _check_finite_scales(mins, what)
-    # rounded against the stored fp16 scale and min, so the stored codes are the best for them
-    divisor = torch.where(scales == 0, 1.0, scales.float())[..., None]
-    q = ((groups - mins.float()[..., None]) / divisor).round().clamp(0, 15).to(torch.uint8)
+    q = _codes_4bit(groups, scales, mins).to(torch.uint8)
     half = group_size // 2
     packed = q[..., :half] | (q[..., half:] << 4)
     return QuantizedWeight(packed.reshape(*lead, out, in_features // 2), scales, mins, 4, group_size)
+
+
+# Ranges tried per 4-bit group, as shares of its [min, max] cut off (below, above): the full range
+# first, so no group is fitted worse than min/max rounding, then narrower ones that give up a few
+# outliers for a finer step (llama.cpp's Q4_K and HQQ search their ranges the same way).
+RANGE_CUTS = ((0.0, 0.0), (0.03, 0.03), (0.06, 0.06), (0.1, 0.1), (0.15, 0.15),
+              (0.06, 0.0), (0.0, 0.06), (0.12, 0.0), (0.0, 0.12))  # fmt: skip
+
+
+def _codes_4bit(groups: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Round to nearest against the stored fp16 scale and min (so the codes are the best for them)."""
+    divisor = torch.where(scales == 0, 1.0, scales.float())[..., None]
+    return ((groups - mins.float()[..., None]) / divisor).round().clamp(0, 15)
+
+
+def _squared_error(groups: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    codes = _codes_4bit(groups, scales, mins)
+    return (codes * scales.float()[..., None] + mins.float()[..., None] - groups).square().sum(-1)
+
+
+def fit_scale_and_min(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, min) per 4-bit group of groups [..., G, g] (fp32): of the ranges RANGE_CUTS
+    cuts from each group's [min, max], each taken as it is and refitted by least squares on the
+    codes it gives (the scale and min minimising the squared error for those codes), the one whose
+    stored (fp16) scale and min reconstruct the group with the least squared error. The full
+    range is a candidate, so a group is never fitted worse than by plain min/max rounding."""
+    low, high = groups.amin(-1), groups.amax(-1)
+    width = high - low
+    full = (width / 15).to(SCALE_DTYPE), low.to(SCALE_DTYPE)
+    if not (bool(torch.isfinite(full[0]).all()) and bool(torch.isfinite(full[1]).all())):
+        return full  # a range past fp16: the caller says so rather than clip it away silently
+    best: tuple[torch.Tensor, torch.Tensor] | None = None
+    best_error = torch.full_like(low, float("inf"))
+    g = groups.shape[-1]
+    for below, above in RANGE_CUTS:
+        lo, hi = low + below * width, high - above * width
+        scale, mn = ((hi - lo) / 15).to(SCALE_DTYPE), lo.to(SCALE_DTYPE)
+        codes = _codes_4bit(groups, scale, mn)
+        # least squares of groups on codes: scale = cov(q, w) / var(q), min = mean(w) - scale mean(q)
+        q_sum, w_sum = codes.sum(-1), groups.sum(-1)
+        det = g * codes.square().sum(-1) - q_sum.square()
+        fitted = (g * (codes * groups).sum(-1) - q_sum * w_sum) / torch.where(det > 0, det, 1.0)
+        refit_scale = torch.where(det > 0, fitted, scale.float())
+        refit_min = torch.where(det > 0, (w_sum - refit_scale * q_sum) / g, mn.float())
+        for candidate in ((scale, mn), (refit_scale.to(SCALE_DTYPE), refit_min.to(SCALE_DTYPE))):
+            if not (bool(torch.isfinite(candidate[0]).all()) and bool(torch.isfinite(candidate[1]).all())):
+                continue  # a refit past fp16's range: the full range (always first) still stands
+            error = _squared_error(groups, *candidate)
+            better = error < best_error
+            if best is None:
+                best = candidate
+            else:
+                best = tuple(torch.where(better, new, old) for new, old in zip(candidate, best, strict=True))
+            best_error = torch.where(better, error, best_error)
+    assert best is not None  # the full range, finite, is the first candidate
+    return best
 
 
 def _check_finite_scales(scales: torch.Tensor, what: str) -> None:
