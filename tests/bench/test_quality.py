@@ -98,3 +98,17 @@ def test_token_bytes_sum_to_the_text_bytes():
 
 def test_bits_per_byte_from_perplexity():
     assert bits_per_byte(2.0, scored_tokens=10, scored_bytes=5) == pytest.approx(2.0)
+
+
+def test_a_missing_llama_build_or_gguf_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from shunter.bench.quality import main
+
+    work = tmp_path / "work"
+    base = ["--workdir", str(work), "--llama-base"]
+    assert main(["--llama-bin", str(tmp_path), *base, str(tmp_path / "base.gguf")]) == 2
+    assert "no llama-perplexity there" in capsys.readouterr().err
+    (tmp_path / "llama-perplexity").write_text("")
+    assert main(["--llama-bin", str(tmp_path), *base, str(tmp_path / "base.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"shunter: error: --llama-base {tmp_path / 'base.gguf'}: no such GGUF file"
+    assert not work.exists()

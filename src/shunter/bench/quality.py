@@ -24,6 +24,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from shunter.errors import ShunterError
+from shunter.files import atomic_output
 
 NO_BOS = ["--override-kv", "tokenizer.ggml.add_bos_token=bool:false"]
 
@@ -152,7 +154,10 @@ def parse_kl_divergence(output: str) -> dict[str, float]:
 
 
 def run_llama(argv: list[str]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as exc:
+        raise ShunterError(f"{argv[0]}: cannot run it ({exc.strerror})") from None
     # its log lines go to stderr from a logging thread, the chunk figures to stdout: kept apart
     output = done.stdout + "\n" + done.stderr
     if done.returncode != 0:
@@ -225,6 +230,17 @@ def compare(args: argparse.Namespace) -> dict:
     from shunter.model.loader import load_model, resolve_model_dir
     from shunter.model.quality import builtin_heldout_stream
 
+    if not (Path(args.llama_bin) / "llama-perplexity").is_file():
+        raise ShunterError(
+            f"--llama-bin {args.llama_bin}: no llama-perplexity there "
+            "(in llama.cpp: cmake --build build --target llama-perplexity)"
+        )
+    for flag, path in [
+        ("--llama-base", args.llama_base),
+        *(("--llama", p) for p in _named_paths(args.llama, "--llama").values()),
+    ]:
+        if not Path(path).is_file():
+            raise ShunterError(f"{flag} {path}: no such GGUF file")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     reference_dir = resolve_model_dir(args.reference)
@@ -310,10 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", help="write the result JSON here")
     args = p.parse_args(argv)
-    result = compare(args)
+    try:
+        result = compare(args)
+    except ShunterError as exc:
+        print(f"shunter: error: {exc}", file=sys.stderr)
+        return 2
     text = json.dumps(result, indent=1)
     if args.out:
-        Path(args.out).write_text(text)
+        with atomic_output(args.out) as f:
+            f.write(text + "\n")
     print(text)
     return 0
 
