@@ -41,7 +41,8 @@ def run_rank(main: Callable[[], int]) -> int:
     """Run a rank's main; a ShunterError or a failed collective becomes one stderr line.
 
     Exit status: 0 on success, 2 for bad input, 1 when the group failed (a peer died, the network
-    dropped, or a collective timed out). The process group is always destroyed."""
+    dropped, or a collective timed out): then the process exits at once, its group not torn down
+    (a broken group's teardown can wait on the dead peer). Otherwise the group is destroyed."""
     rank = os.environ.get("RANK", "?")
     finished = False
     try:
@@ -58,7 +59,12 @@ def run_rank(main: Callable[[], int]) -> int:
             f"the timeout passed): {first_line}",
             file=sys.stderr,
         )
-        return 1
+        # The group is broken: tearing it down (or the interpreter's exit, which joins the backend's
+        # threads) can wait on a peer that is gone. Everything this rank writes is closed by now
+        # (the exception unwound its `with` blocks), so leave at once with the status.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     finally:
         if dist.is_initialized():
             with contextlib.suppress(Exception):
