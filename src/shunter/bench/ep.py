@@ -56,7 +56,7 @@ from shunter.parallel.cluster import parse_host_bandwidths
 from shunter.parallel.exchange import exchange, open_links, plan_exchange
 from shunter.parallel.live import split_by_load
 from shunter.parallel.moe import _rows_of_slot_counts, as_slots, contiguous_placement, split_by_shares
-from shunter.parallel.runtime import init_from_environment, new_group, run_rank
+from shunter.parallel.runtime import init_from_environment, run_rank
 from shunter.plan.cluster import ClusterSpec, Device
 from shunter.plan.replication import build_path_estimator, eplb_replicate, plan_lina_layer
 from shunter.plan.slots import ExpertSlots
@@ -426,9 +426,9 @@ def _colocation(args, trace: RoutingTrace, stream: list[RoutingTrace], experts: 
     second = [relabelled(batch) for batch in stream]
     # all_to_all_single throughout: the point-to-point strategies' extra groups would have to be
     # opened by every rank for each half
-    groups = [new_group(list(range(world))) for _ in range(2)]
+    groups = [dist.new_group(list(range(world))) for _ in range(2)]
     half = world // 2
-    halves = [new_group(list(range(half))), new_group(list(range(half, world)))]
+    halves = [dist.new_group(list(range(half))), dist.new_group(list(range(half, world)))]
     rank = dist.get_rank()
     mine = 0 if rank < half else 1
 

@@ -33,7 +33,6 @@ from shunter.model.weights import CheckpointLayout, ModelWeights
 from shunter.network.transport import Strategy
 from shunter.parallel.exchange import open_links
 from shunter.parallel.moe import ExpertParallelMoE, as_slots, contiguous_placement
-from shunter.parallel.runtime import new_group
 from shunter.plan.document import PlanDocument
 from shunter.plan.slots import ExpertSlots
 from shunter.trace.routing_trace import RoutingTrace
@@ -251,7 +250,7 @@ class ModelRun:
 def new_model_group() -> dist.ProcessGroup:
     """Every rank in a communicator of its own, so two colocated models' collectives never pair up
     with each other. Collective: every rank creates the groups in the same order."""
-    return new_group(list(range(dist.get_world_size())), backend=dist.get_backend())
+    return dist.new_group(list(range(dist.get_world_size())), backend=dist.get_backend())
 
 
 def generate_colocated(runs: Sequence[ModelRun]) -> list[GenerationResult]:

@@ -39,7 +39,6 @@ from shunter.model.weights import ModelWeights
 from shunter.parallel.moe import (
     contiguous_placement,
 )
-from shunter.parallel.runtime import new_group
 from shunter.plan.slots import ExpertSlots
 from shunter.train.comm import (
     COMM_SCHEDULERS,
@@ -233,7 +232,7 @@ class ParallelTrainer(Trainer):
         experts = [t for block in blocks for t in (block.gate_up, block.down)]
         params = dense + experts
         optimizer = make_optimizer(config, params)
-        gradient_group = new_group(backend="gloo")
+        gradient_group = dist.new_group(backend="gloo")
 
         def allreduce_ops(order: Sequence[int] | None) -> list[list[Segment]]:
             if options.comm == "lina":
@@ -335,8 +334,10 @@ class ParallelTrainer(Trainer):
         P, n = self.options.expert_parallel, self.world_size
         if self.world_size == self.options.expert_parallel:
             return None, None
-        expert_groups = [new_group(list(range(d * P, (d + 1) * P)), backend="gloo") for d in range(n // P)]
-        replica_groups = [new_group(list(range(p, n, P)), backend="gloo") for p in range(P)]
+        expert_groups = [
+            dist.new_group(list(range(d * P, (d + 1) * P)), backend="gloo") for d in range(n // P)
+        ]
+        replica_groups = [dist.new_group(list(range(p, n, P)), backend="gloo") for p in range(P)]
         return expert_groups[self.rank // P], replica_groups[self.rank % P]
 
     def _clip_and_sum(self, dense, experts, cross_entropy, aux) -> tuple[float, float]:
