@@ -230,15 +230,14 @@ def compare(args: argparse.Namespace) -> dict:
     from shunter.model.loader import load_model, resolve_model_dir
     from shunter.model.quality import builtin_heldout_stream
 
-    if not (Path(args.llama_bin) / "llama-perplexity").is_file():
+    binary = str(Path(args.llama_bin) / "llama-perplexity")
+    if not Path(binary).is_file():
         raise ShunterError(
             f"--llama-bin {args.llama_bin}: no llama-perplexity there "
             "(in llama.cpp: cmake --build build --target llama-perplexity)"
         )
-    for flag, path in [
-        ("--llama-base", args.llama_base),
-        *(("--llama", p) for p in _named_paths(args.llama, "--llama").values()),
-    ]:
+    llama_models = _named_paths(args.llama, "--llama")
+    for flag, path in [("--llama-base", args.llama_base), *(("--llama", p) for p in llama_models.values())]:
         if not Path(path).is_file():
             raise ShunterError(f"{flag} {path}: no such GGUF file")
     workdir = Path(args.workdir)
@@ -262,8 +261,6 @@ def compare(args: argparse.Namespace) -> dict:
         name: load_model(path, dtype=dtype).model
         for name, path in _named_paths(args.shunter, "--shunter").items()
     }
-    llama_models = _named_paths(args.llama, "--llama")
-    binary = str(Path(args.llama_bin) / "llama-perplexity")
     result: dict = {
         "tokens": args.tokens,
         "text_bytes": len(text.encode("utf-8")),

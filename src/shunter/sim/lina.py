@@ -288,7 +288,6 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
     def moe(
         prefix: str,
         before: tuple[str, ...],
-        first: np.ndarray,
         expert: np.ndarray,
         matrix: np.ndarray,
         announced_by: tuple[str, ...] = (),
@@ -314,7 +313,7 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
     for block in range(blocks):
         g = f"f{block}G"
         ops.append(Compute(g, dense_fwd, previous, "dense"))
-        previous = (moe(f"f{block}", (g,), traffics[block], expert_fwd[block], traffics[block]),)
+        previous = (moe(f"f{block}", (g,), expert_fwd[block], traffics[block]),)
     for block in reversed(range(blocks)):
         # Backward: the combine computation's backward (whose start tells Lina's scheduler an
         # all-to-all is coming), gradients to the experts (the dispatch pattern), expert backward,
@@ -324,7 +323,6 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
         join = moe(
             f"b{block}",
             (combine_bwd,),
-            traffics[block],
             2 * expert_fwd[block],
             traffics[block],
             announced_by=(combine_bwd,),

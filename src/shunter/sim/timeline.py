@@ -23,6 +23,9 @@ of its speed (a device computing while the others wait in a collective runs at f
 is then event-driven: device d starts its next op of a stream when the op's dependencies are done on
 d and d's stream is free, and the op's end on d is an event beside the network's. Other streams
 (e.g. "copy") are not the CPU's and run at full speed. busy_s counts a device's wall time computing.
+One room, though long: the two compute engines (_EagerCompute, _SharedCompute) and the loop that
+interleaves them with the network share the op graph's bookkeeping and its every rule above; a
+split would pass that state between modules.
 Priority (Lina): a low-priority collective (an allreduce micro-op) starts only when no
 high-priority collective is running, waiting, or announced (a compute op in its announced_by has
 started: "an all-to-all is coming"); a started one is never preempted.
