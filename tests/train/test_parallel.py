@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from shunter.parallel.moe import rows_between_ranks
 from shunter.plan.slots import ExpertSlots
 from shunter.trace.synthetic import zipf_trace
 from shunter.train import Trainer
-from shunter.train.comm import bucket_ops, micro_ops
+from shunter.train.comm import GradientSync, StepTimeline, bucket_ops, micro_ops
 from shunter.train.expert_parallel import chunk_slot_counts
 from tests.parallel.test_expert_parallel import EMULATED_4, _free_port, torchrun
 from tests.train.test_train import TINY, corpus  # noqa: F401  (a fixture)
@@ -181,6 +182,23 @@ def test_the_allreduce_ops_cover_every_gradient_element_once():
                 covered[segment.param][segment.start : segment.stop] += 1
         assert all((c == 1).all() for c in covered)
     assert all(len(op) == 1 and (op[0].stop - op[0].start) * 4 <= 40 for op in micro_ops(params, 40))
+
+
+@pytest.mark.parametrize("priority", [False, True])
+def test_the_gradient_sync_leaves_no_hook_behind_between_backwards(priority):
+    """A hook left on a parameter holds the sync (and its process group) where the garbage
+    collector cannot see it: the group then lives into the interpreter's teardown, where gloo can
+    abort the process. Hooks are on during a backward only."""
+    params = [torch.zeros(4, requires_grad=True), torch.zeros(3, requires_grad=True)]
+    sync = GradientSync(params, bucket_ops(params, 1 << 20), priority, None, StepTimeline())
+    for _ in range(2):
+        sync.begin_backward()
+        assert all(len(p._post_accumulate_grad_hooks or {}) == 1 for p in params)
+        sync.stop()
+        assert all(not p._post_accumulate_grad_hooks for p in params)
+    alive = weakref.ref(sync)
+    del sync
+    assert alive() is None
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 7])

@@ -4,6 +4,7 @@ failed collective into one clear line instead of a hang or a C++ backtrace."""
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import sys
 from collections.abc import Callable
@@ -44,6 +45,8 @@ def run_rank(main: Callable[[], int]) -> int:
     dropped, or a collective timed out): then the process exits at once, its group not torn down
     (a broken group's teardown can wait on the dead peer). Otherwise the group is destroyed."""
     rank = os.environ.get("RANK", "?")
+    # A native abort (SIGABRT, SIGSEGV) still prints where each Python thread was.
+    faulthandler.enable()
     finished = False
     try:
         status = main()
@@ -67,7 +70,10 @@ def run_rank(main: Callable[[], int]) -> int:
         os._exit(1)
     finally:
         if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                if finished:  # every peer past its last collective before any group is torn down
+            if finished:  # every peer past its last collective before any group is torn down
+                with contextlib.suppress(Exception):
                     dist.barrier()
+            # Destroyed here, whatever the barrier did: a group left to the interpreter's teardown
+            # can abort the process there ("terminate called without an active exception").
+            with contextlib.suppress(Exception):
                 dist.destroy_process_group()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.utils.hooks import RemovableHandle
 
 from shunter.errors import ShunterError
 
@@ -151,10 +152,7 @@ class GradientSync:
         self.use_ops(ops)
         self.ready_order: list[int] = []  # parameters in the order their gradients were ready
         self.condition = threading.Condition()
-        self.handles = [
-            p.register_post_accumulate_grad_hook(lambda _p, index=i: self._gradient_ready(index))
-            for i, p in enumerate(params)
-        ]
+        self.handles: list[RemovableHandle] = []
         self._reset()
 
     def use_ops(self, ops: list[list[Segment]]) -> None:
@@ -177,7 +175,16 @@ class GradientSync:
         self.error: BaseException | None = None
 
     def begin_backward(self) -> None:
+        """Before each backward: hook every parameter's gradient (until `stop`)."""
         self._reset()
+        # The hooks live for one backward only: a hook's closure holds this object (and its group),
+        # and a parameter holds its hooks where the garbage collector cannot see them, so hooks
+        # left in place would keep the group alive into the interpreter's teardown, where gloo's
+        # threads can abort the process.
+        self.handles = [
+            p.register_post_accumulate_grad_hook(lambda _p, index=i: self._gradient_ready(index))
+            for i, p in enumerate(self.params)
+        ]
         if self.priority:
             self.thread = threading.Thread(target=self._schedule, name="allreduce-scheduler", daemon=True)
             self.thread.start()
@@ -261,7 +268,11 @@ class GradientSync:
                     offset += n
 
     def stop(self) -> None:
-        """Stop the scheduler thread (after a failure in the main thread)."""
+        """After each backward (finished or failed): unhook the parameters and stop the scheduler
+        thread."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
         if self.thread is not None and self.thread.is_alive():
             with self.condition:
                 self.stopping = True
