@@ -215,6 +215,31 @@ def test_not_launched_by_torchrun_is_one_clear_line():
     assert "launch with torchrun" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_the_links_groups_carry_the_collective_timeout():
+    """torch gives a new group a 30-minute timeout of its own; a rank still connecting the links'
+    groups when a peer died waited that long. They carry the --timeout of the default group."""
+    script = (
+        "import torch\n"
+        "from shunter.parallel.exchange import open_links\n"
+        "from shunter.parallel.runtime import init_from_environment, run_rank\n"
+        "def main():\n"
+        "    init_from_environment(42.0, backend='gloo')\n"
+        "    links = open_links()\n"
+        "    for group in (links.ascending, links.descending):\n"
+        "        print(group._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n"
+        "    return 0\n"
+        "raise SystemExit(run_rank(main))\n"
+    )
+    env = {
+        **os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    command = [sys.executable, "-c", script]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["42.0", "42.0"]
+
+
 def test_a_rank_killed_mid_exchange_fails_the_others_fast(tmp_path):
     """Three ranks loop exchanges; rank 2 is SIGKILLed after the first layer. The other two exit
     with one clear line well within their 30 s timeout instead of hanging."""

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from shunter.network.cost import RoundCost
 from shunter.network.fluid import sender_queues
 from shunter.network.transport import STRATEGIES, Strategy
+from shunter.parallel.runtime import new_group
 from shunter.plan.schedule import Schedule, schedule_with_round_cost
 
 
@@ -76,7 +77,7 @@ def open_links(group: dist.ProcessGroup | None = None) -> Links:
     if dist.get_backend(group) != "gloo":
         return Links(group, group)
     ranks = None if group is None else dist.get_process_group_ranks(group)
-    return Links(dist.new_group(ranks, backend="gloo"), dist.new_group(ranks, backend="gloo"))
+    return Links(new_group(ranks, backend="gloo"), new_group(ranks, backend="gloo"))
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,21 @@ def init_from_environment(timeout_s: float, backend: str | None = None) -> tuple
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    global _timeout
+    _timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, timeout=_timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+_timeout: timedelta | None = None  # the collective timeout the default group was made with
+
+
+def new_group(ranks: list[int] | None, backend: str) -> dist.ProcessGroup:
+    """dist.new_group with the default group's collective timeout (when init_from_environment made
+    it). Without one torch gives a new group its own default of 30 minutes, and a rank still
+    connecting a group's pairs when a peer died waited that long (seen in open_links: a rank killed
+    while its peer loaded the model left the peer there for 20 minutes)."""
+    return dist.new_group(ranks, backend=backend, timeout=_timeout)
 
 
 def run_rank(main: Callable[[], int]) -> int:
