@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shunter.commands.common import DEFAULT_MODEL, DEFAULT_MODEL_HELP
 from shunter.commands.generate import parse_batches
 from shunter.errors import ShunterError
 from shunter.model.loader import DTYPE_NAMES, TRACE_FILE, model_trace, resolve_model_dir
-from shunter.model.spec import load_spec
+from shunter.model.spec import ModelSpec, load_spec
+from shunter.network.transport import STRATEGIES
 from shunter.offload import OffloadedModel
 from shunter.offload.choose import choose_executor
 from shunter.offload.device import resolve_device
 from shunter.offload.planner import expert_share_from_trace
 from shunter.offload.profile import machine_profile
+from shunter.parallel.inference import BALANCES
 from shunter.trace import load_trace
-from shunter.units import parse_bytes
+from shunter.units import flag_type, parse_bytes, parse_number
+
+if TYPE_CHECKING:
+    from shunter.serve.scheduler import BatcherOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,6 +78,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--name", help="model name in /v1/models and responses (default: the model directory's name)"
     )
+    parallel = p.add_argument_group(
+        "expert parallelism (under torchrun: `torchrun --nproc-per-node N -m shunter serve ...`; rank 0 "
+        "serves HTTP, every rank computes its share of each step)"
+    )
+    parallel.add_argument(
+        "--plan",
+        type=Path,
+        help="a plan from `shunter plan --out` for MODEL on N devices (exclusive or replicated); default "
+        "under torchrun: contiguous blocks of experts",
+    )
+    parallel.add_argument(
+        "--balance", choices=BALANCES, default="plan",
+        help="plan: replicas split tokens by the plan's shares (default); live: Lina's per-batch re-planning",
+    )  # fmt: skip
+    parallel.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="scheduled",
+        help="how the all-to-alls run (default scheduled)",
+    )
+    parallel.add_argument(
+        "--timeout",
+        type=flag_type(parse_number, above=0),
+        default=120.0,
+        help="seconds any collective of a step may wait before every rank stops with one line (default 120)",
+    )
     p.set_defaults(func=run)
 
 
@@ -93,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
             f"max_position_embeddings), got {max_context}"
         )
     options = BatcherOptions(args.max_sequences, args.max_queue, max_context)
+    if args.plan is not None or args.balance != "plan" or "WORLD_SIZE" in os.environ:
+        return run_expert_parallel(args, path, spec, options)
     memory = None if args.memory is None else parse_bytes(args.memory, "--memory")
     trace = load_trace(args.trace) if args.trace else model_trace(path)
     device = resolve_device(args.device)
@@ -130,3 +165,63 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(model, OffloadedModel):
             model.close()
     return 0
+
+
+def run_expert_parallel(
+    args: argparse.Namespace, path: Path, spec: ModelSpec, options: BatcherOptions
+) -> int:
+    """One rank of `torchrun -m shunter serve`: every MoE layer expert-parallel under --plan
+    (contiguous without), each rank computing the pool rows it owns (serve/expert_parallel.py);
+    rank 0 serves HTTP. Every rank holds its weights in memory."""
+    from shunter.parallel.inference import (
+        LiveOptions,
+        load_expert_parallel_model,
+        placements_of,
+        port_bandwidths,
+    )
+    from shunter.parallel.runtime import init_from_environment, run_rank
+    from shunter.plan.document import load_plan
+    from shunter.serve.expert_parallel import ExpertParallelForwards
+    from shunter.serve.scheduler import pool_columns
+    from shunter.serve.server import build_app
+
+    for flag, default in (("memory", None), ("host_memory", "0"), ("device", "cpu"), ("batches", "auto")):
+        if getattr(args, flag) != default:
+            raise ShunterError(f"--{flag.replace('_', '-')} is for the offload engine; expert parallelism "
+                               "holds every rank's weights in memory")  # fmt: skip
+    plan = load_plan(args.plan) if args.plan is not None else None  # bad plans fail before the group
+    if plan is not None and plan.mode == "colocated":
+        raise ShunterError(f"{plan.source}: a colocated plan places two models; `shunter serve` serves one")
+    if plan is not None and os.environ.get("WORLD_SIZE", "").isdigit():
+        placements_of(spec, int(os.environ["WORLD_SIZE"]), plan, str(path))
+    trace = load_trace(args.trace) if args.trace else model_trace(path)
+
+    def main() -> int:
+        rank, world = init_from_environment(args.timeout)
+        dtype = DTYPE_NAMES[args.dtype] if args.dtype else spec.torch_dtype
+        ep = load_expert_parallel_model(
+            path, dtype, placements_of(spec, world, plan, str(path)), strategy=args.strategy,
+            bandwidth_bytes_s=port_bandwidths(plan, world), balance=args.balance,
+            live=LiveOptions(profile=trace),
+        )  # fmt: skip
+        forwards = ExpertParallelForwards(ep, options.max_sequences, pool_columns(options.max_context))
+        if rank != 0:
+            forwards.follow()
+            return 0
+        app = build_app(ep.model, spec, path, options, args.name, forwards=forwards)
+        placement = str(args.plan) if args.plan else "contiguous experts"
+        print(
+            f"shunter serve: {path.name} (expert-parallel on {world} ranks, {placement}, balance "
+            f"{args.balance}) on http://{args.host}:{args.port}/v1, up to {options.max_sequences} sequences "
+            f"per step, {options.max_queue} requests may wait",
+            file=sys.stderr,
+        )
+        import uvicorn
+
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        finally:
+            forwards.close()  # every follower leaves its loop, whatever ended the server
+        return 0
+
+    return run_rank(main)

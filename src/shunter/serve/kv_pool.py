@@ -21,9 +21,15 @@ A single sequence in an empty pool starts at column 0 with position 0, exactly t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from shunter.model.executor import Batch, KVCache
+
+if TYPE_CHECKING:
+    from shunter.model.executor import InMemoryModel
+    from shunter.offload import OffloadedModel
 
 
 class RowsView(KVCache):
@@ -134,3 +140,39 @@ class KVPool:
 
     def _shift_left(self) -> None:
         self._shift(max(self.lengths))
+
+
+class PoolForwards:
+    """A server's forwards over its KV pool, in one process: each call is one forward (or one
+    release) of the continuous batcher. `ExpertParallelForwards` (serve/expert_parallel.py) runs
+    the same calls on every rank of an expert-parallel group."""
+
+    def __init__(self, model: InMemoryModel | OffloadedModel, rows: int, columns: int) -> None:
+        self.model = model
+        self.pool = KVPool(model.new_cache(rows, columns), rows, columns)
+
+    def prefill(self, prompts: list[list[int]], recorder: object | None) -> torch.Tensor:
+        """Prefill `prompts` into the next free rows; their last position's logits [n, V]."""
+        batch, cache = self.pool.prefill_batch(prompts)
+        logits = self.model.forward(batch, cache, recorder, last_only=True)[:, -1]
+        self.pool.admit([len(p) for p in prompts])
+        return logits
+
+    def decode(self, tokens: list[int], recorder: object | None) -> torch.Tensor:
+        """One new token per active row; the logits [active, V]."""
+        batch, cache = self.pool.decode_batch(torch.tensor(tokens, dtype=torch.long))
+        logits = self.model.forward(batch, cache, recorder, last_only=True)[:, -1]
+        self.pool.advance()
+        return logits
+
+    def release(self, row: int) -> int | None:
+        """KVPool.release."""
+        return self.pool.release(row)
+
+    def reset(self) -> None:
+        """Forget every row (after a failed step)."""
+        self.pool.lengths.clear()
+        self.pool.cursor = 0
+
+    def close(self) -> None:
+        """Nothing to end in one process."""

@@ -28,7 +28,7 @@ from shunter.model.sampling import SamplingParams, TokenCounts, new_generator, n
 from shunter.model.spec import ModelSpec
 from shunter.model.tokenizer import Tokenizer
 from shunter.offload import OffloadedModel
-from shunter.serve.kv_pool import KVPool
+from shunter.serve.kv_pool import KVPool, PoolForwards
 from shunter.serve.metrics import ExpertCounter, ServerMetrics
 from shunter.serve.text import TextStream, text_decoder
 
@@ -92,7 +92,8 @@ def pool_columns(max_context: int) -> int:
 
 class ContinuousBatcher:
     """The engine thread. `plan_num_batches(active_sequences, mean_context_tokens) -> n` sets the
-    offload engine's micro-batches per step (None keeps its own)."""
+    offload engine's micro-batches per step (None keeps its own). `forwards` runs the pool's
+    forwards (default: `PoolForwards` over `model` in this process; expert-parallel: every rank's)."""
 
     def __init__(
         self,
@@ -102,11 +103,13 @@ class ContinuousBatcher:
         options: BatcherOptions,
         metrics: ServerMetrics,
         plan_num_batches: Callable[[int, int], int] | None = None,
+        forwards: PoolForwards | None = None,
     ) -> None:
         self.model, self.spec, self.options, self.metrics = model, spec, options, metrics
         self.decode = text_decoder(tokenizer)
-        columns = pool_columns(options.max_context)
-        self.pool = KVPool(model.new_cache(options.max_sequences, columns), options.max_sequences, columns)
+        self.forwards = forwards or PoolForwards(
+            model, options.max_sequences, pool_columns(options.max_context)
+        )
         self.plan_num_batches = plan_num_batches
         self.recorder = ExpertCounter(metrics, spec.num_experts) if spec.num_moe_layers else None
         self.stop_ids = set(spec.eos_token_ids)
@@ -121,11 +124,17 @@ class ContinuousBatcher:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def pool(self) -> KVPool:
+        return self.forwards.pool
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.forwards.close()
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request (checked by the caller: prompt and max_tokens fit max_context, ids in
@@ -192,10 +201,8 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         prompts = [r.prompt for r in requests]
-        batch, cache = self.pool.prefill_batch(prompts)
         self._plan_step(len(prompts), max(len(p) for p in prompts))
-        logits = self.model.forward(batch, cache, self.recorder, last_only=True)[:, -1]  # [n, V]
-        self.pool.admit([len(p) for p in prompts])
+        logits = self.forwards.prefill(prompts, self.recorder)  # [n, V]
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         new = [
             _Sequence(
@@ -210,12 +217,9 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def _decode(self) -> None:
-        tokens = torch.tensor([s.ids[-1] for s in self._running], dtype=torch.long)
-        batch, cache = self.pool.decode_batch(tokens)
         self._plan_step(len(self._running), sum(self.pool.lengths) // len(self._running))
         self.metrics.step_sequences.observe(len(self._running))
-        logits = self.model.forward(batch, cache, self.recorder, last_only=True)[:, -1]  # [active, V]
-        self.pool.advance()
+        logits = self.forwards.decode([s.ids[-1] for s in self._running], self.recorder)  # [active, V]
         self._sample_and_deliver(logits, range(len(self._running)))
 
     def _sample_and_deliver(self, logits: torch.Tensor, rows: range) -> None:
@@ -255,7 +259,7 @@ class ContinuousBatcher:
             self._release(row)
 
     def _release(self, row: int) -> None:
-        moved = self.pool.release(row)
+        moved = self.forwards.release(row)
         if moved is not None:
             self._running[row] = self._running[moved]
         self._running.pop()
@@ -265,8 +269,7 @@ class ContinuousBatcher:
         owners = {id(s.request): s.request for s in self._running} | {id(r): r for r in admitted}
         while self._running:
             self._release(len(self._running) - 1)
-        self.pool.lengths.clear()
-        self.pool.cursor = 0
+        self.forwards.reset()
         for request in owners.values():
             request.deliver(TokenEvent([], "", "error", error=message))
 

@@ -20,6 +20,7 @@ from shunter.offload.planner import MAX_PLANNED_BATCHES, plan_batches
 from shunter.offload.profile import MachineProfile
 from shunter.serve.app import ServedModel, create_app
 from shunter.serve.chat import load_chat_template
+from shunter.serve.kv_pool import PoolForwards
 from shunter.serve.metrics import ServerMetrics
 from shunter.serve.scheduler import BatcherOptions, ContinuousBatcher, pool_columns
 from shunter.sim.cost import kv_cache_bytes
@@ -76,11 +77,13 @@ def build_app(
     options: BatcherOptions,
     name: str | None = None,
     plan_num_batches: Callable[[int, int], int] | None = None,
+    forwards: PoolForwards | None = None,
 ) -> FastAPI:
-    """The app serving `model` (its lifespan runs the engine thread)."""
+    """The app serving `model` (its lifespan runs the engine thread); `forwards`: see
+    ContinuousBatcher."""
     tokenizer = Tokenizer.from_model_dir(model_dir)
     metrics = ServerMetrics()
-    batcher = ContinuousBatcher(model, spec, tokenizer, options, metrics, plan_num_batches)
+    batcher = ContinuousBatcher(model, spec, tokenizer, options, metrics, plan_num_batches, forwards)
     served = ServedModel(
         name or Path(model_dir).name, spec.vocab_size, options.max_context, tokenizer,
         load_chat_template(model_dir),
