@@ -10,7 +10,7 @@ import pytest
 
 from shunter.bench.ep import PHASES, plot_per_batch
 from shunter.cli import main
-from tests.parallel.test_expert_parallel import torchrun
+from tests.parallel.test_expert_parallel import run_ranks
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_bad_input_is_one_line(capsys, argv, message):
 
 
 def test_tiny_run_reports_every_policy_beside_the_simulator():
-    result = torchrun(
+    result = run_ranks(
         2, "shunter.bench.ep", "--bandwidth", "1GB/s", "--layers", "2", "--batches", "2", "--warmup", "0",
         "--batch-tokens", "128", "--profile-tokens", "2048", "--hidden", "32", "--intermediate", "64",
     )  # fmt: skip

@@ -16,7 +16,7 @@ import pytest
 
 from shunter.model.spec import load_spec
 from shunter.trace.synthetic import zipf_trace
-from tests.parallel.test_expert_parallel import _free_port, torchrun
+from tests.parallel.test_expert_parallel import _free_port, run_ranks
 
 PROMPT = "5,9,2,7,11"
 
@@ -31,7 +31,7 @@ def _single_process(model: Path, *args: str) -> dict:
 
 
 def _expert_parallel(nproc: int, model: Path, *args: str) -> dict:
-    result = torchrun(nproc, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--json", *args)
+    result = run_ranks(nproc, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--json", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
@@ -107,7 +107,7 @@ def test_live_balance_moves_experts_and_keeps_greedy_tokens(tiny_checkpoint, tmp
     model = tiny_checkpoint(family)
     spec = load_spec(model)
     zipf_trace(sum(spec.moe_layers), 2048, spec.num_experts, 2, 1.2, 0.5, 0).save(tmp_path / "profile.npz")
-    result = torchrun(
+    result = run_ranks(
         2, "shunter.parallel.check", str(model), "--generate", "12", "--tokens", "6,3", "--json",
         "--balance", "live", "--free-moves", "--trace", str(tmp_path / "profile.npz"),
     )  # fmt: skip
@@ -116,6 +116,28 @@ def test_live_balance_moves_experts_and_keeps_greedy_tokens(tiny_checkpoint, tmp
     assert report["ok"] and report["tokens"] == report["reference"]
     assert report["live"]["replans"] > 0 and report["live"]["experts_loaded"] > 0
     assert report["live"]["bytes_loaded"] > 0
+
+
+def test_live_balance_copies_declined_experts_in_the_background_then_moves_for_free(
+    tiny_checkpoint, tmp_path
+):
+    """Copies priced at 1 byte/s: every move that needs a copy is declined, so without background
+    copies nothing would move. The declined candidates' experts are copied in behind the model;
+    once resident, moves cost nothing and are adopted, and no copy ever blocks a layer."""
+    model = tiny_checkpoint("olmoe")
+    spec = load_spec(model)
+    zipf_trace(sum(spec.moe_layers), 2048, spec.num_experts, 2, 1.2, 0.5, 0).save(tmp_path / "profile.npz")
+    result = run_ranks(
+        2, "shunter.parallel.check", str(model), "--generate", "24", "--tokens", "6,3", "--json",
+        "--balance", "live", "--copy-rate", "1", "--trace", str(tmp_path / "profile.npz"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    live = report["live"]
+    assert report["ok"] and report["tokens"] == report["reference"]
+    assert live["declined_replans"] > 0 and live["experts_loaded_in_background"] > 0
+    assert live["experts_loaded"] == live["experts_loaded_in_background"] and live["load_s"] == 0
+    assert live["replans"] > 0, live
 
 
 def test_live_balance_through_generate_equals_single_process(tiny_checkpoint):
@@ -184,7 +206,7 @@ def test_two_colocated_models_each_equal_their_single_process_run(tiny_checkpoin
 def test_a_colocated_plan_without_the_second_model_is_one_clear_error(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("olmoe")
     plan = write_colocated_plan(tmp_path / "colocated.json", model, tiny_checkpoint("mixtral"), 2)
-    result = torchrun(2, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--plan", str(plan))
+    result = run_ranks(2, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--plan", str(plan))
     _one_error_line(result, "--colocate")
 
 
@@ -206,14 +228,14 @@ def _one_error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
 def test_a_plan_for_more_devices_than_ranks_is_one_clear_error(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("mixtral")
     plan = write_plan(tmp_path / "plan.json", model, [exclusive_scattered(8, 4)], 4)
-    result = torchrun(2, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--plan", str(plan))
+    result = run_ranks(2, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--plan", str(plan))
     _one_error_line(result, "4 devices", "2 ranks")
 
 
 def test_a_plan_for_another_model_is_one_clear_error(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("mixtral")
     plan = write_plan(tmp_path / "plan.json", tiny_checkpoint("qwen2_moe"), [exclusive_scattered(8, 2)], 2)
-    result = torchrun(2, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--plan", str(plan))
+    result = run_ranks(2, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--plan", str(plan))
     _one_error_line(result, str(plan), "MoE layers")
 
 
@@ -222,7 +244,7 @@ def test_a_plan_leaving_an_expert_nowhere_is_one_clear_error(tiny_checkpoint, tm
     device, expert, share = exclusive_scattered(8, 2)
     del device[3], expert[3], share[3]
     plan = write_plan(tmp_path / "plan.json", model, [(device, expert, share)], 2)
-    result = torchrun(2, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--plan", str(plan))
+    result = run_ranks(2, "shunter", "generate", str(model), "--prompt-ids", PROMPT, "--plan", str(plan))
     _one_error_line(result, "every expert", "needs at least one slot")
 
 

@@ -26,7 +26,7 @@ from shunter.trace.synthetic import zipf_trace
 from shunter.train import Trainer
 from shunter.train.comm import GradientSync, StepTimeline, bucket_ops, micro_ops
 from shunter.train.expert_parallel import chunk_slot_counts
-from tests.parallel.test_expert_parallel import EMULATED_4, _free_port, torchrun
+from tests.parallel.test_expert_parallel import EMULATED_4, _free_port, run_ranks
 from tests.train.test_train import TINY, corpus  # noqa: F401  (a fixture)
 
 STEPS = 20
@@ -80,7 +80,7 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(
     out = tmp_path / "model"
     args = _train_args(corpus, out, "--expert-parallel", "2", "--comm", comm, "--micro-op-bytes", "4KB")
     args += ["--a2a-chunks", str(a2a_chunks)]
-    result = torchrun(2, "shunter", *args, "--json")
+    result = run_ranks(2, "shunter", *args, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     work = tmp_path / "model.work"
     for rank in (0, 1):
@@ -102,7 +102,7 @@ def test_two_expert_parallel_groups_of_two_train_like_one_process(
     """Four ranks, experts spread over two: two groups of two ranks each hold all four experts,
     the replicas of an expert sum their gradients. Oracle: single-process training."""
     args = _train_args(corpus, tmp_path / "model", "--expert-parallel", "2", "--comm", "lina")
-    result = torchrun(4, "shunter", *args, "--micro-op-bytes", "8KB")
+    result = run_ranks(4, "shunter", *args, "--micro-op-bytes", "8KB")
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(4):
         losses = _losses(tmp_path / "model.work", rank)
@@ -113,16 +113,16 @@ def test_parallel_resume_is_exact(corpus, single_process_losses, tmp_path):  # n
     """Oracle: the same parallel run uninterrupted. Stopped after 7 steps (between checkpoints;
     the state is saved at the stop) and resumed under another scheduler, the losses are
     bit-identical: the schedulers only reorder the same sums."""
-    straight = torchrun(2, "shunter", *_train_args(corpus, tmp_path / "a", "--expert-parallel", "2"))
+    straight = run_ranks(2, "shunter", *_train_args(corpus, tmp_path / "a", "--expert-parallel", "2"))
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert _losses(tmp_path / "a.work") == pytest.approx(single_process_losses, rel=1e-5)
     first = _train_args(corpus, tmp_path / "b", "--expert-parallel", "2", "--stop-after", "7")
-    stopped = torchrun(2, "shunter", *first)
+    stopped = run_ranks(2, "shunter", *first)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert json.loads((tmp_path / "b.work" / "parallel.json").read_text())["step"] == 7
     assert not (tmp_path / "b").exists()
     second = _train_args(corpus, tmp_path / "b", "--expert-parallel", "2", "--comm", "priority", "--resume")
-    resumed = torchrun(2, "shunter", *second)
+    resumed = run_ranks(2, "shunter", *second)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(tmp_path / "b.work") == _losses(tmp_path / "a.work")
     assert len(_losses(tmp_path / "b.work")) == STEPS
@@ -168,7 +168,7 @@ def test_a_killed_rank_ends_the_others_with_one_line_and_the_checkpoint_resumes(
     assert "a collective failed" in stderr and "Traceback" not in stderr
     saved = json.loads(manifest.read_text())["step"]
     resume = [*args, "--resume", "--stop-after", "1"]
-    resumed = torchrun(2, "shunter", *resume)
+    resumed = run_ranks(2, "shunter", *resume)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(manifest.read_text())["step"] == saved + 1
 
@@ -230,7 +230,7 @@ def test_a_rank_whose_experts_no_token_chose_runs_the_same_backward(tmp_path, a2
     from shunter.model.layers import moe_block
     from tests.train.unchosen_experts_ranks import TOKENS_PER_RANK, loss_of, setup
 
-    result = torchrun(2, "tests.train.unchosen_experts_ranks", str(tmp_path), str(a2a_chunks))
+    result = run_ranks(2, "tests.train.unchosen_experts_ranks", str(tmp_path), str(a2a_chunks))
     assert result.returncode == 0, result.stderr[-3000:]
     spec, moes, x = setup()
     x.requires_grad_(True)

@@ -95,6 +95,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --balance live: re-plan whenever the load improves, whatever copying experts costs",
     )
+    parser.add_argument(
+        "--copy-rate",
+        type=float,
+        default=None,
+        metavar="BYTES_PER_S",
+        help="with --balance live: price expert copies at this checkpoint read rate, not the measured one",
+    )
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -179,7 +186,11 @@ def _check_generation(
         placements = [_placement(args, spec, layer, world) for layer in moe_layer_indices(spec)]
     else:
         placements = placements_of(spec, world, plan, str(model_dir))
-    live = LiveOptions(profile=load_trace(args.trace) if args.trace else None, free_moves=args.free_moves)
+    live = LiveOptions(
+        profile=load_trace(args.trace) if args.trace else None,
+        free_moves=args.free_moves,
+        copy_bytes_s=args.copy_rate,
+    )
     ep = load_expert_parallel_model(
         model_dir,
         DTYPE_NAMES[args.dtype],

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,12 +88,15 @@ class LiveOptions:
 
     profile: the routing trace the path estimator is built from (None: phase 2 only, the gate's
     actual counts); spare_slots: expert slots per rank beyond an even share, room for replicas;
-    free_moves: re-plan whenever the load improves, ignoring what moving experts costs (tests)."""
+    free_moves: re-plan whenever the load improves, ignoring what moving experts costs (tests);
+    copy_bytes_s: the checkpoint read rate moves are priced at, instead of the measured one (tests:
+    a very low rate declines every move that needs a copy)."""
 
     profile: RoutingTrace | None = None
     path_length: int = 3
     spare_slots: int = 1
     free_moves: bool = False
+    copy_bytes_s: float | None = None
 
 
 @dataclass
@@ -122,6 +125,8 @@ class ExpertParallelModel:
             "experts_loaded": sum(b.moves.experts_loaded for b in live),
             "bytes_loaded": sum(b.moves.bytes_loaded for b in live),
             "load_s": sum(b.moves.load_s for b in live),
+            "experts_loaded_in_background": sum(b.moves.background_loaded for b in live),
+            "background_load_s": sum(b.moves.background_load_s for b in live),
         }
 
 
@@ -167,6 +172,8 @@ def load_expert_parallel_model(
         live = live or LiveOptions()
         history = PathHistory.for_model(spec, live, model_dir)
         costs = measure_move_costs(spec, layout, layers[0], dtype, group)
+        if live.copy_bytes_s is not None:
+            costs = replace(costs, copy_bytes_s=live.copy_bytes_s)
         for index, layer in enumerate(layers):
             blocks[layer] = LiveBalancedMoE.from_checkpoint(
                 spec, layout, layer, placements[index], dtype,

@@ -17,15 +17,22 @@ Per layer and forward, on every rank:
    rate). Every input of this decision is the same on every rank (the gathered counts, and costs
    agreed once with an all-reduce), so all ranks switch together without another message.
 
-Experts are copied in from the checkpoint (memory-mapped: host RAM once read) and kept: a rank never
-evicts, so moving back to an earlier placement costs nothing. Unlike Lina the copy is not overlapped
-with the previous layers; it blocks this layer (what it cost is counted in `MoveStats`).
+A declined candidate is not dropped: each rank starts copying in the experts of it that it lacks on
+a background thread, overlapped with the layers and batches that follow (Lina overlaps its swaps with
+the layers before; here the copy runs while the model goes on under the current placement). Each
+rank reports which experts it holds on the same all-gather, so every rank sees the same residency:
+once a candidate's experts are resident its move costs nothing, and the next batch that gains
+adopts it. A candidate adopted at once (its gain exceeding the copy) copies its missing experts on
+the spot, after any background copy in flight. Experts are copied in from the checkpoint
+(memory-mapped: host RAM once read) and kept: a rank never evicts, so moving back to an earlier
+placement costs nothing. What each copy cost is counted in `MoveStats`.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,8 +204,14 @@ class MoveStats:
     declined: int = 0
     experts_loaded: int = 0
     bytes_loaded: int = 0
-    load_s: float = 0.0
+    load_s: float = 0.0  # copies that blocked a layer
+    background_loaded: int = 0  # of experts_loaded: copied while the model went on
+    background_load_s: float = 0.0
     gains_s: list[float] = field(default_factory=list)
+
+
+# One copier for every layer of the process: background copies read the checkpoint one at a time.
+_COPIER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-copy")
 
 
 class LiveBalancedMoE(ExpertParallelMoE):
@@ -233,6 +246,7 @@ class LiveBalancedMoE(ExpertParallelMoE):
         self.resident = np.zeros((n, num_experts), dtype=bool)  # [n, E] what every rank holds
         self.resident[self.slots.slot_device, self.slots.slot_expert] = True
         self.moves = MoveStats()
+        self.copying: Future[tuple[dict[int, MLPWeights], float]] | None = None  # in the background
 
     @classmethod
     def from_checkpoint(cls, spec, layout, layer, placement, dtype, **options) -> LiveBalancedMoE:  # type: ignore[override]
@@ -247,12 +261,16 @@ class LiveBalancedMoE(ExpertParallelMoE):
         actual = np.bincount(flat, minlength=num_experts).astype(np.float64)
         top1 = expert_ids[:, 0].cpu().numpy() if expert_ids.shape[0] else np.zeros(0, np.int64)
         estimated = self.history.estimate_and_record(self.moe_index, top1, flat.size)
-        mine = torch.from_numpy(np.concatenate([actual, estimated]))
+        self._collect_copy(wait=False)
+        held = np.zeros(num_experts)
+        held[list(self.local_experts)] = 1.0
+        mine = torch.from_numpy(np.concatenate([actual, estimated, held]))
         everyone = [torch.empty_like(mine) for _ in range(self.num_ranks)]
         dist.all_gather(everyone, mine, group=self.group)
-        gathered = torch.stack(everyone).numpy()  # [n, 2E]
+        gathered = torch.stack(everyone).numpy()  # [n, 3E]
         counts = np.rint(gathered[:, :num_experts]).astype(np.int64)
-        self._replan(counts, gathered[:, num_experts:].sum(axis=0), expert_ids.shape[1])
+        self.resident = gathered[:, 2 * num_experts :] > 0.5  # the same on every rank
+        self._replan(counts, gathered[:, num_experts : 2 * num_experts].sum(axis=0), expert_ids.shape[1])
         return split_by_load(counts, self.slots)
 
     def _replan(self, counts: np.ndarray, estimated: np.ndarray, top_k: int) -> None:
@@ -283,17 +301,40 @@ class LiveBalancedMoE(ExpertParallelMoE):
         gain_s = gain_rows * self.costs.row_s
         if not self.free_moves and gain_s <= cost_s:
             self.moves.declined += 1
+            missing = np.flatnonzero(to_copy[self.rank]).tolist()
+            if missing and self.copying is None:  # copy them while the model goes on
+                self.copying = _COPIER.submit(self._copy, missing)
             return
-        started = time.perf_counter()
-        for expert in np.flatnonzero(to_copy[self.rank]).tolist():
-            weights = self.source_layout.expert(self.model_layer, expert, self.expert_dtype)
-            self.local_experts[expert] = weights
-            self.moves.experts_loaded += 1
-            self.moves.bytes_loaded += mlp_bytes(weights)
-        self.moves.load_s += time.perf_counter() - started
+        if to_copy[self.rank].any():  # the layer waits: a background copy in flight, then the rest
+            started = time.perf_counter()
+            self._collect_copy(wait=True)
+            missing = [e for e in np.flatnonzero(to_copy[self.rank]).tolist() if e not in self.local_experts]
+            self._keep(self._copy(missing)[0])
+            self.moves.load_s += time.perf_counter() - started
         self.resident |= wanted
         self.slots = candidate
         self.my_slots = np.flatnonzero(candidate.slot_device == self.rank)
         self.moves.replans += 1
         self.moves.phase2 += int(phase2)
         self.moves.gains_s.append(gain_s)
+
+    def _copy(self, experts: list[int]) -> tuple[dict[int, MLPWeights], float]:
+        """Read these experts from the checkpoint: ({expert: weights}, seconds it took)."""
+        started = time.perf_counter()
+        copied = {e: self.source_layout.expert(self.model_layer, e, self.expert_dtype) for e in experts}
+        return copied, time.perf_counter() - started
+
+    def _keep(self, copied: dict[int, MLPWeights]) -> None:
+        self.local_experts.update(copied)
+        self.moves.experts_loaded += len(copied)
+        self.moves.bytes_loaded += sum(mlp_bytes(w) for w in copied.values())
+
+    def _collect_copy(self, wait: bool) -> None:
+        """Keep what the background copy read, once it is done (wait: block until it is)."""
+        if self.copying is None or not (wait or self.copying.done()):
+            return
+        copied, seconds = self.copying.result()
+        self.copying = None
+        self._keep(copied)
+        self.moves.background_loaded += len(copied)
+        self.moves.background_load_s += seconds
