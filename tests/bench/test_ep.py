@@ -38,12 +38,10 @@ def test_tiny_run_reports_every_policy_beside_the_simulator():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert set(report["policies"]) == {"static", "eplb", "lina", "ideal"}
-    for name, entry in report["policies"].items():
+    for entry in report["policies"].values():
         assert len(entry["per_batch_s"]) == 2 and entry["measured"]["p95_s"] >= entry["measured"]["p50_s"] > 0
-        assert (entry["predicted"] is None) == (name == "eplb")  # the simulator has no EPLB policy
-    assert report["policies"]["static"]["predicted"]["p50_s"] > 0
-    for name, entry in report["policies"].items():
-        assert (entry["predicted_per_batch_s"] is None) == (name == "eplb")
+        assert entry["predicted"]["p50_s"] > 0 and len(entry["predicted_per_batch_s"]) == 2
+    for entry in report["policies"].values():
         phases = entry["phase_s_mean_per_rank"]
         assert len(phases) == 2 and all(len(rank) == len(PHASES) for rank in phases)
     assert report["policies"]["lina"]["phase2_replanned_layers"] >= 0

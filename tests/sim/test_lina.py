@@ -9,7 +9,7 @@ import pytest
 
 from shunter.network.cost import GBIT_S
 from shunter.plan.cluster import ClusterSpec
-from shunter.plan.replication import build_path_estimator
+from shunter.plan.replication import build_path_estimator, eplb_replicate
 from shunter.shapes import LINA_MOE
 from shunter.sim.cost import ComputeModel
 from shunter.sim.lina import (
@@ -18,6 +18,7 @@ from shunter.sim.lina import (
     balanced_expert_ids,
     inference_batch,
     split_batches,
+    static_shares,
     training_step,
 )
 from shunter.trace.synthetic import zipf_trace
@@ -50,6 +51,27 @@ def test_replication_balances_a_skewed_batch_and_beats_static_placement(served: 
     ideal = inference_batch(batches[0], setup, "ideal")
     assert lina.max_over_mean.mean() < static.max_over_mean.mean()
     assert ideal.time_s <= lina.time_s < static.time_s
+
+
+def test_an_eplb_plan_of_static_shares_is_the_static_batch_and_a_balanced_one_is_faster(
+    served: tuple,
+) -> None:
+    """Oracles: the eplb policy with the static placement's shares is the static policy exactly;
+    the EPLB-style balancer's plan from the batch's own counts (every replica resident) lowers the
+    busiest device's load and the batch time."""
+    batches, _ = served
+    batch = batches[0]
+    setup = InferenceSetup(SHAPES, CLUSTER, ComputeModel(efficiency=0.5), host_link_bytes_s=float("inf"))
+    static = inference_batch(batch, setup, "static")
+    same = inference_batch(batch, setup, "eplb", layer_shares=[static_shares(8, 8)] * batch.num_layers)
+    assert same.time_s == static.time_s and np.array_equal(same.max_over_mean, static.max_over_mean)
+    counts = [np.bincount(batch.expert_ids[layer].ravel(), minlength=8) for layer in range(batch.num_layers)]
+    planned = [eplb_replicate(c, 8, 2).shares for c in counts]
+    balanced = inference_batch(batch, setup, "eplb", layer_shares=planned)
+    assert balanced.max_over_mean.mean() < static.max_over_mean.mean() and balanced.time_s < static.time_s
+    assert balanced.swap_bytes == 0
+    with pytest.raises(ValueError, match="layer_shares"):
+        inference_batch(batch, setup, "eplb")
 
 
 def test_swap_ins_over_a_slow_host_link_cost_time(served: tuple) -> None:

@@ -363,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
             phases[policy].append(phase_s)
     # predicted after the measurements: minutes of simulation between timed batches would leave the
     # links idle (TCP restarts slowly after idle) and the next batch slower than a stream's
-    for policy in ("static", "lina", "ideal"):  # the simulator has no EPLB-style policy
+    eplb_shares = [slots.shares() for slots in eplb]
+    for policy in POLICIES:
         for batch in stream[args.warmup :]:
-            predicted[policy].append(inference_batch(batch, setup, policy, estimator).time_s)  # type: ignore[arg-type]
+            result = inference_batch(batch, setup, policy, estimator, eplb_shares)  # type: ignore[arg-type]
+            predicted[policy].append(result.time_s)
     results: dict[str, dict] = {}
     for policy in POLICIES:
         results[policy] = {
@@ -467,7 +469,7 @@ def _colocation(args, trace: RoutingTrace, stream: list[RoutingTrace], experts: 
 
 def plot_per_batch(report: dict, path: Path) -> None:
     """One panel per policy: the measured seconds of each timed batch against its index, and the
-    simulator's prediction for the same batch beside it (none for the EPLB-style plan)."""
+    simulator's prediction for the same batch beside it."""
     from shunter.sim.plots import pyplot, save_figure
 
     plt = pyplot()

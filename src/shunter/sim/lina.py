@@ -12,6 +12,9 @@ all-to-all). Policies:
   keeps its static experts resident and swaps in the others over its host link on a copy stream:
   after the previous layer's gate for a phase-1 plan (pipelined with compute), after this layer's
   gate when phase 2 re-planned (blocking); the experts wait for their weights;
+- eplb: a fixed placement per layer planned beforehand (the EPLB-style balancer's from a profile:
+  `layer_shares`), every replica resident (nothing swapped); a replicated expert's tokens split by
+  the plan's shares;
 - ideal: a perfectly balanced gate (every expert gets N k / E tokens) on the static placement.
 Devices that are processes on one machine's few cores (the emulated cluster: InferenceSetup and
 TrainingSetup shared_cores) share them in the timeline (TimelineOptions.cores): while k devices
@@ -48,7 +51,7 @@ from shunter.sim.cost import ComputeModel
 from shunter.sim.timeline import Collective, Compute, Op, TimelineOptions, run_timeline
 from shunter.trace.routing_trace import RoutingTrace
 
-InferencePolicy = Literal["static", "lina", "ideal"]
+InferencePolicy = Literal["static", "eplb", "lina", "ideal"]
 TrainingVariant = Literal["deepspeed", "priority", "lina"]
 
 
@@ -116,8 +119,10 @@ def inference_batch(
     setup: InferenceSetup,
     policy: InferencePolicy,
     estimator: PathEstimator | None = None,
+    layer_shares: list[np.ndarray] | None = None,
 ) -> BatchResult:
-    """Time one batch through every MoE layer of `batch` under a placement policy (module docstring)."""
+    """Time one batch through every MoE layer of `batch` under a placement policy (module docstring).
+    estimator: the lina policy's path estimator; layer_shares: the eplb policy's [E, n] per layer."""
     shapes, cluster = setup.shapes, setup.cluster
     n, E = cluster.num_devices, batch.num_experts
     if shapes.num_experts != E:
@@ -147,6 +152,10 @@ def inference_batch(
         shares = static
         swap_s = np.zeros(n)
         swap_after = previous_gate
+        if policy == "eplb":
+            if layer_shares is None or len(layer_shares) != batch.num_layers:
+                raise ValueError("the eplb policy needs one placement (layer_shares) per layer")
+            shares = layer_shares[layer]
         if policy == "lina":
             if estimator is None:
                 raise ValueError("the lina policy needs a path estimator")
