@@ -41,6 +41,7 @@ def test_tiny_run_reports_every_policy_beside_the_simulator():
     for entry in report["policies"].values():
         assert len(entry["per_batch_s"]) == 2 and entry["measured"]["p95_s"] >= entry["measured"]["p50_s"] > 0
         assert entry["predicted"]["p50_s"] > 0 and len(entry["predicted_per_batch_s"]) == 2
+        assert entry["predicted_with_bucket"]["p50_s"] > 0
     for entry in report["policies"].values():
         phases = entry["phase_s_mean_per_rank"]
         assert len(phases) == 2 and all(len(rank) == len(PHASES) for rank in phases)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from shunter.network.bounds import port_lower_bound_s
 from shunter.network.fluid import (
+    BURST_SPEEDUP,
     FluidNetwork,
     max_min_fair_rates,
     port_efficiency_by_flows,
@@ -130,3 +131,38 @@ def test_fluid_network_reports_a_collective_done_when_its_last_flow_ends() -> No
     assert network.advance(network.next_event_s()) == []
     assert network.advance(network.next_event_s()) == [7]
     assert network.now_s == pytest.approx(2.0)
+
+
+def _run_until_idle(network: FluidNetwork) -> float:
+    while network.busy:
+        network.advance(network.next_event_s())
+    return network.now_s
+
+
+def test_a_full_token_bucket_passes_its_burst_then_the_rate() -> None:
+    """Closed form, one flow of X bytes at rate r through buckets of B (both sides alike): at
+    BURST_SPEEDUP x r the bucket drains at (s - 1) r, dry after B / ((s - 1) r) having passed
+    s B / (s - 1); the rest moves at r."""
+    r, burst, size, s = 100.0, 50.0, 1000.0, BURST_SPEEDUP
+    network = FluidNetwork(np.full(2, r), burst_bytes=np.full(2, burst))
+    network.add(1, np.array([0]), np.array([1]), np.array([size]))
+    dry_s = burst / ((s - 1) * r)
+    assert _run_until_idle(network) == pytest.approx(dry_s + (size - s * r * dry_s) / r)
+    plain = FluidNetwork(np.full(2, r))
+    plain.add(1, np.array([0]), np.array([1]), np.array([size]))
+    assert _run_until_idle(plain) == pytest.approx(size / r)
+
+
+def test_an_idle_port_refills_its_bucket_and_a_busy_one_does_not() -> None:
+    """Oracle: back to back, the second transfer meets an empty bucket and takes X / r; after
+    B / r seconds idle the bucket is full again and the transfer is as fast as the first."""
+    r, burst, size = 100.0, 50.0, 1000.0
+    network = FluidNetwork(np.full(2, r), burst_bytes=np.full(2, burst))
+    times = []
+    for idle_s in (0.0, 0.0, burst / r):
+        network.advance(network.now_s + idle_s)
+        start = network.now_s
+        network.add(1, np.array([0]), np.array([1]), np.array([size]))
+        times.append(_run_until_idle(network) - start)
+    assert times[1] == pytest.approx(size / r)
+    assert times[0] == pytest.approx(times[2]) and times[0] < times[1]

@@ -84,11 +84,14 @@ def sender_queues(traffic_bytes: np.ndarray, policy: SenderQueueTransport, seed:
     return queues
 
 
-def max_min_fair_rates(src: np.ndarray, dst: np.ndarray, bandwidth_bytes_s: np.ndarray) -> np.ndarray:
+def max_min_fair_rates(
+    src: np.ndarray, dst: np.ndarray, bandwidth_bytes_s: np.ndarray, receive_bytes_s: np.ndarray | None = None
+) -> np.ndarray:
     """[F] max-min fair rates of flows src[f] -> dst[f] on full-duplex ports (progressive filling):
     raise every unfrozen flow's rate together until some port is full, freeze the flows through it,
     repeat. Ports 0..n-1 are send sides, n..2n-1 receive sides; flows are indexed by port so each
-    round of freezing costs only the flows it freezes."""
+    round of freezing costs only the flows it freezes. receive_bytes_s: the receive sides' [n]
+    capacities when they differ from the send sides' (default: the same)."""
     n = bandwidth_bytes_s.shape[0]
     flows = src.shape[0]
     rate = np.zeros(flows)
@@ -99,7 +102,8 @@ def max_min_fair_rates(src: np.ndarray, dst: np.ndarray, bandwidth_bytes_s: np.n
     port_start = np.searchsorted(port_of_flow[flow_of_entry], np.arange(2 * n + 1))
     flow_of_entry %= flows
     count = np.diff(port_start).astype(np.float64)  # [2n] unfrozen flows through each port
-    left = np.concatenate([bandwidth_bytes_s, bandwidth_bytes_s]).astype(np.float64)
+    receive = bandwidth_bytes_s if receive_bytes_s is None else receive_bytes_s
+    left = np.concatenate([bandwidth_bytes_s, receive]).astype(np.float64)
     frozen = np.zeros(flows, dtype=bool)
     position = np.zeros(flows, dtype=np.int64)  # scratch for de-duplication
     share = np.empty(2 * n)
@@ -266,6 +270,12 @@ class _Recorder:
         )
 
 
+# How much faster than its shaped rate a side passes bytes while its token bucket holds tokens (the
+# emulated cluster's veth pairs run at memory speed; a finite multiple keeps the fluid model's events
+# finite).
+BURST_SPEEDUP = 10.0
+
+
 class FluidNetwork:
     """Flows on a big switch sharing ports max-min fairly; flows may join at any time.
 
@@ -274,11 +284,24 @@ class FluidNetwork:
     Each flow carries a tag (the collective it belongs to); `advance` reports tags whose last flow
     finished. Used by the timeline engine; a single all-to-all through it takes exactly
     fair_share_time_s (tested).
+
+    burst_bytes [n]: a token bucket on each side of each port (Linux tbf, as the emulated cluster
+    shapes its links): a side whose bucket holds tokens passes `BURST_SPEEDUP` x its rate, draining
+    the bucket by what it passes beyond the rate; an empty side passes its rate; a side passing less
+    than its rate (idle included) refills, up to burst_bytes. Buckets start full. A side's speed is
+    re-read when rates are recomputed (a flow starts or ends) or its bucket runs dry. None: no bucket.
     """
 
-    def __init__(self, bandwidth_bytes_s: np.ndarray, latency_s: float = 0.0) -> None:
+    def __init__(
+        self, bandwidth_bytes_s: np.ndarray, latency_s: float = 0.0, burst_bytes: np.ndarray | None = None
+    ) -> None:
         self.bandwidth = np.asarray(bandwidth_bytes_s, dtype=np.float64)
         self.latency_s = float(latency_s)
+        n = self.bandwidth.shape[0]
+        self.burst = None if burst_bytes is None else np.tile(np.asarray(burst_bytes, dtype=np.float64), 2)
+        self.tokens = None if self.burst is None else self.burst.copy()  # [2n] send sides, receive sides
+        self._ports_rate = np.tile(self.bandwidth, 2)  # [2n] the sides' shaped rates
+        self._usage = np.zeros(2 * n)  # [2n] bytes/s passing each side at the current rates
         self.now_s = 0.0
         self._src = np.zeros(0, dtype=np.int64)
         self._dst = np.zeros(0, dtype=np.int64)
@@ -335,23 +358,52 @@ class FluidNetwork:
         if not self._rates_valid:
             moving = self._active_at <= self.now_s
             self._rate = np.zeros(self._src.size)
+            n = self.bandwidth.shape[0]
+            capacity = self._ports_rate
+            if self.tokens is not None:
+                capacity = np.where(self.tokens > 0, self._ports_rate * BURST_SPEEDUP, self._ports_rate)
             if moving.any():
-                self._rate[moving] = max_min_fair_rates(self._src[moving], self._dst[moving], self.bandwidth)
+                self._rate[moving] = max_min_fair_rates(
+                    self._src[moving], self._dst[moving], capacity[:n], capacity[n:]
+                )
+            self._usage = np.bincount(
+                np.concatenate([self._src, self._dst + n]), np.tile(self._rate, 2), minlength=2 * n
+            )
             self._rates_valid = True
         return self._rate
+
+    def _bucket_empties_s(self) -> float:
+        """When the first draining bucket runs dry at the current rates (inf: none drains)."""
+        if self.tokens is None:
+            return math.inf
+        self._rates()
+        draining = (self.tokens > 0) & (self._usage > self._ports_rate * (1 + 1e-9))
+        if not draining.any():
+            return math.inf
+        return self.now_s + float((self.tokens[draining] / (self._usage - self._ports_rate)[draining]).min())
+
+    def _move_tokens(self, seconds: float) -> None:
+        if self.tokens is None:
+            return
+        before = self.tokens > 0
+        self.tokens = np.clip(self.tokens - (self._usage - self._ports_rate) * seconds, 0.0, self.burst)
+        self.tokens[self.tokens <= self.burst * 1e-9] = 0.0
+        if np.any(before & (self.tokens == 0)):
+            self._rates_valid = False  # a side ran dry: it passes only its rate now
 
     def next_event_s(self) -> float:
         """The next time a flow starts moving or finishes at the current rates (inf when idle)."""
         if not self.busy:
             return math.inf
         rate = self._rates()
+        dry = self._bucket_empties_s()
         waiting = self._active_at > self.now_s
         next_start = float(self._active_at[waiting].min()) if waiting.any() else math.inf
         moving = rate > 0
         next_finish = (
             float((self._left[moving] / rate[moving]).min()) + self.now_s if moving.any() else math.inf
         )
-        return min(next_start, next_finish)
+        return min(next_start, next_finish, dry)
 
     def advance(self, until_s: float) -> list[int]:
         """Move bytes up to until_s (which must not pass next_event_s); returns tags that completed."""
@@ -359,10 +411,13 @@ class FluidNetwork:
             raise AssertionError("the fluid network cannot go back in time")
         before = self.now_s
         if not self.busy:
+            self._usage[:] = 0.0
+            self._move_tokens(until_s - before)  # idle sides refill
             self.now_s = until_s
             return []
         rate = self._rates()
         self._left = self._left - rate * (until_s - before)
+        self._move_tokens(until_s - before)
         self.now_s = until_s
         # Event times come from these rates, so a finishing flow lands on ~0; allow rounding.
         # (A time tolerance too: a step below the clock's resolution would never be taken.)

@@ -65,7 +65,8 @@ class InferenceSetup:
     a device swaps expert weights in from host memory (PCIe); latency_s: per message; shared_cores:
     the devices are processes sharing this many cores (emulated hosts on one machine), so devices
     computing at once beyond the cores slow each other (TimelineOptions.cores; the compute model's
-    seconds are then a device's alone on a core); None: every device computes on its own."""
+    seconds are then a device's alone on a core); None: every device computes on its own;
+    port_burst_bytes [n]: each port's token bucket (the emulated cluster's tbf; None: none)."""
 
     shapes: MoEShapes
     cluster: ClusterSpec
@@ -74,6 +75,7 @@ class InferenceSetup:
     host_link_bytes_s: float = 25e9
     latency_s: float = 0.0
     shared_cores: float | None = None
+    port_burst_bytes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,9 @@ def inference_batch(
         ops.append(Collective.from_traffic(f"C{L}", combine_traffic(traffic), (f"F{L}",), kind="combine"))
         ops.append(Compute(f"A{L}", aggregation, (f"C{L}",), "aggregation"))
         previous_gate, previous_end = (f"G{L}",), (f"A{L}",)
-    options = TimelineOptions("fair_share", setup.latency_s, cores=setup.shared_cores)
+    options = TimelineOptions(
+        "fair_share", setup.latency_s, cores=setup.shared_cores, burst_bytes=setup.port_burst_bytes
+    )
     timeline = run_timeline(ops, cluster.bandwidth_bytes_s, options)
     return BatchResult(timeline.makespan_s, replanned, imbalance, swap_total)
 

@@ -94,12 +94,14 @@ Op = Compute | Collective
 @dataclass(frozen=True)
 class TimelineOptions:
     """network and latency_s: how collectives move; priority: Lina's rule; cores: the devices share
-    this many cores (module docstring; None: each computes on its own, compute resolved eagerly)."""
+    this many cores (module docstring; None: each computes on its own, compute resolved eagerly);
+    burst_bytes [n]: each port's token bucket (FluidNetwork; fair_share only; None: none)."""
 
     network: TimelineTransport = "fair_share"
     latency_s: float = 0.0
     priority: bool = False
     cores: float | None = None
+    burst_bytes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -356,7 +358,11 @@ def run_timeline(ops: list[Op], bandwidth_bytes_s: np.ndarray, options: Timeline
     else:
         compute = _SharedCompute(computes, n, kd_finish, options.cores)
     c_start, c_finish = compute.start_s, compute.finish_s
-    network = FluidNetwork(bandwidth, options.latency_s) if options.network == "fair_share" else None
+    network = (
+        FluidNetwork(bandwidth, options.latency_s, options.burst_bytes)
+        if options.network == "fair_share"
+        else None
+    )
     planned_free_at = 0.0
     planned_running: list[tuple[float, str]] = []  # (finish, name) on the planned network
     now = 0.0
