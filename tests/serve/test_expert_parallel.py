@@ -7,7 +7,6 @@ takes the last one), and every stream must still be the solo completion."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,23 +20,10 @@ import pytest
 
 from shunter.cli import main
 from tests.parallel.test_expert_parallel import _free_port
+from tests.serve.test_server import CONCURRENT_PROMPTS, generate_ids
 
-PROMPTS = [
-    [6, 7, 8, 9],
-    [3, 1, 4, 1, 5, 9, 2, 6],
-    [8, 8, 1],
-    [10, 20, 30],
-    [40, 41, 42, 43, 44, 45],
-    [1, 2, 3],
-]
+PROMPTS = CONCURRENT_PROMPTS
 NEW_TOKENS = 7
-
-
-def _solo_ids(capsys, model, prompt: list[int]) -> list[int]:
-    ids = ",".join(map(str, prompt))
-    argv = ["generate", str(model), "--prompt-ids", ids, "--max-new-tokens", str(NEW_TOKENS), "--json"]
-    assert main(argv) == 0
-    return json.loads(capsys.readouterr().out)["generated_ids"]
 
 
 def _start_ranks(world: int, model, port: int, *flags: str) -> list[subprocess.Popen]:
@@ -77,7 +63,7 @@ def test_concurrent_streams_from_expert_parallel_ranks_equal_solo_generate(
     tiny_checkpoint, capsys, world, flags
 ):
     path = tiny_checkpoint("mixtral")
-    expected = [_solo_ids(capsys, path, p) for p in PROMPTS]
+    expected = [generate_ids(capsys, path, p, NEW_TOKENS) for p in PROMPTS]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     ranks = _start_ranks(world, path, port, *flags)

@@ -85,16 +85,20 @@ def test_seeded_sampling_with_penalties_equals_generate(tiny_checkpoint, capsys)
     assert answer.choices[0].model_extra["token_ids"] == expected
 
 
+# distinct prompts for concurrent streams (more than the test servers' rows)
+CONCURRENT_PROMPTS = [
+    [6, 7, 8, 9],
+    [3, 1, 4, 1, 5, 9, 2, 6],
+    [8, 8, 1],
+    [10, 20, 30],
+    [40, 41, 42, 43, 44, 45],
+    [1, 2, 3],
+]
+
+
 def test_concurrent_streams_each_get_their_complete_solo_completion(tiny_checkpoint, capsys):
     path = tiny_checkpoint("mixtral")
-    prompts = [
-        [6, 7, 8, 9],
-        [3, 1, 4, 1, 5, 9, 2, 6],
-        [8, 8, 1],
-        [10, 20, 30],
-        [40, 41, 42, 43, 44, 45],
-        [1, 2, 3],
-    ]
+    prompts = CONCURRENT_PROMPTS
     expected = [generate_ids(capsys, path, p, 7) for p in prompts]
     got: dict[int, tuple[list[int], str | None]] = {}
 

@@ -118,8 +118,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"default: the model directory's {TRACE_FILE}, if any)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parallel = add_expert_parallel_flags(p, "generate")
+    parallel.add_argument(
+        "--colocate",
+        metavar="MODEL_B",
+        help="serve a second model on the same ranks (Aurora): --plan must be a colocated plan "
+        "(`shunter plan --colocate`) for MODEL and MODEL_B; both generate from the prompt, interleaved",
+    )
+    p.set_defaults(func=run)
+
+
+def add_expert_parallel_flags(p: argparse.ArgumentParser, command: str) -> argparse._ArgumentGroup:
+    """--plan, --balance, --strategy and --timeout of a command that runs expert-parallel under
+    torchrun (generate, serve); returns their group for the command's own."""
     parallel = p.add_argument_group(
-        "expert parallelism (under torchrun: `torchrun --nproc-per-node N -m shunter generate ...`)"
+        f"expert parallelism (under torchrun: `torchrun --nproc-per-node N -m shunter {command} ...`)"
     )
     parallel.add_argument(
         "--plan",
@@ -142,18 +155,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how the all-to-alls run (default scheduled)",
     )
     parallel.add_argument(
-        "--colocate",
-        metavar="MODEL_B",
-        help="serve a second model on the same ranks (Aurora): --plan must be a colocated plan "
-        "(`shunter plan --colocate`) for MODEL and MODEL_B; both generate from the prompt, interleaved",
-    )
-    parallel.add_argument(
         "--timeout",
         type=flag_type(parse_number, above=0),
         default=120.0,
         help="seconds any collective may wait before every rank stops with one line (default 120)",
     )
-    p.set_defaults(func=run)
+    return parallel
 
 
 def run_stats(

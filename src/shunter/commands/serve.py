@@ -9,19 +9,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shunter.commands.common import DEFAULT_MODEL, DEFAULT_MODEL_HELP
-from shunter.commands.generate import parse_batches
+from shunter.commands.generate import add_expert_parallel_flags, parse_batches
 from shunter.errors import ShunterError
 from shunter.model.loader import DTYPE_NAMES, TRACE_FILE, model_trace, resolve_model_dir
 from shunter.model.spec import ModelSpec, load_spec
-from shunter.network.transport import STRATEGIES
 from shunter.offload import OffloadedModel
 from shunter.offload.choose import choose_executor
 from shunter.offload.device import resolve_device
 from shunter.offload.planner import expert_share_from_trace
 from shunter.offload.profile import machine_profile
-from shunter.parallel.inference import BALANCES
 from shunter.trace import load_trace
-from shunter.units import flag_type, parse_bytes, parse_number
+from shunter.units import parse_bytes
 
 if TYPE_CHECKING:
     from shunter.serve.scheduler import BatcherOptions
@@ -78,32 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--name", help="model name in /v1/models and responses (default: the model directory's name)"
     )
-    parallel = p.add_argument_group(
-        "expert parallelism (under torchrun: `torchrun --nproc-per-node N -m shunter serve ...`; rank 0 "
-        "serves HTTP, every rank computes its share of each step)"
-    )
-    parallel.add_argument(
-        "--plan",
-        type=Path,
-        help="a plan from `shunter plan --out` for MODEL on N devices (exclusive or replicated); default "
-        "under torchrun: contiguous blocks of experts",
-    )
-    parallel.add_argument(
-        "--balance", choices=BALANCES, default="plan",
-        help="plan: replicas split tokens by the plan's shares (default); live: Lina's per-batch re-planning",
-    )  # fmt: skip
-    parallel.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        default="scheduled",
-        help="how the all-to-alls run (default scheduled)",
-    )
-    parallel.add_argument(
-        "--timeout",
-        type=flag_type(parse_number, above=0),
-        default=120.0,
-        help="seconds any collective of a step may wait before every rank stops with one line (default 120)",
-    )
+    add_expert_parallel_flags(p, "serve")  # rank 0 serves HTTP, every rank computes its rows
     p.set_defaults(func=run)
 
 
@@ -152,6 +125,13 @@ def run(args: argparse.Namespace) -> int:
             check_in_memory_budget(path, spec, options, model.dtype, memory)
         engine = "in memory"
     app = build_app(model, spec, path, options, args.name, planner)
+    return _serve(
+        app, args, path, options, engine, model.close if isinstance(model, OffloadedModel) else None
+    )
+
+
+def _serve(app, args: argparse.Namespace, path: Path, options: BatcherOptions, engine: str, close) -> int:
+    """Announce the server on stderr, run it until it stops, then `close` (if any) whatever ended it."""
     print(
         f"shunter serve: {path.name} ({engine}) on http://{args.host}:{args.port}/v1, "
         f"up to {options.max_sequences} sequences per step, {options.max_queue} requests may wait",
@@ -162,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
-        if isinstance(model, OffloadedModel):
-            model.close()
+        if close is not None:
+            close()
     return 0
 
 
@@ -210,18 +190,7 @@ def run_expert_parallel(
             return 0
         app = build_app(ep.model, spec, path, options, args.name, forwards=forwards)
         placement = str(args.plan) if args.plan else "contiguous experts"
-        print(
-            f"shunter serve: {path.name} (expert-parallel on {world} ranks, {placement}, balance "
-            f"{args.balance}) on http://{args.host}:{args.port}/v1, up to {options.max_sequences} sequences "
-            f"per step, {options.max_queue} requests may wait",
-            file=sys.stderr,
-        )
-        import uvicorn
-
-        try:
-            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-        finally:
-            forwards.close()  # every follower leaves its loop, whatever ended the server
-        return 0
+        engine = f"expert-parallel on {world} ranks, {placement}, balance {args.balance}"
+        return _serve(app, args, path, options, engine, forwards.close)  # close: every follower stops
 
     return run_rank(main)
