@@ -142,3 +142,38 @@ def test_measured_rows_of_the_ideal_gate_give_the_ideal_gates_step() -> None:
     )
     with_optimizer = training_step(replace(setup, optimizer_s=0.25), "deepspeed").step_s
     assert with_optimizer == pytest.approx(training_step(setup, "deepspeed").step_s + 0.25)
+
+
+@pytest.mark.parametrize("expert_parallel", [4, 2])
+def test_packed_experts_exchange_inside_groups_and_sum_replicas_in_closed_form(expert_parallel) -> None:
+    """Oracle, closed form: with packing (P devices per group, 8 / P replicas of every expert) no
+    all-to-all byte leaves a group; after the dense allreduces, each block's expert gradients (E/P
+    experts per device) are summed by one ring per position, alone on the network: 2 (m - 1) / m of
+    their bytes over a port, m = n / P replicas, plus one message latency."""
+    from shunter.sim.lina import training_ops
+    from shunter.sim.timeline import Collective, TimelineOptions, run_timeline
+
+    n, P = CLUSTER.num_devices, expert_parallel
+    setup = training_setup(expert_parallel=P, latency_s=1e-4)
+    ops = training_ops(setup, "deepspeed")
+    in_group = np.kron(np.eye(n // P), np.ones((P, P))) > 0
+    for op in ops:
+        if isinstance(op, Collective) and op.kind.endswith("a2a"):
+            assert in_group[op.src, op.dst].all()
+    timeline = run_timeline(ops, CLUSTER.bandwidth_bytes_s, TimelineOptions("fair_share", 1e-4))
+    m = n // P
+    expert_bytes = setup.shapes.num_experts / P * setup.shapes.expert_bytes
+    expected = 1e-4 + 2 * (m - 1) / m * expert_bytes / CLUSTER.bandwidth_bytes_s[0]
+    dense_end = max(
+        timeline.collective_finish_s[op.name]
+        for op in ops
+        if isinstance(op, Collective) and op.kind == "allreduce"
+    )
+    starts = [timeline.collective_start_s[f"x{b}R"] for b in range(setup.shapes.num_layers)]
+    assert starts[0] >= dense_end
+    for b in range(setup.shapes.num_layers):
+        took = timeline.collective_finish_s[f"x{b}R"] - timeline.collective_start_s[f"x{b}R"]
+        assert took == pytest.approx(expected, rel=1e-9)
+    assert training_step(replace(setup, expert_parallel=n), "deepspeed").step_s == pytest.approx(
+        training_step(replace(setup, expert_parallel=None), "deepspeed").step_s
+    )

@@ -26,6 +26,7 @@ from shunter.trace.synthetic import zipf_trace
 from shunter.train import Trainer
 from shunter.train.comm import GradientSync, StepTimeline, bucket_ops, micro_ops
 from shunter.train.expert_parallel import chunk_slot_counts
+from shunter.train.packing import PackingRule
 from tests.parallel.test_expert_parallel import EMULATED_4, _free_port, run_ranks
 from tests.train.test_train import TINY, corpus  # noqa: F401  (a fixture)
 
@@ -94,19 +95,50 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(
     assert summary["steps"] == STEPS and (out / "model.safetensors").is_file()
 
 
-def test_two_expert_parallel_groups_of_two_train_like_one_process(
+def test_packed_experts_train_like_one_process_and_resume_packed(
     corpus,  # noqa: F811
     single_process_losses,
     tmp_path,
 ):
-    """Four ranks, experts spread over two: two groups of two ranks each hold all four experts,
-    the replicas of an expert sum their gradients. Oracle: single-process training."""
-    args = _train_args(corpus, tmp_path / "model", "--expert-parallel", "2", "--comm", "lina")
-    result = run_ranks(4, "shunter", *args, "--micro-op-bytes", "8KB")
-    assert result.returncode == 0, result.stderr[-3000:]
+    """Lina's expert packing on four ranks: one expert per rank until step 3, where the rule (its
+    threshold so high that it always packs) halves the expert-parallel ranks: two groups of two
+    ranks then each hold all four experts, replicas summing their gradients, weights and AdamW
+    state exchanged once. Stopped at step 7 and resumed, the run continues packed. Oracle:
+    single-process training of the same global batch."""
+    packing = [
+        "--expert-packing",
+        "--packing-from-step",
+        "3",
+        "--packing-every",
+        "4",
+        "--packing-threshold",
+        "1e9",
+    ]
+    args = _train_args(corpus, tmp_path / "model", "--expert-parallel", "4", "--comm", "lina", *packing)
+    first = run_ranks(4, "shunter", *args, "--micro-op-bytes", "8KB", "--stop-after", "7")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "expert-parallel 4 -> 2 (2 experts per rank)" in first.stderr
+    manifest = json.loads((tmp_path / "model.work" / "parallel.json").read_text())
+    assert manifest["step"] == 7 and manifest["expert_parallel"] == 2
+    resumed = run_ranks(4, "shunter", *args, "--micro-op-bytes", "8KB", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in range(4):
         losses = _losses(tmp_path / "model.work", rank)
         assert losses == pytest.approx(single_process_losses, rel=1e-5)
+    steps = [
+        json.loads(line) for line in (tmp_path / "model.work" / "steps.rank3.jsonl").read_text().splitlines()
+    ]
+    assert [s["expert_parallel"] for s in steps] == [4] * 3 + [2] * (STEPS - 3)
+    assert all(s["expert_allreduce_s"] > 0 for s in steps[3:])
+
+
+def test_the_packing_rule_halves_while_the_ffn_is_the_shorter_micro_op():
+    rule = PackingRule(from_step=10, every=4)
+    assert [rule.due(step) for step in (9, 10, 12, 14, 18)] == [False, True, False, True, True]
+    assert rule.packed(8, ffn_micro_op_s=0.01, a2a_micro_op_s=0.02) == 4
+    assert rule.packed(8, ffn_micro_op_s=0.03, a2a_micro_op_s=0.02) == 8
+    assert rule.packed(4, 0.01, 0.02) == 2 and rule.packed(2, 0.01, 0.02) == 2  # never below 2
+    assert rule.packed(6, 0.01, 0.02) == 3 and rule.packed(3, 0.01, 0.02) == 3  # only even degrees
 
 
 def test_parallel_resume_is_exact(corpus, single_process_losses, tmp_path):  # noqa: F811
@@ -277,6 +309,12 @@ def four_device_plan(tmp_path) -> Path:
         (["--expert-parallel", "8"], "--expert-parallel: 8 ranks for 4 experts"),
         (["--batch-size", "5"], "--batch-size: 5 sequences do not split evenly over 2 ranks"),
         (["--plan", "PLAN"], "the plan is for 4 devices, but --expert-parallel is 2"),
+        (["--expert-packing"], "--expert-packing: --expert-parallel 2 cannot be halved"),
+        (
+            ["--expert-packing", "--packing-threshold", "nan"],
+            "--packing-threshold: must be a positive finite",
+        ),
+        (["--expert-packing", "--packing-every", "0"], "--packing-every: must be at least 1, got 0"),
     ],
 )
 def test_bad_parallel_input_is_one_line(corpus, tmp_path, capsys, four_device_plan, extra, message):  # noqa: F811
@@ -293,6 +331,9 @@ def test_a_parallel_flag_without_expert_parallel_is_one_line(corpus, tmp_path, c
     argv = _train_args(corpus, tmp_path / "model", "--comm", "lina", seed_work=False)
     assert main(argv) == 2
     assert "--comm: only for expert-parallel training" in capsys.readouterr().err
+    argv = _train_args(corpus, tmp_path / "model", "--expert-packing", seed_work=False)
+    assert main(argv) == 2
+    assert "--expert-packing: only for expert-parallel training" in capsys.readouterr().err
 
 
 def test_a_parallel_run_not_launched_by_torchrun_is_one_clear_line(corpus, tmp_path):  # noqa: F811

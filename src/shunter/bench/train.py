@@ -7,9 +7,11 @@ Variants (Lina's ablation, lina.md; `shunter.train.comm` for the schedulers):
 - priority: the same buckets, launched only while no all-to-all is pending (no partitioning);
 - priority+partitioning: priority with the gradients cut into micro-ops (`--comm lina`);
 - lina: priority+partitioning with every all-to-all also cut into 4 chunks along tokens,
-  pipelined with the expert FFN (`--comm lina --a2a-chunks 4`, the simulator's `a2a_chunks`).
-Full Lina also packs experts; the runtime does not, so neither the lina run nor its prediction
-does.
+  pipelined with the expert FFN (`--comm lina --a2a-chunks 4`, the simulator's `a2a_chunks`);
+- lina+packing: full Lina, also packing experts (`--expert-packing`, Lina's rule: halve the
+  expert-parallel ranks while an FFN micro-op is shorter than an all-to-all micro-op), decided
+  from the step before the last warm-up step on, so the measured steps run packed if the rule
+  packs; run where the hosts can be halved (an even number, at least 4).
 
 Overlap and priority allreduce buckets of one block's dense gradients (`--bucket-bytes`, default
 the dense gradients / layers), as the simulator's DeepSpeed does: DDP's 25 MB bucket would hold a
@@ -35,7 +37,10 @@ dispatch rows between ranks per layer (early in training the gate is far from ba
 from step to step; the hot ranks' ports and experts set each all-to-all's time), and the median
 over the steps is reported. The prediction is then about communication alone. Its variants:
 deepspeed for overlap, priority with one micro-op per block's gradient for priority, priority with
-the micro-op size for priority+partitioning, lina (4 all-to-all chunks) for full Lina.
+the micro-op size for priority+partitioning, lina (4 all-to-all chunks) for lina, and for
+lina+packing the lina variant with the expert-parallel degree its measured steps ran with and
+their own routing (all-to-alls inside the groups; the replicas' expert-gradient allreduce after
+the dense one, as the runtime runs it).
 """
 
 from __future__ import annotations
@@ -64,15 +69,21 @@ from shunter.sim.lina import TrainingSetup, training_step
 from shunter.train import TrainConfig, Trainer
 from shunter.train.trainer import parameters
 
-# (name, --comm, uses micro-ops, --a2a-chunks)
+# (name, --comm, uses micro-ops, --a2a-chunks, --expert-packing)
 VARIANTS = (
-    ("overlap", "overlap", False, 1),
-    ("priority", "priority", False, 1),
-    ("priority+partitioning", "lina", True, 1),
-    ("lina", "lina", True, 4),
+    ("overlap", "overlap", False, 1, False),
+    ("priority", "priority", False, 1, False),
+    ("priority+partitioning", "lina", True, 1, False),
+    ("lina", "lina", True, 4, False),
+    ("lina+packing", "lina", True, 4, True),
 )
 # Lina's ablation (step-time speedup over DeepSpeed): priority alone, with partitioning, whole system
-PAPER_SPEEDUP = {"priority": "1.24x", "priority+partitioning": "1.36-1.42x", "lina": "1.57x (average)"}
+PAPER_SPEEDUP = {
+    "priority": "1.24x",
+    "priority+partitioning": "1.36-1.42x",
+    "lina": "-",
+    "lina+packing": "1.57x (average)",
+}
 BREAKDOWN = (
     "forward_compute_s",
     "backward_compute_s",
@@ -81,6 +92,7 @@ BREAKDOWN = (
     "allreduce_s",
     "allreduce_exposed_s",
     "a2a_with_allreduce_s",
+    "expert_allreduce_s",
     "optimizer_s",
 )
 
@@ -139,7 +151,7 @@ def train_command(
     return [
         sys.executable, "-m", "shunter", "train", "--out", str(out), "--corpus", str(corpus),
         "--config", str(config_path), "--expert-parallel", str(hosts), "--comm", comm,
-        "--stop-after", str(total_steps), *[f"--{k}={v}" for k, v in args.items()],
+        "--stop-after", str(total_steps), *[f"--{k}={v}" if v else f"--{k}" for k, v in args.items()],
     ]  # fmt: skip
 
 
@@ -162,8 +174,16 @@ def summarize(work: Path, hosts: int, warmup: int) -> dict[str, Any]:
             statistics.fmean(records[i][name] for records in per_rank) for i in range(steps)
         )
     summary["compute_s"] = summary["forward_compute_s"] + summary["backward_compute_s"]
-    # each measured step's routing (the same on every rank): per layer the dispatch rows [L, n, n]
-    summary["dispatch_rows"] = [per_rank[0][i]["dispatch_rows"] for i in range(steps)]
+    # each measured step's routing: per layer the dispatch rows [L, n, n]; each rank records its
+    # expert-parallel group's [L, P, P] (the same on every rank of it), placed on the diagonal
+    degrees = [per_rank[0][i].get("expert_parallel", hosts) for i in range(steps)]
+    summary["expert_parallel"] = degrees
+    summary["dispatch_rows"] = []
+    for i, P in enumerate(degrees):
+        rows = np.zeros((len(per_rank[0][i]["dispatch_rows"]), hosts, hosts), dtype=np.int64)
+        for first in range(0, hosts, P):
+            rows[:, first : first + P, first : first + P] = per_rank[first][i]["dispatch_rows"]
+        summary["dispatch_rows"].append(rows.tolist())
     summary["per_rank_last_step"] = [records[steps - 1] for records in per_rank]
     return summary
 
@@ -194,6 +214,7 @@ def predict(
     optimizer_s: float = 0.0,
     cores: float | None = None,
     latency_s: float = 0.0,
+    packed: tuple[int, Sequence[np.ndarray]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """The simulator's step for each variant (see the module docstring), compute calibrated to
     compute_s seconds per step per rank (measured), with the measured optimizer step; each measured
@@ -212,13 +233,22 @@ def predict(
     latency_s: every message's start-up (`shunter.bench.latency`, measured on the same ranks): each
     all-to-all (or chunk of one) and each allreduce op idles that long before its bytes move, which
     is what cutting the allreduce into micro-ops and the all-to-all into chunks costs.
+
+    packed: (expert-parallel degree, per step the dispatch rows [L, n, n]) of the lina+packing
+    run's measured steps, predicted as the lina variant with that packing and routing.
     """
     spec = spec_from_config(config.model_config(eos_token_id=0), source="bench config")
     shapes = MoEShapes.from_spec(spec, bytes_per_param=4, bytes_per_activation=4, name="bench")
     final = embedding_gradient_bytes(config)
     per_block = (dense_gradient_bytes(config) - final) / config.num_layers
 
-    def setup(flop_s: float, micro: float, rows: np.ndarray | None, optimizer: float) -> TrainingSetup:
+    def setup(
+        flop_s: float,
+        micro: float,
+        rows: np.ndarray | None,
+        optimizer: float,
+        expert_parallel: int | None = None,
+    ) -> TrainingSetup:
         return TrainingSetup(
             shapes=shapes,
             cluster=ClusterSpec.uniform(hosts, bandwidth_bytes_s, flop_s),
@@ -233,6 +263,7 @@ def predict(
             final_gradient_bytes=final,
             latency_s=latency_s,
             shared_cores=cores,
+            expert_parallel=expert_parallel,
         )
 
     steps = [None] if routing is None else list(routing)
@@ -263,9 +294,15 @@ def predict(
         "priority+partitioning": ("priority", micro_op_bytes),
         "lina": ("lina", micro_op_bytes),
     }
+    runs = {name: (variant, micro, None, steps) for name, (variant, micro) in variants.items()}
+    if packed is not None:
+        runs["lina+packing"] = ("lina", micro_op_bytes, packed[0], list(packed[1]))
     predicted: dict[str, dict[str, float]] = {}
-    for name, (variant, micro) in variants.items():
-        results = [training_step(setup(flop_s, micro, rows, optimizer_alone_s), variant) for rows in steps]
+    for name, (variant, micro, degree, routing_of_steps) in runs.items():
+        results = [
+            training_step(setup(flop_s, micro, rows, optimizer_alone_s, degree), variant)
+            for rows in routing_of_steps
+        ]
         predicted[name] = {
             "step_s": statistics.median(r.step_s for r in results),
             "backward_a2a_s": statistics.median(r.backward_a2a_s for r in results),
@@ -327,7 +364,11 @@ def run_bench(
         raise ShunterError(f"the latency probe's ranks failed (exit status {status}); their output is above")
     latency_s = float(json.loads(latency_file.read_text())["message_latency_s"])
     measured: dict[str, Any] = {}
-    for name, comm, micro, a2a_chunks in VARIANTS:
+    can_pack = hosts % 2 == 0 and hosts // 2 >= 2
+    for name, comm, micro, a2a_chunks, packing in VARIANTS:
+        if packing and not can_pack:
+            log(f"bench train: {name} skipped: {hosts} hosts cannot be halved into groups of at least 2")
+            continue
         out = scratch / name / "model"
         work = out.with_name("model.work")
         work.mkdir(parents=True)
@@ -338,6 +379,9 @@ def run_bench(
             extra["micro-op-bytes"] = str(micro_op_bytes)
         if a2a_chunks > 1:
             extra["a2a-chunks"] = str(a2a_chunks)
+        if packing:  # decided from the step before the last warm-up step: measured steps run packed
+            extra["expert-packing"] = ""
+            extra["packing-from-step"] = str(max(1, warmup - 1))
         log(f"bench train: {name} ({warmup} + {steps} steps on {hosts} ranks)")
         status = launch(train_command(config_path, corpus, out, hosts, comm, warmup + steps, extra))
         if status != 0:
@@ -360,9 +404,12 @@ def run_bench(
         baseline["optimizer_s"],
         cores,
         latency_s,
+        _packed_routing(measured.get("lina+packing")),
     )
     rows = []
-    for name in ("overlap", "priority", "priority+partitioning", "lina"):
+    for name in predicted:
+        if name == "calibrated_compute_flop_s":
+            continue
         m = measured.get(name)
         p = predicted[name]
         rows.append(
@@ -391,6 +438,19 @@ def run_bench(
         "measured": measured,
         "predicted": predicted,
     }
+
+
+def _packed_routing(summary: dict[str, Any] | None) -> tuple[int, list[np.ndarray]] | None:
+    """(degree, routing) of a lina+packing run's measured steps, for `predict` (None: not run)."""
+    if summary is None:
+        return None
+    degrees = set(summary["expert_parallel"])
+    if len(degrees) != 1:
+        raise ShunterError(
+            f"lina+packing changed its expert-parallel degree inside the measured steps ({sorted(degrees)}); "
+            "give more --warmup steps"
+        )
+    return degrees.pop(), [np.asarray(rows) for rows in summary["dispatch_rows"]]
 
 
 def print_train_table(report: dict[str, Any]) -> None:
@@ -433,8 +493,16 @@ def plot_timelines(report: dict[str, Any], path: Path) -> None:
         "optimizer": "#bbbbbb",
         "a2a": "#e6550d",
         "allreduce": "#31a354",
+        "expert_allreduce": "#756bb1",
     }
-    lanes = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "a2a": 0.33, "allreduce": 0.66}
+    lanes = {
+        "forward": 0.0,
+        "backward": 0.0,
+        "optimizer": 0.0,
+        "a2a": 0.33,
+        "allreduce": 0.66,
+        "expert_allreduce": 0.66,
+    }
     for ax, name in zip(axes, names, strict=True):
         records = report["measured"][name]["per_rank_last_step"]
         first = min(record.get("began_s", 0.0) for record in records)

@@ -22,6 +22,7 @@ from shunter.plan.document import load_plan
 from shunter.train import TrainConfig, Trainer, TrainResult
 from shunter.train.comm import COMM_SCHEDULERS
 from shunter.train.corpus import stdlib_dir
+from shunter.train.packing import DEFAULT_PACKING_EVERY, DEFAULT_PACKING_FROM_STEP, PackingRule
 from shunter.train.parallel import (
     DEFAULT_A2A_CHUNKS,
     DEFAULT_BUCKET_BYTES,
@@ -88,6 +89,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run each MoE layer's all-to-alls as K chunks of its tokens, pipelined with the expert FFN "
         "(Lina's partitioning of the all-to-all); default 1, no chunking",
     )
+    parallel.add_argument(
+        "--expert-packing",
+        action="store_true",
+        help="Lina's expert packing: from --packing-from-step, every --packing-every steps, halve the "
+        "expert-parallel ranks (twice the experts on each) while an expert-FFN micro-op is shorter "
+        "than an all-to-all micro-op; keeps at least 2",
+    )
+    parallel.add_argument(
+        "--packing-from-step", type=int, default=DEFAULT_PACKING_FROM_STEP, metavar="N",
+        help=f"first step after which packing is decided (default {DEFAULT_PACKING_FROM_STEP}, as Lina)",
+    )  # fmt: skip
+    parallel.add_argument(
+        "--packing-every", type=int, default=DEFAULT_PACKING_EVERY, metavar="N",
+        help=f"steps between packing decisions (default {DEFAULT_PACKING_EVERY}, as Lina)",
+    )  # fmt: skip
+    parallel.add_argument(
+        "--packing-threshold", type=float, default=1.0, metavar="X",
+        help="pack while an FFN micro-op takes less than X times an all-to-all micro-op (default 1, "
+        "Lina's rule)",
+    )  # fmt: skip
     parallel.add_argument(
         "--bucket-bytes",
         default=str(DEFAULT_BUCKET_BYTES),
@@ -165,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         "--micro-op-bytes": args.micro_op_bytes != str(DEFAULT_MICRO_OP_BYTES),
         "--bucket-bytes": args.bucket_bytes != str(DEFAULT_BUCKET_BYTES),
         "--a2a-chunks": args.a2a_chunks != DEFAULT_A2A_CHUNKS,
+        "--expert-packing": args.expert_packing,
     }
     for flag, given in parallel_only.items():
         if given:
@@ -188,6 +210,9 @@ def _parallel_options(args: argparse.Namespace, config: TrainConfig) -> Parallel
         a2a_chunks=args.a2a_chunks,
         placements=placements,
         plan_source=source,
+        packing=PackingRule(args.packing_from_step, args.packing_every, args.packing_threshold)
+        if args.expert_packing
+        else None,
     )
     options.check_values(config)
     return options

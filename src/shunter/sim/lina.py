@@ -32,6 +32,10 @@ optimizer step. Routing is the ideal gate's, or a measured step's rows per block
   running, waiting or imminent (Lina's scheduler);
 - lina: priority + partitioning: every all-to-all is cut into chunks along tokens and the expert
   FFN starts on each chunk as it arrives.
+With expert packing (TrainingSetup.expert_parallel P < n): groups of P devices each hold every
+expert (their all-to-alls stay inside the group), and after the dense allreduces every device sums
+its E/P experts' gradients with their replicas on the other groups, block by block, one ring per
+position (as the runtime does, after the dense gradients are summed), before the optimizer.
 """
 
 from __future__ import annotations
@@ -233,6 +237,8 @@ class TrainingSetup:
     embedding, whose lookup is the first op of the forward), allreduced after the first block's.
     shared_cores: the devices are processes sharing this many cores (TimelineOptions.cores; compute
     and optimizer_s are then seconds alone on a core); None: every device computes on its own.
+    expert_parallel: devices per expert-parallel group (Lina's packing: P < n, dispatch_rows then
+    block-diagonal); None: every device, one group.
     """
 
     shapes: MoEShapes
@@ -250,6 +256,17 @@ class TrainingSetup:
     optimizer_s: float = 0.0
     final_gradient_bytes: float = 0.0
     shared_cores: float | None = None
+    expert_parallel: int | None = None
+
+
+def replica_allreduce_flows(num_bytes: float, num_devices: int, expert_parallel: int):
+    """(src, dst, bytes) of every replica group's ring allreduce of num_bytes at once: the devices
+    at position p of every expert-parallel group (p, p + P, p + 2P, ...) form one ring."""
+    groups = [np.arange(p, num_devices, expert_parallel) for p in range(expert_parallel)]
+    flows = [ring_allreduce_flows(num_bytes, len(group)) for group in groups]
+    src = np.concatenate([group[f[0]] for group, f in zip(groups, flows, strict=True)])
+    dst = np.concatenate([group[f[1]] for group, f in zip(groups, flows, strict=True)])
+    return src, dst, np.concatenate([f[2] for f in flows])
 
 
 @dataclass(frozen=True)
@@ -272,11 +289,15 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
     speed = cluster.compute_flop_s
     compute = setup.compute
     blocks = shapes.num_layers
-    if setup.dispatch_rows is None:  # the ideal gate's traffic, the same in every block
-        ids = balanced_expert_ids(T * n, shapes.num_experts, shapes.top_k)
-        shares = static_shares(shapes.num_experts, n)
-        traffics = [dispatch_traffic(ids, shares, shapes.token_bytes, n)] * blocks
-        processed = [tokens_per_device(ids, shares)] * blocks
+    P = setup.expert_parallel or n
+    if n % P:
+        raise ValueError(f"expert_parallel {P} does not divide {n} devices")
+    if setup.dispatch_rows is None:  # the ideal gate's traffic, the same in every block and group
+        ids = balanced_expert_ids(T * P, shapes.num_experts, shapes.top_k)
+        shares = static_shares(shapes.num_experts, P)
+        group_traffic = dispatch_traffic(ids, shares, shapes.token_bytes, P)
+        traffics = [np.kron(np.eye(n // P), group_traffic)] * blocks
+        processed = [np.tile(tokens_per_device(ids, shares), n // P)] * blocks
     else:
         rows = np.asarray(setup.dispatch_rows, dtype=np.float64)
         if rows.shape != (blocks, n, n):
@@ -353,8 +374,20 @@ def training_ops(setup: TrainingSetup, variant: TrainingVariant) -> list[Op]:
             name = f"b{block}R{p}"
             ops.append(Collective(name, src, dst, nbytes, after, low_priority=True, kind="allreduce"))
             after = (a, name) if micro else (a,)
+    if n > P:  # packed: replicas sum their experts' gradients once the dense ones are summed
+        after = (*previous, *(op.name for op in ops if isinstance(op, Collective) and op.kind == "allreduce"))
+        expert_bytes = shapes.num_experts / P * shapes.expert_bytes
+        for block in range(blocks):
+            name = f"x{block}R"
+            src, dst, nbytes = replica_allreduce_flows(expert_bytes, n, P)
+            ops.append(Collective(name, src, dst, nbytes, after, kind="expert_allreduce"))
+            after = (name,)
     if setup.optimizer_s > 0:  # once every gradient is summed
-        summed = tuple(op.name for op in ops if isinstance(op, Collective) and op.kind == "allreduce")
+        summed = tuple(
+            op.name
+            for op in ops
+            if isinstance(op, Collective) and op.kind in ("allreduce", "expert_allreduce")
+        )
         ops.append(Compute("optimizer", np.full(n, setup.optimizer_s), (*previous, *summed), "optimizer"))
     return ops
 

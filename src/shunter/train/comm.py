@@ -38,12 +38,14 @@ COMM_SCHEDULERS = ("overlap", "priority", "lina")
 class StepTimeline:
     """perf_counter intervals of one rank's step: all-to-alls (forward and backward) and allreduces
     (launch to completion, recorded by the backend's thread); and each MoE layer's dispatch rows
-    (row [i, j]: (token, choice) pairs rank i sent to rank j), the routing the simulator replays."""
+    (row [i, j]: (token, choice) pairs rank i sent to rank j), the routing the simulator replays;
+    and how long each forward expert-FFN micro-op took (what expert packing compares)."""
 
     a2a_forward: list[tuple[float, float]] = field(default_factory=list)
     a2a_backward: list[tuple[float, float]] = field(default_factory=list)
     allreduce: list[tuple[float, float]] = field(default_factory=list)
     dispatch_rows: list[list[list[int]]] = field(default_factory=list)  # per MoE layer, rows [n, n]
+    ffn: list[float] = field(default_factory=list)  # seconds of each forward expert-FFN micro-op
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def clear(self) -> None:
@@ -52,6 +54,7 @@ class StepTimeline:
             self.a2a_backward.clear()
             self.allreduce.clear()
             self.dispatch_rows.clear()
+            self.ffn.clear()
 
     def add_allreduce(self, start: float, end: float) -> None:
         with self.lock:

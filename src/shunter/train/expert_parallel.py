@@ -171,8 +171,11 @@ class _ChunkedExperts(torch.autograd.Function):
                 dispatch = context.start_all_to_all(
                     sent[following.send_index], following.rows, backward=False
                 )
+            started = time.perf_counter()
             with torch.enable_grad():
                 computed = layer._run_local_slots(received, chunk.slot_counts)
+            if received.shape[0]:
+                context.timeline.ffn.append(time.perf_counter() - started)
             graphs.append((received, computed))
             combines.append(context.start_all_to_all(computed.detach(), chunk.rows.T, backward=False))
         returned = torch.empty_like(sent)
@@ -291,7 +294,10 @@ class TrainingExpertParallelMoE(ExpertParallelMoE):
         else:
             self.local_experts = self._experts(self.gate_up, self.down)  # views in this step's graph
             received = _Exchange.apply(sent, rows, self.context, "dispatch")
+            started = time.perf_counter()
             computed = self._run_local_slots(received, slot_counts)
+            if received.shape[0]:
+                self.context.timeline.ffn.append(time.perf_counter() - started)
             if received.shape[0] == 0:
                 # No token chose this rank's experts: `computed` is a fresh empty tensor outside the
                 # graph, and autograd would skip this rank's backward of the dispatch exchange while

@@ -17,7 +17,10 @@ group d, each group holds every expert once, and the ranks at one position of ev
 (replicas of the same experts) sum their expert gradients after backward; the balance loss then
 counts routing over every group.
 
-Not done here (Lina's other piece): expert packing.
+With --expert-packing (`shunter.train.packing`, Lina's third piece), P is halved during the run
+while an expert-FFN micro-op is shorter than an all-to-all micro-op: new groups, a one-time
+exchange of the experts' weights and optimizer state, the same math. The checkpoint records the P
+it was saved under, and --resume continues with it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ from shunter.train.comm import (
 )
 from shunter.train.expert_parallel import ExchangeContext, TrainingExpertParallelMoE
 from shunter.train.objective import language_model_loss
+from shunter.train.packing import (
+    PackingRule,
+    adamw_state_of,
+    agreed_micro_op_times,
+    gather_expert_state,
+    micro_op_times,
+)
 from shunter.train.trainer import (
     TrainConfig,
     Trainer,
@@ -79,7 +89,8 @@ class ParallelOptions:
     comm: one of COMM_SCHEDULERS. micro_op_bytes: Lina's micro-op size ("lina").
     bucket_bytes: the allreduce buckets of "overlap" and "priority".
     a2a_chunks: chunks of each MoE layer's all-to-alls, pipelined with the expert FFN (1: none).
-    placements: per MoE layer the plan's exclusive slots; None: contiguous blocks of experts."""
+    placements: per MoE layer the plan's exclusive slots; None: contiguous blocks of experts.
+    packing: Lina's expert packing (None: the experts stay as placed)."""
 
     expert_parallel: int
     comm: str = "overlap"
@@ -88,6 +99,7 @@ class ParallelOptions:
     a2a_chunks: int = DEFAULT_A2A_CHUNKS
     placements: Sequence[ExpertSlots] | None = None
     plan_source: str = "plan"
+    packing: PackingRule | None = None
 
     def validate(self, config: TrainConfig, world_size: int) -> None:
         self.check_values(config)
@@ -118,6 +130,8 @@ class ParallelOptions:
             )
         if self.placements is not None:
             self._check_placements(config, self.expert_parallel)
+        if self.packing is not None:
+            self.packing.validate(self.expert_parallel, self.placements is not None)
 
     def check_world(self, config: TrainConfig, world_size: int) -> None:
         if world_size % self.expert_parallel:
@@ -159,6 +173,20 @@ class ParallelOptions:
         if self.placements is not None:
             return self.placements[layer]
         return ExpertSlots.from_device_of_expert(contiguous_placement(num_experts, world_size), world_size)
+
+
+@dataclass
+class ExpertLayout:
+    """Where this rank's experts are: expert_parallel ranks per group, its MoE blocks (each holding
+    its trainable stacks), the all-to-alls' context and the replica group (None: no replicas)."""
+
+    expert_parallel: int
+    blocks: list[TrainingExpertParallelMoE]
+    context: ExchangeContext
+    replica_group: dist.ProcessGroup | None
+
+    def expert_tensors(self) -> list[torch.Tensor]:
+        return [t for block in self.blocks for t in (block.gate_up, block.down)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,27 +237,22 @@ class ParallelTrainer(Trainer):
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> TrainResult | None:
         config, options, n = self.config, self.options, self.world_size
+        manifest_path = self.checkpoint_path()
+        if manifest_path.is_file() and not resume:
+            raise ShunterError(
+                f"{manifest_path}: a checkpoint exists; pass --resume to continue it, "
+                "or delete the work directory to start over"
+            )
         weights = self.initial_weights()
         timeline = StepTimeline()
-        expert_group, replica_group = self._groups()
-        context = ExchangeContext(expert_group, timeline)
-        P = options.expert_parallel
-        blocks = [
-            TrainingExpertParallelMoE(
-                self.spec,
-                layer.moe,
-                options.slots(i, config.num_experts, P),
-                context,
-                expert_group,
-                replica_group,
-                options.a2a_chunks,
-            )
-            for i, layer in enumerate(weights.layers)
-        ]
-        for layer in weights.layers:  # this rank keeps only its own experts (in `blocks`)
+        # a resumed run continues with the layout its checkpoint was saved under (packing may have
+        # changed it); its experts are then loaded into that layout's stacks
+        self.expert_parallel = self._manifest()[1] if resume else options.expert_parallel
+        layout = self._layout(weights, self.expert_parallel, timeline)
+        for layer in weights.layers:  # this rank keeps only its own experts (in the layout's blocks)
             layer.moe.experts_gate_up = layer.moe.experts_down = None
         dense = parameters(weights, experts=False)
-        experts = [t for block in blocks for t in (block.gate_up, block.down)]
+        experts = layout.expert_tensors()
         params = dense + experts
         optimizer = make_optimizer(config, params)
         gradient_group = dist.new_group(backend="gloo")
@@ -240,15 +263,9 @@ class ParallelTrainer(Trainer):
             return bucket_ops(dense, options.bucket_bytes, order)
 
         sync = GradientSync(dense, allreduce_ops(None), options.comm != "overlap", gradient_group, timeline)
-        context.sync = sync
+        layout.context.sync = sync
 
         start_step, losses, train_seconds = 0, [], 0.0
-        manifest_path = self.checkpoint_path()
-        if manifest_path.is_file() and not resume:
-            raise ShunterError(
-                f"{manifest_path}: a checkpoint exists; pass --resume to continue it, "
-                "or delete the work directory to start over"
-            )
         if resume:
             start_step, losses, train_seconds = self._load(params, optimizer)
         tokens_per_step = config.batch_size * config.seq_len
@@ -265,8 +282,9 @@ class ParallelTrainer(Trainer):
             timeline.clear()
             began = time.perf_counter()
             with self._autocast():
+                share = per_rank / config.batch_size
                 loss, cross_entropy, aux = language_model_loss(
-                    weights, self.spec, tokens, config.aux_loss_coef, blocks, per_rank / config.batch_size
+                    weights, self.spec, tokens, config.aux_loss_coef, layout.blocks, share
                 )
             forward_done = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -280,9 +298,10 @@ class ParallelTrainer(Trainer):
             for expert in experts:  # experts no token chose: zero, as their rows of the one-process
                 if expert.grad is None:  # stacks (the optimizer still decays and moves them)
                     expert.grad = torch.zeros_like(expert)
-            if replica_group is not None:  # replicas of an expert sum their gradients
+            dense_synced = time.perf_counter()
+            if layout.replica_group is not None:  # replicas of an expert sum their gradients
                 for expert in experts:
-                    dist.all_reduce(expert.grad, group=replica_group)
+                    dist.all_reduce(expert.grad, group=layout.replica_group)
             synced = time.perf_counter()
             if step == start_step:  # as DDP does: rebuild the ops in the order rank 0's gradients came
                 order = [sync.ready_order]
@@ -293,7 +312,15 @@ class ParallelTrainer(Trainer):
             ended = time.perf_counter()
             completed = step + 1
             losses.append((step, global_ce, global_aux))
-            self._record_timing(step, began, forward_done, backward_done, synced, ended, timeline, losses[-1])
+            times = (began, forward_done, backward_done, dense_synced, synced, ended)
+            self._record_timing(step, times, timeline, losses[-1])
+            if options.packing is not None and options.packing.due(completed) and completed < config.steps:
+                packed = self._maybe_pack(completed, weights, layout, optimizer, dense, timeline)
+                if packed is not None:
+                    layout, optimizer = packed
+                    layout.context.sync = sync
+                    experts = layout.expert_tensors()
+                    params = dense + experts
             window_steps += 1
             if self.rank == 0 and (completed % 10 == 0 or completed == config.steps):
                 now = time.perf_counter()
@@ -309,7 +336,7 @@ class ParallelTrainer(Trainer):
                 self._save(params, optimizer, completed, losses, train_seconds)
         if completed != start_step or not manifest_path.is_file():
             self._save(params, optimizer, completed, losses, train_seconds)
-        full = self._gather_experts(weights, blocks)
+        full = self._gather_experts(weights, layout.blocks)
         if completed < config.steps or self.rank != 0:
             return None
         assert full is not None
@@ -326,13 +353,69 @@ class ParallelTrainer(Trainer):
         self._export(full, result)
         return result
 
-    def _groups(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    def _layout(self, weights: ModelWeights, expert_parallel: int, timeline: StepTimeline) -> ExpertLayout:
+        """This rank's MoE blocks with the experts spread over expert_parallel ranks, cut from the
+        full expert stacks in `weights` (which the caller drops afterwards)."""
+        expert_group, replica_group = self._groups(expert_parallel)
+        context = ExchangeContext(expert_group, timeline)
+        blocks = [
+            TrainingExpertParallelMoE(
+                self.spec,
+                layer.moe,
+                self.options.slots(i, self.config.num_experts, expert_parallel),
+                context,
+                expert_group,
+                replica_group,
+                self.options.a2a_chunks,
+            )
+            for i, layer in enumerate(weights.layers)
+        ]
+        return ExpertLayout(expert_parallel, blocks, context, replica_group)
+
+    def _maybe_pack(self, completed, weights, layout, optimizer, dense, timeline):
+        """Lina's packing decision after `completed` steps (the same on every rank): the new
+        (layout, optimizer) if it packs, else None."""
+        assert self.options.packing is not None
+        ffn_s, a2a_s = agreed_micro_op_times(timeline)
+        packed = self.options.packing.packed(self.expert_parallel, ffn_s, a2a_s)
+        if packed == self.expert_parallel:
+            return None
+        self.progress(
+            f"step {completed}: an FFN micro-op takes {ffn_s * 1e3:.1f} ms, an all-to-all micro-op "
+            f"{a2a_s * 1e3:.1f} ms: packing the experts, expert-parallel {self.expert_parallel} -> {packed} "
+            f"({self.config.num_experts // packed} experts per rank)"
+        )
+        return self._pack(weights, layout, optimizer, dense, packed, timeline)
+
+    def _pack(self, weights, layout, optimizer, dense, expert_parallel, timeline):
+        """The one-time exchange of packing: every rank gathers every expert's weights and AdamW
+        state, builds the blocks of the new layout and an optimizer whose state is the old one's
+        (the dense tensors are the same objects; the expert stacks are cut from the gathered)."""
+        full = gather_expert_state(layout.blocks, optimizer, self.config.num_experts)
+        for layer, stacks in zip(weights.layers, full, strict=True):
+            layer.moe.experts_gate_up, layer.moe.experts_down = stacks["gate_up"], stacks["down"]
+        packed = self._layout(weights, expert_parallel, timeline)
+        for layer in weights.layers:
+            layer.moe.experts_gate_up = layer.moe.experts_down = None
+        repacked = make_optimizer(self.config, dense + packed.expert_tensors())
+        for p in dense:
+            if p in optimizer.state:
+                repacked.state[p] = optimizer.state[p]
+        for block, stacks in zip(packed.blocks, full, strict=True):
+            for name in ("gate_up", "down"):
+                state = adamw_state_of(stacks, name, block.local_ids)
+                if state:
+                    repacked.state[getattr(block, name)] = state
+        self.expert_parallel = expert_parallel
+        return packed, repacked
+
+    def _groups(self, expert_parallel: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
         """(this rank's expert-parallel group, its replica group). Ranks [d*P, (d+1)*P) form
         expert-parallel group d; the ranks at the same position of every group hold the same
         experts. With one group: (None, None), the default group. Every rank creates every group
         (new_group is collective)."""
-        P, n = self.options.expert_parallel, self.world_size
-        if self.world_size == self.options.expert_parallel:
+        P, n = expert_parallel, self.world_size
+        if n == P:
             return None, None
         expert_groups = [
             dist.new_group(list(range(d * P, (d + 1) * P)), backend="gloo") for d in range(n // P)
@@ -352,7 +435,7 @@ class ParallelTrainer(Trainer):
             ]
         )
         dist.all_reduce(local)
-        replicas = self.world_size // self.options.expert_parallel  # each expert's gradient counted as often
+        replicas = self.world_size // self.expert_parallel  # each expert's gradient counted as often
         total_norm = (dense_sq + local[0] / replicas).sqrt()
         scale = torch.clamp(self.config.grad_clip / (total_norm + 1e-6), max=1.0)
         for p in dense + experts:
@@ -360,13 +443,18 @@ class ParallelTrainer(Trainer):
                 p.grad.mul_(scale)
         return float(local[1]), float(local[2])
 
-    def _record_timing(self, step, began, forward_done, backward_done, synced, ended, timeline, loss) -> None:
+    def _record_timing(self, step, times, timeline, loss) -> None:
+        """times: perf_counter at (began, forward done, backward done, dense gradients summed,
+        expert replicas summed, optimizer done)."""
+        began, forward_done, backward_done, dense_synced, synced, ended = times
         a2a_fwd = union_length(timeline.a2a_forward)
         a2a_bwd = union_length(timeline.a2a_backward)
+        ffn_s, a2a_s = micro_op_times(timeline)
         record = {
             "step": step,
             "rank": self.rank,
             "comm": self.options.comm,
+            "expert_parallel": self.expert_parallel,
             "cross_entropy": loss[1],
             "balance": loss[2],
             "step_s": ended - began,
@@ -377,7 +465,10 @@ class ParallelTrainer(Trainer):
             "a2a_forward_s": a2a_fwd,
             "a2a_backward_s": a2a_bwd,
             "allreduce_s": union_length(timeline.allreduce),
-            "allreduce_exposed_s": synced - backward_done,
+            "allreduce_exposed_s": dense_synced - backward_done,
+            "expert_allreduce_s": synced - dense_synced,
+            "ffn_micro_op_s": ffn_s,
+            "a2a_micro_op_s": a2a_s,
             "a2a_with_allreduce_s": overlap_length(timeline.a2a_backward, timeline.allreduce),
             "optimizer_s": ended - synced,
             # perf_counter is CLOCK_MONOTONIC, one clock for every process on a machine: the
@@ -390,6 +481,7 @@ class ParallelTrainer(Trainer):
                 "backward": [[forward_done - began, backward_done - began]],
                 "a2a": [[a - began, b - began] for a, b in timeline.a2a_forward + timeline.a2a_backward],
                 "allreduce": [[a - began, b - began] for a, b in sorted(timeline.allreduce)],
+                "expert_allreduce": [[dense_synced - began, synced - began]],
                 "optimizer": [[synced - began, ended - began]],
             },
         }
@@ -400,6 +492,7 @@ class ParallelTrainer(Trainer):
         state = {
             "config": dataclasses.asdict(self.config),
             "world_size": self.world_size,
+            "expert_parallel": self.expert_parallel,
             "step": step,
             "losses": losses,
             "params": [p.detach().clone() for p in params],
@@ -412,7 +505,8 @@ class ParallelTrainer(Trainer):
         if self.rank == 0:
             previous = self._manifest_step()
             with atomic_output(self.checkpoint_path()) as f:
-                f.write(json.dumps({"step": step, "world_size": self.world_size}) + "\n")
+                layout = {"world_size": self.world_size, "expert_parallel": self.expert_parallel}
+                f.write(json.dumps({"step": step} | layout) + "\n")
             if previous is not None and previous != step:
                 for rank in range(self.world_size):
                     self._state_file(previous, rank).unlink(missing_ok=True)
@@ -424,18 +518,28 @@ class ParallelTrainer(Trainer):
             return None
         return int(json.loads(path.read_text())["step"])
 
-    def _load(self, params, optimizer) -> tuple[int, list, float]:
+    def _manifest(self) -> tuple[int, int]:
+        """(step, expert-parallel degree) of the checkpoint to resume (one clear error if unusable);
+        a manifest from before packing existed has no degree: the options' then."""
         path = self.checkpoint_path()
         try:
             manifest = json.loads(path.read_text())
             step, world_size = int(manifest["step"]), int(manifest["world_size"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            expert_parallel = int(manifest.get("expert_parallel", self.options.expert_parallel))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ShunterError(f"{path}: not a parallel checkpoint manifest ({exc})") from None
         if world_size != self.world_size:
             raise ShunterError(
                 f"{path}: the checkpoint was made by {world_size} ranks, this run has {self.world_size}; "
                 f"resume with {world_size} ranks"
             )
+        if expert_parallel < 1 or world_size % expert_parallel or expert_parallel > self.config.num_experts:
+            raise ShunterError(f"{path}: expert_parallel {expert_parallel} does not fit {world_size} ranks")
+        return step, expert_parallel
+
+    def _load(self, params, optimizer) -> tuple[int, list, float]:
+        path = self.checkpoint_path()
+        step, _ = self._manifest()
         state_path = self._state_file(step, self.rank)
         if not state_path.is_file():
             raise ShunterError(f"{state_path}: missing; the checkpoint of step {step} is incomplete")
