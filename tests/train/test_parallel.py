@@ -26,7 +26,7 @@ from shunter.trace.synthetic import zipf_trace
 from shunter.train import Trainer
 from shunter.train.comm import GradientSync, StepTimeline, bucket_ops, micro_ops
 from shunter.train.expert_parallel import chunk_slot_counts
-from shunter.train.packing import PackingRule
+from shunter.train.packing import PackingRule, packing_bytes
 from tests.parallel.test_expert_parallel import EMULATED_4, _free_port, run_ranks
 from tests.train.test_train import TINY, corpus  # noqa: F401  (a fixture)
 
@@ -100,20 +100,14 @@ def test_packed_experts_train_like_one_process_and_resume_packed(
     single_process_losses,
     tmp_path,
 ):
-    """Lina's expert packing on four ranks: one expert per rank until step 3, where the rule (its
-    threshold so high that it always packs) halves the expert-parallel ranks: two groups of two
-    ranks then each hold all four experts, replicas summing their gradients, weights and AdamW
-    state exchanged once. Stopped at step 7 and resumed, the run continues packed. Oracle:
-    single-process training of the same global batch."""
-    packing = [
-        "--expert-packing",
-        "--packing-from-step",
-        "3",
-        "--packing-every",
-        "4",
-        "--packing-threshold",
-        "1e9",
-    ]
+    """Lina's expert packing on four ranks: one expert per rank until step 3, where Lina's rule
+    (its threshold so high that it always packs; the priced rule would not, on this tiny batch)
+    halves the expert-parallel ranks: two groups of two ranks then each hold all four experts,
+    replicas summing their gradients, weights and AdamW state exchanged once. Stopped at step 7
+    and resumed, the run continues packed. Oracle: single-process training of the same global
+    batch."""
+    packing = ["--expert-packing", "--packing-rule", "lina", "--packing-from-step", "3"]
+    packing += ["--packing-every", "4", "--packing-threshold", "1e9"]
     args = _train_args(corpus, tmp_path / "model", "--expert-parallel", "4", "--comm", "lina", *packing)
     first = run_ranks(4, "shunter", *args, "--micro-op-bytes", "8KB", "--stop-after", "7")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -139,6 +133,37 @@ def test_the_packing_rule_halves_while_the_ffn_is_the_shorter_micro_op():
     assert rule.packed(8, ffn_micro_op_s=0.03, a2a_micro_op_s=0.02) == 8
     assert rule.packed(4, 0.01, 0.02) == 2 and rule.packed(2, 0.01, 0.02) == 2  # never below 2
     assert rule.packed(6, 0.01, 0.02) == 3 and rule.packed(3, 0.01, 0.02) == 3  # only even degrees
+    assert (
+        rule.packed(8, 0.01, 0.02, saved_bytes=5.0, added_bytes=6.0) == 8
+    )  # priced: costs more than it saves
+    assert rule.packed(8, 0.01, 0.02, saved_bytes=7.0, added_bytes=6.0) == 4
+    lina = PackingRule(rule="lina")
+    assert lina.packed(8, 0.01, 0.02, saved_bytes=5.0, added_bytes=6.0) == 4  # the paper's rule alone
+
+
+@pytest.mark.parametrize("expert_parallel, world", [(4, 4), (8, 8), (4, 8)])
+def test_packing_bytes_count_what_halving_moves_through_one_port(expert_parallel, world):
+    """Oracle, brute force: a rank's rows spread evenly over the experts, each row leaving the rank
+    when its expert's contiguous block is elsewhere, counted before and after halving; the replicas'
+    ring allreduce from network.cost's flows, the bytes leaving rank 0's port."""
+    from shunter.network.cost import ring_allreduce_flows
+    from shunter.parallel.moe import contiguous_placement
+
+    E, L, rows, row_bytes, expert_bytes = 16, 3, 1600, 1024, 10_000
+
+    def leaving(P: int) -> int:
+        device = contiguous_placement(E, P)
+        return sum(rows // E for e in range(E) if device[e] != 0)  # rank 0, position 0 of its group
+
+    def ring_out(P: int) -> float:
+        src, _, nbytes = ring_allreduce_flows(E / P * expert_bytes, world // P)
+        return float(nbytes[src == 0].sum())
+
+    saved, added = packing_bytes(expert_parallel, world, L, rows, row_bytes, E, expert_bytes)
+    assert saved == pytest.approx(
+        4 * L * row_bytes * (leaving(expert_parallel) - leaving(expert_parallel // 2))
+    )
+    assert added == pytest.approx(ring_out(expert_parallel // 2) - ring_out(expert_parallel))
 
 
 def test_parallel_resume_is_exact(corpus, single_process_losses, tmp_path):  # noqa: F811
@@ -315,6 +340,7 @@ def four_device_plan(tmp_path) -> Path:
             "--packing-threshold: must be a positive finite",
         ),
         (["--expert-packing", "--packing-every", "0"], "--packing-every: must be at least 1, got 0"),
+        (["--expert-packing", "--packing-rule", "x"], "--packing-rule: 'x' is not one of priced, lina"),
     ],
 )
 def test_bad_parallel_input_is_one_line(corpus, tmp_path, capsys, four_device_plan, extra, message):  # noqa: F811

@@ -8,8 +8,9 @@ Variants (Lina's ablation, lina.md; `shunter.train.comm` for the schedulers):
 - priority+partitioning: priority with the gradients cut into micro-ops (`--comm lina`);
 - lina: priority+partitioning with every all-to-all also cut into 4 chunks along tokens,
   pipelined with the expert FFN (`--comm lina --a2a-chunks 4`, the simulator's `a2a_chunks`);
-- lina+packing: full Lina, also packing experts (`--expert-packing`, Lina's rule: halve the
-  expert-parallel ranks while an FFN micro-op is shorter than an all-to-all micro-op), decided
+- lina+packing: full Lina, also packing experts (`--expert-packing --packing-rule lina`, Lina's
+  rule: halve the expert-parallel ranks while an FFN micro-op is shorter than an all-to-all
+  micro-op; the ranks' log says what the default, priced rule would decide), decided
   from the step before the last warm-up step on, so the measured steps run packed if the rule
   packs; run where the hosts can be halved (an even number, at least 4).
 
@@ -381,6 +382,7 @@ def run_bench(
             extra["a2a-chunks"] = str(a2a_chunks)
         if packing:  # decided from the step before the last warm-up step: measured steps run packed
             extra["expert-packing"] = ""
+            extra["packing-rule"] = "lina"  # the paper's rule (the default one also prices the bytes)
             extra["packing-from-step"] = str(max(1, warmup - 1))
         log(f"bench train: {name} ({warmup} + {steps} steps on {hosts} ranks)")
         status = launch(train_command(config_path, corpus, out, hosts, comm, warmup + steps, extra))

@@ -22,7 +22,12 @@ from shunter.plan.document import load_plan
 from shunter.train import TrainConfig, Trainer, TrainResult
 from shunter.train.comm import COMM_SCHEDULERS
 from shunter.train.corpus import stdlib_dir
-from shunter.train.packing import DEFAULT_PACKING_EVERY, DEFAULT_PACKING_FROM_STEP, PackingRule
+from shunter.train.packing import (
+    DEFAULT_PACKING_EVERY,
+    DEFAULT_PACKING_FROM_STEP,
+    PACKING_RULES,
+    PackingRule,
+)
 from shunter.train.parallel import (
     DEFAULT_A2A_CHUNKS,
     DEFAULT_BUCKET_BYTES,
@@ -103,6 +108,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parallel.add_argument(
         "--packing-every", type=int, default=DEFAULT_PACKING_EVERY, metavar="N",
         help=f"steps between packing decisions (default {DEFAULT_PACKING_EVERY}, as Lina)",
+    )  # fmt: skip
+    parallel.add_argument(
+        "--packing-rule", default="priced", metavar="|".join(PACKING_RULES),
+        help="priced (default): Lina's rule, and only while the all-to-all bytes packing saves exceed the "
+        "expert-gradient allreduce bytes it adds; lina: Lina's rule alone",
     )  # fmt: skip
     parallel.add_argument(
         "--packing-threshold", type=float, default=1.0, metavar="X",
@@ -210,7 +220,9 @@ def _parallel_options(args: argparse.Namespace, config: TrainConfig) -> Parallel
         a2a_chunks=args.a2a_chunks,
         placements=placements,
         plan_source=source,
-        packing=PackingRule(args.packing_from_step, args.packing_every, args.packing_threshold)
+        packing=PackingRule(
+            args.packing_from_step, args.packing_every, args.packing_threshold, rule=args.packing_rule
+        )
         if args.expert_packing
         else None,
     )

@@ -12,10 +12,15 @@ The rule (`PackingRule`, Lina section 4.2): from step `from_step` and every `eve
 every rank measures its last step's median FFN micro-op (one chunk's expert FFN, forward) and
 all-to-all micro-op (one chunk's dispatch or combine, forward); their means over the ranks decide
 for all, identically. P is halved while it is even and stays at least `min_expert_parallel`
-(packing never turns the run into plain data parallelism: the comparison needs an all-to-all, and
-it does not price the replicas' gradient allreduce that packing adds). Applying it is a one-time
-exchange: every rank gathers every expert's weights and AdamW state (`gather_expert_state`) and
-keeps the stacks of its new position.
+(packing never turns the run into plain data parallelism: the comparison needs an all-to-all).
+
+Lina's rule does not price what packing adds: the replicas' allreduce of their experts' gradients.
+Where the batch is small beside the experts it costs more than the all-to-all bytes packing
+saves (measured: docs/benchmarks.md, 0.70x of Lina without packing), so the default rule
+("priced") also asks that the all-to-all bytes a rank's port saves per step exceed the
+expert-gradient bytes it adds (`packing_bytes`, under an even gate); "lina" is the paper's rule
+alone. Applying it is a one-time exchange: every rank gathers every expert's weights and AdamW
+state (`gather_expert_state`) and keeps the stacks of its new position.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from shunter.train.comm import StepTimeline
 
 DEFAULT_PACKING_FROM_STEP = 10  # Lina measures from step 10
 DEFAULT_PACKING_EVERY = 4  # and adjusts every 4 steps
+PACKING_RULES = ("priced", "lina")
 EXPERT_TENSORS = ("gate_up", "down")
 
 
@@ -39,14 +45,17 @@ EXPERT_TENSORS = ("gate_up", "down")
 class PackingRule:
     """When to pack: checked after step from_step and every `every` steps after it; pack while the
     FFN micro-op takes less than threshold x the all-to-all micro-op (Lina: 1) and P/2 is at
-    least min_expert_parallel."""
+    least min_expert_parallel; rule "priced" also while packing saves more bytes than it adds."""
 
     from_step: int = DEFAULT_PACKING_FROM_STEP
     every: int = DEFAULT_PACKING_EVERY
     threshold: float = 1.0
     min_expert_parallel: int = 2
+    rule: str = "priced"
 
     def validate(self, expert_parallel: int, planned: bool) -> None:
+        if self.rule not in PACKING_RULES:
+            raise FieldError("packing_rule", f"{self.rule!r} is not one of {', '.join(PACKING_RULES)}")
         if self.from_step < 1:
             raise FieldError("packing_from_step", f"must be at least 1, got {self.from_step}")
         if self.every < 1:
@@ -70,12 +79,51 @@ class PackingRule:
         """Whether to decide after this many completed steps."""
         return completed_steps >= self.from_step and (completed_steps - self.from_step) % self.every == 0
 
-    def packed(self, expert_parallel: int, ffn_micro_op_s: float, a2a_micro_op_s: float) -> int:
-        """The expert-parallel degree after this decision (pure: times in, degree out)."""
+    def packed(
+        self,
+        expert_parallel: int,
+        ffn_micro_op_s: float,
+        a2a_micro_op_s: float,
+        saved_bytes: float = math.inf,
+        added_bytes: float = 0.0,
+    ) -> int:
+        """The expert-parallel degree after this decision (pure: numbers in, degree out);
+        saved_bytes / added_bytes: `packing_bytes` of halving it (only the "priced" rule asks)."""
         halved = expert_parallel // 2
         if expert_parallel % 2 or halved < self.min_expert_parallel:
             return expert_parallel
+        if self.rule == "priced" and saved_bytes <= added_bytes:
+            return expert_parallel
         return halved if ffn_micro_op_s < self.threshold * a2a_micro_op_s else expert_parallel
+
+
+def packing_bytes(
+    expert_parallel: int,
+    world_size: int,
+    num_layers: int,
+    rows_per_rank: int,
+    row_bytes: int,
+    num_experts: int,
+    expert_bytes: int,
+) -> tuple[float, float]:
+    """(all-to-all bytes, expert-allreduce bytes) per step through one rank's port that halving
+    the expert-parallel degree P saves and adds, under an even gate.
+
+    Each MoE layer runs four all-to-alls of a rank's rows_per_rank rows (dispatch and combine,
+    forward and backward); a row leaves its rank with probability (P - 1) / P, (P - 2) / P after
+    halving: 4 L R row_bytes / P saved. The replicas' ring allreduce sends 2 (m - 1) / m of a rank's
+    expert-gradient bytes, m = world / P replicas of E / P experts each: from m to 2m replicas of
+    twice the experts."""
+    P, n = expert_parallel, world_size
+
+    def ring(replicas: int, nbytes: float) -> float:
+        return 2 * (replicas - 1) / replicas * nbytes
+
+    saved = 4 * num_layers * rows_per_rank * row_bytes / P
+    added = ring(2 * n // P, 2 * num_experts / P * expert_bytes) - ring(
+        n // P, num_experts / P * expert_bytes
+    )
+    return saved, added
 
 
 def micro_op_times(timeline: StepTimeline) -> tuple[float, float]:

@@ -61,6 +61,7 @@ from shunter.train.packing import (
     agreed_micro_op_times,
     gather_expert_state,
     micro_op_times,
+    packing_bytes,
 )
 from shunter.train.trainer import (
     TrainConfig,
@@ -377,13 +378,33 @@ class ParallelTrainer(Trainer):
         (layout, optimizer) if it packs, else None."""
         assert self.options.packing is not None
         ffn_s, a2a_s = agreed_micro_op_times(timeline)
-        packed = self.options.packing.packed(self.expert_parallel, ffn_s, a2a_s)
+        block = layout.blocks[0]
+        config = self.config
+        saved, added = packing_bytes(
+            self.expert_parallel,
+            self.world_size,
+            config.num_layers,
+            config.batch_size // self.world_size * config.seq_len * config.top_k,
+            config.hidden_size * (2 if config.bf16_autocast else 4),
+            config.num_experts,
+            (block.gate_up[0].numel() + block.down[0].numel()) * block.gate_up.element_size(),
+        )
+        packed = self.options.packing.packed(self.expert_parallel, ffn_s, a2a_s, saved, added)
+        measured = (
+            f"step {completed}: an FFN micro-op takes {ffn_s * 1e3:.1f} ms, an all-to-all micro-op "
+            f"{a2a_s * 1e3:.1f} ms; halving the expert-parallel ranks would save {saved / 1e6:.2f} MB "
+            f"of all-to-all and add {added / 1e6:.2f} MB of expert allreduce a step per rank"
+        )
         if packed == self.expert_parallel:
+            if (
+                self.expert_parallel % 2 == 0
+                and self.expert_parallel // 2 >= self.options.packing.min_expert_parallel
+            ):
+                self.progress(f"{measured}: not packing")
             return None
         self.progress(
-            f"step {completed}: an FFN micro-op takes {ffn_s * 1e3:.1f} ms, an all-to-all micro-op "
-            f"{a2a_s * 1e3:.1f} ms: packing the experts, expert-parallel {self.expert_parallel} -> {packed} "
-            f"({self.config.num_experts // packed} experts per rank)"
+            f"{measured}: packing the experts, expert-parallel {self.expert_parallel} -> {packed} "
+            f"({config.num_experts // packed} experts per rank)"
         )
         return self._pack(weights, layout, optimizer, dense, packed, timeline)
 
