@@ -156,7 +156,7 @@ def test_packing_bytes_count_what_halving_moves_through_one_port(expert_parallel
         return sum(rows // E for e in range(E) if device[e] != 0)  # rank 0, position 0 of its group
 
     def ring_out(P: int) -> float:
-        src, _, nbytes = ring_allreduce_flows(E / P * expert_bytes, world // P)
+        src, _, nbytes = ring_allreduce_flows(L * E / P * expert_bytes, world // P)  # every layer's
         return float(nbytes[src == 0].sum())
 
     saved, added = packing_bytes(expert_parallel, world, L, rows, row_bytes, E, expert_bytes)

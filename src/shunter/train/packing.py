@@ -112,17 +112,16 @@ def packing_bytes(
     Each MoE layer runs four all-to-alls of a rank's rows_per_rank rows (dispatch and combine,
     forward and backward); a row leaves its rank with probability (P - 1) / P, (P - 2) / P after
     halving: 4 L R row_bytes / P saved. The replicas' ring allreduce sends 2 (m - 1) / m of a rank's
-    expert-gradient bytes, m = world / P replicas of E / P experts each: from m to 2m replicas of
-    twice the experts."""
+    expert-gradient bytes, m = world / P replicas of E / P experts in each of the L layers: from m
+    to 2m replicas of twice the experts. expert_bytes: one expert's gradient in one layer."""
     P, n = expert_parallel, world_size
 
     def ring(replicas: int, nbytes: float) -> float:
         return 2 * (replicas - 1) / replicas * nbytes
 
     saved = 4 * num_layers * rows_per_rank * row_bytes / P
-    added = ring(2 * n // P, 2 * num_experts / P * expert_bytes) - ring(
-        n // P, num_experts / P * expert_bytes
-    )
+    held = num_layers * num_experts / P * expert_bytes  # expert-gradient bytes on a rank
+    added = ring(2 * n // P, 2 * held) - ring(n // P, held)
     return saved, added
 
 
