@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define ROWS 2    /* rows per block: 2 rows x 4 tokens = 8 accumulators, within AVX2's 16 registers */
@@ -63,17 +64,13 @@ void linear_bf16(const float *x, const uint16_t *w, float *y, long tokens, long 
 }
 
 /* x quantised for the integer products, as llama.cpp quantises activations: per block of 32
-   inputs, xq = round(x / d) with d = max|x| / 127. x_scale[t, b] is token t's d of block b. */
-void quantize_rows(const float *x, int8_t *xq, float *x_scale, long tokens, long k_in) {
-    long blocks = tokens * (k_in / 32);
-    for (long b = 0; b < blocks; ++b) {
-        const float *xb = x + 32 * b;
-        float amax = 0.0f;
-        for (int i = 0; i < 32; ++i) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
-        float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        x_scale[b] = d;
-        for (int i = 0; i < 32; ++i) xq[32 * b + i] = (int8_t)lrintf(xb[i] * inv);
-    }
+   inputs, xq = round(x / d) with d = max|x| / 127; *d is the block's scale. */
+static void quantize_block(const float *xb, int8_t *xq, float *d) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+    float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    *d = scale;
+    for (int i = 0; i < 32; ++i) xq[i] = (int8_t)lrintf(xb[i] * inv);
 }
 
 /* 32 products of unsigned by signed bytes, summed in fours into 8 int32 lanes, as floats */
@@ -82,8 +79,8 @@ static inline __m256 dot_u8_i8(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-void linear_q8(const int8_t *xq, const float *x_scale, const int8_t *q, const uint16_t *scale, float *y,
-               long tokens, long n_out, long k_in, long group) {
+static void q8_product(const int8_t *xq, const float *x_scale, const int8_t *q, const uint16_t *scale, float *y,
+                      long tokens, long n_out, long k_in, long group) {
     long groups = k_in / group, blocks = k_in / 32;
 #pragma omp parallel for schedule(static)
     for (long n0 = 0; n0 < n_out; n0 += ROWS) {
@@ -125,47 +122,143 @@ void linear_q8(const int8_t *xq, const float *x_scale, const int8_t *q, const ui
 /* xq and x_scale quantise each token's inputs reordered in the order the packed bytes unpack in:
    16 bytes at a time, their low nibbles (inputs i..i+15 of the group) then their high nibbles
    (inputs i+group/2..). x_group_sum[t, g] is the exact sum of token t's inputs in group g (the
-   min's term). */
-void linear_q4(const int8_t *xq, const float *x_scale, const float *x_group_sum, const uint8_t *q,
-               const uint16_t *scale, const uint16_t *offset, float *y, long tokens, long n_out,
-               long k_in, long group) {
-    long groups = k_in / group, blocks = k_in / 32, row_bytes = k_in / 2;
+   min's term).
+
+   One tile is R rows by T tokens; R and T are constants once inlined, so the compiler unrolls
+   the loops and keeps the R x T accumulators in registers (with a runtime bound they lived in
+   memory). Each block of 32 products is scaled once by x's block scale times the row's group
+   scale (as llama.cpp does) into one accumulator per row and token, summed across lanes once at
+   the end; four independent rows keep the FMA pipeline full at one token, where two rows left it
+   waiting on each sum's latency. A (row, token) pair is computed by the same operations in the
+   same order whatever tile it falls in, so a token gets the same numbers alone or in a batch. */
+#define Q4_ROWS 4
+#define Q4_TOKENS 2
+#ifndef Q4_PREFETCH_ROWS
+#define Q4_PREFETCH_ROWS 8
+#endif
+
+static inline __attribute__((always_inline)) void q4_tile(
+    const int8_t *xq, const float *x_scale, const float *x_group_sum, const uint8_t *q, const uint16_t *scale,
+    const uint16_t *offset, float *y, long n0, long t0, long n_out, long k_in, long group, const int R,
+    const int T) {
+    long groups = k_in / group, blocks = k_in / 32, row_bytes = k_in / 2, per_group = group / 32;
     const __m128i low_mask = _mm_set1_epi8(0x0F);
-#pragma omp parallel for schedule(static)
-    for (long n0 = 0; n0 < n_out; n0 += ROWS) {
-        long rows = n_out - n0 < ROWS ? n_out - n0 : ROWS;
-        for (long t0 = 0; t0 < tokens; t0 += TOKENS) {
-            long ts = tokens - t0 < TOKENS ? tokens - t0 : TOKENS;
-            float sums[ROWS][TOKENS];
-            memset(sums, 0, sizeof(sums));
-            for (long g = 0; g < groups; ++g) {
-                __m256 part[ROWS][TOKENS];
-                for (int r = 0; r < ROWS; ++r)
-                    for (int t = 0; t < TOKENS; ++t) part[r][t] = _mm256_setzero_ps();
-                for (long k = g * group; k < (g + 1) * group; k += 32) {
-                    __m256i w[ROWS];
-                    for (int r = 0; r < rows; ++r) {
-                        __m128i b = _mm_loadu_si128((const __m128i *)(q + (n0 + r) * row_bytes + k / 2));
-                        __m128i lo = _mm_and_si128(b, low_mask);
-                        __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_mask);
-                        w[r] = _mm256_set_m128i(hi, lo);
-                    }
-                    for (int t = 0; t < ts; ++t) {
-                        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k_in + k));
-                        __m256 d = _mm256_set1_ps(x_scale[(t0 + t) * blocks + k / 32]);
-                        for (int r = 0; r < rows; ++r)
-                            part[r][t] = _mm256_fmadd_ps(dot_u8_i8(w[r], xv), d, part[r][t]);
-                    }
-                }
-                for (int r = 0; r < rows; ++r) {
-                    float s = _cvtsh_ss(scale[(n0 + r) * groups + g]);
-                    float o = _cvtsh_ss(offset[(n0 + r) * groups + g]);
-                    for (int t = 0; t < ts; ++t)
-                        sums[r][t] += s * hsum8(part[r][t]) + o * x_group_sum[(t0 + t) * groups + g];
-                }
+    __m256 acc[Q4_ROWS][Q4_TOKENS];
+    float min_sum[Q4_ROWS][Q4_TOKENS];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) {
+            acc[r][t] = _mm256_setzero_ps();
+            min_sum[r][t] = 0.0f;
+        }
+    for (long g = 0; g < groups; ++g) {
+        float s[Q4_ROWS];
+        for (int r = 0; r < R; ++r) {
+            if ((g & 15) == 0) {
+                _mm_prefetch((const char *)(scale + (n0 + r + Q4_PREFETCH_ROWS) * groups + g), _MM_HINT_T0);
+                _mm_prefetch((const char *)(offset + (n0 + r + Q4_PREFETCH_ROWS) * groups + g), _MM_HINT_T0);
             }
-            for (int r = 0; r < rows; ++r)
-                for (int t = 0; t < ts; ++t) y[(t0 + t) * n_out + n0 + r] = sums[r][t];
+            s[r] = _cvtsh_ss(scale[(n0 + r) * groups + g]);
+            float o = _cvtsh_ss(offset[(n0 + r) * groups + g]);
+            for (int t = 0; t < T; ++t) min_sum[r][t] += o * x_group_sum[(t0 + t) * groups + g];
+        }
+        for (long b = g * per_group; b < (g + 1) * per_group; ++b) {
+            __m256i w[Q4_ROWS];
+            for (int r = 0; r < R; ++r) {
+                if ((b & 3) == 0)
+                    _mm_prefetch((const char *)(q + (n0 + r + Q4_PREFETCH_ROWS) * row_bytes + 16 * b), _MM_HINT_T0);
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (n0 + r) * row_bytes + 16 * b));
+                __m128i lo = _mm_and_si128(bytes, low_mask);
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
+                w[r] = _mm256_set_m128i(hi, lo);
+            }
+            for (int t = 0; t < T; ++t) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k_in + 32 * b));
+                float dx = x_scale[(t0 + t) * blocks + b];
+                for (int r = 0; r < R; ++r)
+                    acc[r][t] = _mm256_fmadd_ps(dot_u8_i8(w[r], xv), _mm256_set1_ps(dx * s[r]), acc[r][t]);
+            }
         }
     }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + n0 + r] = hsum8(acc[r][t]) + min_sum[r][t];
+}
+
+static void q4_product(const int8_t *xq, const float *x_scale, const float *x_group_sum, const uint8_t *q,
+                       const uint16_t *scale, const uint16_t *offset, float *y, long tokens, long n_out,
+                       long k_in, long group) {
+#pragma omp parallel for schedule(static)
+    for (long n0 = 0; n0 < n_out; n0 += Q4_ROWS) {
+        long rows = n_out - n0 < Q4_ROWS ? n_out - n0 : Q4_ROWS;
+        for (long t0 = 0; t0 < tokens; t0 += Q4_TOKENS) {
+            int pair = tokens - t0 >= 2;
+            if (rows == Q4_ROWS && pair)
+                q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, n0, t0, n_out, k_in, group, Q4_ROWS, 2);
+            else if (rows == Q4_ROWS)
+                q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, n0, t0, n_out, k_in, group, Q4_ROWS, 1);
+            else
+                for (long r = n0; r < n0 + rows; ++r) {
+                    if (pair)
+                        q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, r, t0, n_out, k_in, group, 1, 2);
+                    else
+                        q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, r, t0, n_out, k_in, group, 1, 1);
+                }
+        }
+    }
+}
+
+/* The entry points: x fp32 [tokens, k_in], rounded here (one call per product: preparing x in
+   torch cost about a dozen tensor ops, 15 us a call, which at one token was most of a small
+   product's time). Scratch is malloc'd per call; a failed allocation returns 1 (y untouched). */
+int linear_q8(const float *x, const int8_t *q, const uint16_t *scale, float *y, long tokens, long n_out, long k_in,
+              long group) {
+    long blocks = tokens * (k_in / 32);
+    int8_t *xq = malloc(tokens * k_in);
+    float *x_scale = malloc(blocks * sizeof(float));
+    if (!xq || !x_scale) {
+        free(xq);
+        free(x_scale);
+        return 1;
+    }
+#pragma omp parallel for schedule(static) if (blocks > 4096)
+    for (long b = 0; b < blocks; ++b) quantize_block(x + 32 * b, xq + 32 * b, x_scale + b);
+    q8_product(xq, x_scale, q, scale, y, tokens, n_out, k_in, group);
+    free(xq);
+    free(x_scale);
+    return 0;
+}
+
+/* As linear_q8, for the 4-bit format: x is rounded per block of 32 in the order the packed bytes
+   unpack in (block j of a group: inputs 16j..16j+15, then group/2 + 16j..), and each group's
+   exact sum (the min's term) is taken in input order. */
+int linear_q4(const float *x, const uint8_t *q, const uint16_t *scale, const uint16_t *offset, float *y, long tokens,
+              long n_out, long k_in, long group) {
+    long groups = k_in / group, per_group = group / 32, half = group / 2;
+    int8_t *xq = malloc(tokens * k_in);
+    float *x_scale = malloc(tokens * (k_in / 32) * sizeof(float));
+    float *x_group_sum = malloc(tokens * groups * sizeof(float));
+    if (!xq || !x_scale || !x_group_sum) {
+        free(xq);
+        free(x_scale);
+        free(x_group_sum);
+        return 1;
+    }
+#pragma omp parallel for schedule(static) if (tokens * groups > 4096)
+    for (long tg = 0; tg < tokens * groups; ++tg) {
+        const float *xg = x + tg * group;  /* token t's group g: rows are k_in = groups * group long */
+        float sum = 0.0f;
+        for (long i = 0; i < group; ++i) sum += xg[i];
+        x_group_sum[tg] = sum;
+        for (long j = 0; j < per_group; ++j) {
+            float block[32];
+            memcpy(block, xg + 16 * j, 16 * sizeof(float));
+            memcpy(block + 16, xg + half + 16 * j, 16 * sizeof(float));
+            long b = tg * per_group + j;
+            quantize_block(block, xq + 32 * b, x_scale + b);
+        }
+    }
+    q4_product(xq, x_scale, x_group_sum, q, scale, offset, y, tokens, n_out, k_in, group);
+    free(xq);
+    free(x_scale);
+    free(x_group_sum);
+    return 0;
 }

@@ -62,11 +62,10 @@ def _library() -> ctypes.CDLL | None:
     library = ctypes.CDLL(str(target))
     long, ptr = ctypes.c_long, ctypes.c_void_p
     library.linear_bf16.argtypes = [ptr, ptr, ptr, long, long, long]
-    library.quantize_rows.argtypes = [ptr, ptr, ptr, long, long]
-    library.linear_q8.argtypes = [ptr, ptr, ptr, ptr, ptr, long, long, long, long]
-    library.linear_q4.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, long, long, long, long]
-    for fn in (library.linear_bf16, library.quantize_rows, library.linear_q8, library.linear_q4):
-        fn.restype = None
+    library.linear_q8.argtypes = [ptr, ptr, ptr, ptr, long, long, long, long]
+    library.linear_q4.argtypes = [ptr, ptr, ptr, ptr, ptr, long, long, long, long]
+    library.linear_bf16.restype = None
+    library.linear_q8.restype = library.linear_q4.restype = ctypes.c_int
     return library
 
 
@@ -103,31 +102,33 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
-def _quantized_rows(library: ctypes.CDLL, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 [T, K] -> (int8 [T, K], fp32 [T, K/32] block scales), as the integer products read x."""
-    tokens, K = xs.shape
-    xq, x_scale = torch.empty(tokens, K, dtype=torch.int8), torch.empty(tokens, K // 32)
-    library.quantize_rows(xs.data_ptr(), xq.data_ptr(), x_scale.data_ptr(), tokens, K)
-    return xq, x_scale
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous fp16, without a tensor op where it already is (as stored weights are)."""
+    return t if t.dtype == torch.float16 and t.is_contiguous() else t.to(torch.float16).contiguous()
+
+
+def _checked(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the decode kernel could not allocate its scratch for x")
 
 
 def linear_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] times an 8-bit weight of shunter.model.quant (packed int8 [N, K], fp16 scales
     [N, K/G], G a multiple of 32) -> [..., N] in x's dtype. x is rounded to 8 bits per 32 inputs
-    (an error of at most half a step, the block's largest |x| / 127, per input). Needs available()."""
+    (an error of at most half a step, the block's largest |x| / 127, per input), in the kernel.
+    Needs available()."""
     library = _library()
     assert library is not None, "the kernels are not available here"
     N, K = packed.shape
     group = K // scales.shape[1]
-    tokens = x.numel() // K
-    xq, x_scale = _quantized_rows(library, _as_fp32_rows(x))
+    xs = _as_fp32_rows(x)
+    tokens = xs.shape[0]
     y = torch.empty(tokens, N, dtype=torch.float32)
-    sc = scales.to(torch.float16).contiguous()
+    packed, sc = packed if packed.is_contiguous() else packed.contiguous(), _fp16(scales)
     _threads(library)
-    library.linear_q8(
-        xq.data_ptr(), x_scale.data_ptr(), packed.contiguous().data_ptr(), sc.data_ptr(), y.data_ptr(),
-        tokens, N, K, group,
-    )  # fmt: skip
+    _checked(
+        library.linear_q8(xs.data_ptr(), packed.data_ptr(), sc.data_ptr(), y.data_ptr(), tokens, N, K, group)
+    )
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
@@ -136,23 +137,21 @@ def linear_q4(
 ) -> torch.Tensor:
     """x [..., K] times a 4-bit weight of shunter.model.quant (packed uint8 [N, K/2], byte j of a
     group holding inputs j and j + G/2; fp16 scales and mins [N, K/G], G a multiple of 32) ->
-    [..., N] in x's dtype. x is rounded to 8 bits per 32 inputs, as linear_q8 does."""
+    [..., N] in x's dtype. x is rounded to 8 bits per 32 inputs as linear_q8 does, each block of
+    32 in the order the kernel unpacks a group in (16 bytes' low nibbles, then their high ones)."""
     library = _library()
     assert library is not None, "the kernels are not available here"
     N, K = packed.shape[0], 2 * packed.shape[1]
-    groups = scales.shape[1]
-    group = K // groups
-    tokens = x.numel() // K
+    group = K // scales.shape[1]
     xs = _as_fp32_rows(x)
-    # the order the kernel unpacks a group in: 16 bytes' low nibbles, then their high nibbles
-    x_unpack_order = xs.reshape(tokens, groups, 2, group // 32, 16).transpose(2, 3).reshape(tokens, K)
-    xq, x_scale = _quantized_rows(library, x_unpack_order.contiguous())
-    x_group_sum = xs.reshape(tokens, groups, group).sum(-1).contiguous()
+    tokens = xs.shape[0]
     y = torch.empty(tokens, N, dtype=torch.float32)
-    sc, low = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
+    packed = packed if packed.is_contiguous() else packed.contiguous()
+    sc, low = _fp16(scales), _fp16(mins)
     _threads(library)
-    library.linear_q4(
-        xq.data_ptr(), x_scale.data_ptr(), x_group_sum.data_ptr(), packed.contiguous().data_ptr(),
-        sc.data_ptr(), low.data_ptr(), y.data_ptr(), tokens, N, K, group,
-    )  # fmt: skip
+    _checked(
+        library.linear_q4(
+            xs.data_ptr(), packed.data_ptr(), sc.data_ptr(), low.data_ptr(), y.data_ptr(), tokens, N, K, group
+        )
+    )
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
