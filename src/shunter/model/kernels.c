@@ -22,6 +22,9 @@
 
 #define ROWS 2    /* rows per block: 2 rows x 4 tokens = 8 accumulators, within AVX2's 16 registers */
 #define TOKENS 4  /* tokens per pass over a row block */
+#define TILE_ROWS 4      /* bf16 and 4-bit tiles: 4 rows x up to 2 tokens, 8 accumulators */
+#define TILE_TOKENS 2
+#define PREFETCH_ROWS 8  /* how many rows ahead a tile prefetches its weights (measured: 8-64 alike) */
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -40,25 +43,46 @@ static inline __m256 load_i8x8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
+/* One tile of R rows by T tokens, R and T constants once inlined (see q4_tile below). */
+static inline __attribute__((always_inline)) void bf16_tile(const float *x, const uint16_t *w, float *y, long n0,
+                                                            long t0, long n_out, long k_in, const int R,
+                                                            const int T) {
+    __m256 acc[TILE_ROWS][TILE_TOKENS];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (long k = 0; k < k_in; k += 8) {
+        __m256 wv[TILE_ROWS];
+        for (int r = 0; r < R; ++r) {
+            if ((k & 31) == 0)
+                _mm_prefetch((const char *)(w + (n0 + r + PREFETCH_ROWS) * k_in + k), _MM_HINT_T0);
+            wv[r] = load_bf16x8(w + (n0 + r) * k_in + k);
+        }
+        for (int t = 0; t < T; ++t) {
+            __m256 xv = _mm256_loadu_ps(x + (t0 + t) * k_in + k);
+            for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + n0 + r] = hsum8(acc[r][t]);
+}
+
 void linear_bf16(const float *x, const uint16_t *w, float *y, long tokens, long n_out, long k_in) {
 #pragma omp parallel for schedule(static)
-    for (long n0 = 0; n0 < n_out; n0 += ROWS) {
-        long rows = n_out - n0 < ROWS ? n_out - n0 : ROWS;
-        for (long t0 = 0; t0 < tokens; t0 += TOKENS) {
-            long ts = tokens - t0 < TOKENS ? tokens - t0 : TOKENS;
-            __m256 acc[ROWS][TOKENS];
-            for (int r = 0; r < ROWS; ++r)
-                for (int t = 0; t < TOKENS; ++t) acc[r][t] = _mm256_setzero_ps();
-            for (long k = 0; k < k_in; k += 8) {
-                __m256 wv[ROWS];
-                for (int r = 0; r < rows; ++r) wv[r] = load_bf16x8(w + (n0 + r) * k_in + k);
-                for (int t = 0; t < ts; ++t) {
-                    __m256 xv = _mm256_loadu_ps(x + (t0 + t) * k_in + k);
-                    for (int r = 0; r < rows; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+    for (long n0 = 0; n0 < n_out; n0 += TILE_ROWS) {
+        long rows = n_out - n0 < TILE_ROWS ? n_out - n0 : TILE_ROWS;
+        for (long t0 = 0; t0 < tokens; t0 += TILE_TOKENS) {
+            int pair = tokens - t0 >= 2;
+            if (rows == TILE_ROWS && pair)
+                bf16_tile(x, w, y, n0, t0, n_out, k_in, TILE_ROWS, 2);
+            else if (rows == TILE_ROWS)
+                bf16_tile(x, w, y, n0, t0, n_out, k_in, TILE_ROWS, 1);
+            else
+                for (long r = n0; r < n0 + rows; ++r) {
+                    if (pair)
+                        bf16_tile(x, w, y, r, t0, n_out, k_in, 1, 2);
+                    else
+                        bf16_tile(x, w, y, r, t0, n_out, k_in, 1, 1);
                 }
-            }
-            for (int r = 0; r < rows; ++r)
-                for (int t = 0; t < ts; ++t) y[(t0 + t) * n_out + n0 + r] = hsum8(acc[r][t]);
         }
     }
 }
@@ -131,11 +155,6 @@ static void q8_product(const int8_t *xq, const float *x_scale, const int8_t *q, 
    the end; four independent rows keep the FMA pipeline full at one token, where two rows left it
    waiting on each sum's latency. A (row, token) pair is computed by the same operations in the
    same order whatever tile it falls in, so a token gets the same numbers alone or in a batch. */
-#define Q4_ROWS 4
-#define Q4_TOKENS 2
-#ifndef Q4_PREFETCH_ROWS
-#define Q4_PREFETCH_ROWS 8
-#endif
 
 static inline __attribute__((always_inline)) void q4_tile(
     const int8_t *xq, const float *x_scale, const float *x_group_sum, const uint8_t *q, const uint16_t *scale,
@@ -143,29 +162,29 @@ static inline __attribute__((always_inline)) void q4_tile(
     const int T) {
     long groups = k_in / group, blocks = k_in / 32, row_bytes = k_in / 2, per_group = group / 32;
     const __m128i low_mask = _mm_set1_epi8(0x0F);
-    __m256 acc[Q4_ROWS][Q4_TOKENS];
-    float min_sum[Q4_ROWS][Q4_TOKENS];
+    __m256 acc[TILE_ROWS][TILE_TOKENS];
+    float min_sum[TILE_ROWS][TILE_TOKENS];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) {
             acc[r][t] = _mm256_setzero_ps();
             min_sum[r][t] = 0.0f;
         }
     for (long g = 0; g < groups; ++g) {
-        float s[Q4_ROWS];
+        float s[TILE_ROWS];
         for (int r = 0; r < R; ++r) {
             if ((g & 15) == 0) {
-                _mm_prefetch((const char *)(scale + (n0 + r + Q4_PREFETCH_ROWS) * groups + g), _MM_HINT_T0);
-                _mm_prefetch((const char *)(offset + (n0 + r + Q4_PREFETCH_ROWS) * groups + g), _MM_HINT_T0);
+                _mm_prefetch((const char *)(scale + (n0 + r + PREFETCH_ROWS) * groups + g), _MM_HINT_T0);
+                _mm_prefetch((const char *)(offset + (n0 + r + PREFETCH_ROWS) * groups + g), _MM_HINT_T0);
             }
             s[r] = _cvtsh_ss(scale[(n0 + r) * groups + g]);
             float o = _cvtsh_ss(offset[(n0 + r) * groups + g]);
             for (int t = 0; t < T; ++t) min_sum[r][t] += o * x_group_sum[(t0 + t) * groups + g];
         }
         for (long b = g * per_group; b < (g + 1) * per_group; ++b) {
-            __m256i w[Q4_ROWS];
+            __m256i w[TILE_ROWS];
             for (int r = 0; r < R; ++r) {
                 if ((b & 3) == 0)
-                    _mm_prefetch((const char *)(q + (n0 + r + Q4_PREFETCH_ROWS) * row_bytes + 16 * b), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(q + (n0 + r + PREFETCH_ROWS) * row_bytes + 16 * b), _MM_HINT_T0);
                 __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (n0 + r) * row_bytes + 16 * b));
                 __m128i lo = _mm_and_si128(bytes, low_mask);
                 __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
@@ -187,14 +206,14 @@ static void q4_product(const int8_t *xq, const float *x_scale, const float *x_gr
                        const uint16_t *scale, const uint16_t *offset, float *y, long tokens, long n_out,
                        long k_in, long group) {
 #pragma omp parallel for schedule(static)
-    for (long n0 = 0; n0 < n_out; n0 += Q4_ROWS) {
-        long rows = n_out - n0 < Q4_ROWS ? n_out - n0 : Q4_ROWS;
-        for (long t0 = 0; t0 < tokens; t0 += Q4_TOKENS) {
+    for (long n0 = 0; n0 < n_out; n0 += TILE_ROWS) {
+        long rows = n_out - n0 < TILE_ROWS ? n_out - n0 : TILE_ROWS;
+        for (long t0 = 0; t0 < tokens; t0 += TILE_TOKENS) {
             int pair = tokens - t0 >= 2;
-            if (rows == Q4_ROWS && pair)
-                q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, n0, t0, n_out, k_in, group, Q4_ROWS, 2);
-            else if (rows == Q4_ROWS)
-                q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, n0, t0, n_out, k_in, group, Q4_ROWS, 1);
+            if (rows == TILE_ROWS && pair)
+                q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, n0, t0, n_out, k_in, group, TILE_ROWS, 2);
+            else if (rows == TILE_ROWS)
+                q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, n0, t0, n_out, k_in, group, TILE_ROWS, 1);
             else
                 for (long r = n0; r < n0 + rows; ++r) {
                     if (pair)
