@@ -20,11 +20,31 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ROWS 2    /* rows per block: 2 rows x 4 tokens = 8 accumulators, within AVX2's 16 registers */
-#define TOKENS 4  /* tokens per pass over a row block */
-#define TILE_ROWS 4      /* bf16 and 4-bit tiles: 4 rows x up to 2 tokens, 8 accumulators */
+#define TILE_ROWS 4      /* a tile: 4 rows x up to 2 tokens, 8 accumulators within AVX2's 16 registers */
 #define TILE_TOKENS 2
 #define PREFETCH_ROWS 8  /* how many rows ahead a tile prefetches its weights (measured: 8-64 alike) */
+
+/* Runs TILE(n0, t0, R, T) over every tile of n_out rows by `tokens` tokens, the rows split across
+   OpenMP threads. R and T are literals at each call, so every call inlines a tile with constant
+   bounds. */
+#define FOR_EACH_TILE(n_out, tokens, TILE)                                              \
+    _Pragma("omp parallel for schedule(static)") for (long n0_ = 0; n0_ < (n_out); n0_ += TILE_ROWS) { \
+        long rows_ = (n_out) - n0_ < TILE_ROWS ? (n_out) - n0_ : TILE_ROWS;             \
+        for (long t0_ = 0; t0_ < (tokens); t0_ += TILE_TOKENS) {                        \
+            int pair_ = (tokens) - t0_ >= 2;                                            \
+            if (rows_ == TILE_ROWS && pair_)                                            \
+                TILE(n0_, t0_, TILE_ROWS, 2);                                           \
+            else if (rows_ == TILE_ROWS)                                                \
+                TILE(n0_, t0_, TILE_ROWS, 1);                                           \
+            else                                                                        \
+                for (long r_ = n0_; r_ < n0_ + rows_; ++r_) {                           \
+                    if (pair_)                                                          \
+                        TILE(r_, t0_, 1, 2);                                            \
+                    else                                                                \
+                        TILE(r_, t0_, 1, 1);                                            \
+                }                                                                       \
+        }                                                                               \
+    }
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -67,24 +87,9 @@ static inline __attribute__((always_inline)) void bf16_tile(const float *x, cons
 }
 
 void linear_bf16(const float *x, const uint16_t *w, float *y, long tokens, long n_out, long k_in) {
-#pragma omp parallel for schedule(static)
-    for (long n0 = 0; n0 < n_out; n0 += TILE_ROWS) {
-        long rows = n_out - n0 < TILE_ROWS ? n_out - n0 : TILE_ROWS;
-        for (long t0 = 0; t0 < tokens; t0 += TILE_TOKENS) {
-            int pair = tokens - t0 >= 2;
-            if (rows == TILE_ROWS && pair)
-                bf16_tile(x, w, y, n0, t0, n_out, k_in, TILE_ROWS, 2);
-            else if (rows == TILE_ROWS)
-                bf16_tile(x, w, y, n0, t0, n_out, k_in, TILE_ROWS, 1);
-            else
-                for (long r = n0; r < n0 + rows; ++r) {
-                    if (pair)
-                        bf16_tile(x, w, y, r, t0, n_out, k_in, 1, 2);
-                    else
-                        bf16_tile(x, w, y, r, t0, n_out, k_in, 1, 1);
-                }
-        }
-    }
+#define TILE(n0, t0, R, T) bf16_tile(x, w, y, n0, t0, n_out, k_in, R, T)
+    FOR_EACH_TILE(n_out, tokens, TILE);
+#undef TILE
 }
 
 /* x quantised for the integer products, as llama.cpp quantises activations: per block of 32
@@ -103,44 +108,45 @@ static inline __m256 dot_u8_i8(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-static void q8_product(const int8_t *xq, const float *x_scale, const int8_t *q, const uint16_t *scale, float *y,
-                      long tokens, long n_out, long k_in, long group) {
-    long groups = k_in / group, blocks = k_in / 32;
-#pragma omp parallel for schedule(static)
-    for (long n0 = 0; n0 < n_out; n0 += ROWS) {
-        long rows = n_out - n0 < ROWS ? n_out - n0 : ROWS;
-        for (long t0 = 0; t0 < tokens; t0 += TOKENS) {
-            long ts = tokens - t0 < TOKENS ? tokens - t0 : TOKENS;
-            __m256 acc[ROWS][TOKENS];
-            for (int r = 0; r < ROWS; ++r)
-                for (int t = 0; t < TOKENS; ++t) acc[r][t] = _mm256_setzero_ps();
-            for (long g = 0; g < groups; ++g) {
-                __m256 part[ROWS][TOKENS];
-                for (int r = 0; r < ROWS; ++r)
-                    for (int t = 0; t < TOKENS; ++t) part[r][t] = _mm256_setzero_ps();
-                for (long k = g * group; k < (g + 1) * group; k += 32) {
-                    __m256i w[ROWS], w_abs[ROWS];
-                    for (int r = 0; r < rows; ++r) {
-                        w[r] = _mm256_loadu_si256((const __m256i *)(q + (n0 + r) * k_in + k));
-                        w_abs[r] = _mm256_sign_epi8(w[r], w[r]);
-                    }
-                    for (int t = 0; t < ts; ++t) {
-                        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k_in + k));
-                        __m256 d = _mm256_set1_ps(x_scale[(t0 + t) * blocks + k / 32]);
-                        for (int r = 0; r < rows; ++r)
-                            part[r][t] = _mm256_fmadd_ps(dot_u8_i8(w_abs[r], _mm256_sign_epi8(xv, w[r])), d,
-                                                         part[r][t]);
-                    }
-                }
-                for (int r = 0; r < rows; ++r) {
-                    __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[(n0 + r) * groups + g]));
-                    for (int t = 0; t < ts; ++t) acc[r][t] = _mm256_fmadd_ps(part[r][t], s, acc[r][t]);
-                }
+/* One tile of R rows by T tokens of the 8-bit product (see q4_tile below): each block of 32
+   products scaled once by x's block scale times the row's group scale into one accumulator. */
+static inline __attribute__((always_inline)) void q8_tile(const int8_t *xq, const float *x_scale, const int8_t *q,
+                                                          const uint16_t *scale, float *y, long n0, long t0,
+                                                          long n_out, long k_in, long group, const int R,
+                                                          const int T) {
+    long groups = k_in / group, blocks = k_in / 32, per_group = group / 32;
+    __m256 acc[TILE_ROWS][TILE_TOKENS];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (long g = 0; g < groups; ++g) {
+        float s[TILE_ROWS];
+        for (int r = 0; r < R; ++r) s[r] = _cvtsh_ss(scale[(n0 + r) * groups + g]);
+        for (long b = g * per_group; b < (g + 1) * per_group; ++b) {
+            __m256i w[TILE_ROWS], w_abs[TILE_ROWS];
+            for (int r = 0; r < R; ++r) {
+                if ((b & 1) == 0)
+                    _mm_prefetch((const char *)(q + (n0 + r + PREFETCH_ROWS) * k_in + 32 * b), _MM_HINT_T0);
+                w[r] = _mm256_loadu_si256((const __m256i *)(q + (n0 + r) * k_in + 32 * b));
+                w_abs[r] = _mm256_sign_epi8(w[r], w[r]);
             }
-            for (int r = 0; r < rows; ++r)
-                for (int t = 0; t < ts; ++t) y[(t0 + t) * n_out + n0 + r] = hsum8(acc[r][t]);
+            for (int t = 0; t < T; ++t) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k_in + 32 * b));
+                float dx = x_scale[(t0 + t) * blocks + b];
+                for (int r = 0; r < R; ++r)
+                    acc[r][t] = _mm256_fmadd_ps(dot_u8_i8(w_abs[r], _mm256_sign_epi8(xv, w[r])),
+                                                _mm256_set1_ps(dx * s[r]), acc[r][t]);
+            }
         }
     }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + n0 + r] = hsum8(acc[r][t]);
+}
+
+static void q8_product(const int8_t *xq, const float *x_scale, const int8_t *q, const uint16_t *scale, float *y,
+                       long tokens, long n_out, long k_in, long group) {
+#define TILE(n0, t0, R, T) q8_tile(xq, x_scale, q, scale, y, n0, t0, n_out, k_in, group, R, T)
+    FOR_EACH_TILE(n_out, tokens, TILE);
+#undef TILE
 }
 
 /* xq and x_scale quantise each token's inputs reordered in the order the packed bytes unpack in:
@@ -205,24 +211,9 @@ static inline __attribute__((always_inline)) void q4_tile(
 static void q4_product(const int8_t *xq, const float *x_scale, const float *x_group_sum, const uint8_t *q,
                        const uint16_t *scale, const uint16_t *offset, float *y, long tokens, long n_out,
                        long k_in, long group) {
-#pragma omp parallel for schedule(static)
-    for (long n0 = 0; n0 < n_out; n0 += TILE_ROWS) {
-        long rows = n_out - n0 < TILE_ROWS ? n_out - n0 : TILE_ROWS;
-        for (long t0 = 0; t0 < tokens; t0 += TILE_TOKENS) {
-            int pair = tokens - t0 >= 2;
-            if (rows == TILE_ROWS && pair)
-                q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, n0, t0, n_out, k_in, group, TILE_ROWS, 2);
-            else if (rows == TILE_ROWS)
-                q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, n0, t0, n_out, k_in, group, TILE_ROWS, 1);
-            else
-                for (long r = n0; r < n0 + rows; ++r) {
-                    if (pair)
-                        q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, r, t0, n_out, k_in, group, 1, 2);
-                    else
-                        q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, r, t0, n_out, k_in, group, 1, 1);
-                }
-        }
-    }
+#define TILE(n0, t0, R, T) q4_tile(xq, x_scale, x_group_sum, q, scale, offset, y, n0, t0, n_out, k_in, group, R, T)
+    FOR_EACH_TILE(n_out, tokens, TILE);
+#undef TILE
 }
 
 /* The entry points: x fp32 [tokens, k_in], rounded here (one call per product: preparing x in
