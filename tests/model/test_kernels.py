@@ -30,7 +30,9 @@ def test_bf16_product_equals_torch_in_fp32(tokens, shape):
 
 @needs_kernels
 @pytest.mark.parametrize("tokens", [1, 2, 4, 7, 13])
-@pytest.mark.parametrize(("shape", "group"), [((9, 128), 64), ((64, 320), 32), ((5, 256), 128)])
+@pytest.mark.parametrize(
+    ("shape", "group"), [((9, 128), 64), ((64, 320), 32), ((5, 256), 128), ((6, 384), 192)]
+)
 def test_integer_products_equal_the_dequantised_reference(tokens, shape, group):
     """The kernels round each x to 8 bits per 32 inputs, an error of at most half a step (the
     block's largest |x| / 127) per input: the output is off by at most |W| times that."""
@@ -41,14 +43,21 @@ def test_integer_products_equal_the_dequantised_reference(tokens, shape, group):
         weight = dequantize(q)
         got = quantized_linear(x, q)
         assert uses_kernels(x, q)
-        # the blocks the kernel rounds: 32 consecutive inputs (8-bit) or the unpack order (4-bit)
-        blocks = x if bits == 8 else x.reshape(tokens, -1, 2, group // 32, 16).transpose(2, 3)
-        half_step = blocks.reshape(tokens, -1, 32).abs().amax(-1, keepdim=True) / 127 / 2
-        half_step = half_step.expand(-1, -1, 32).reshape(blocks.shape)
-        if bits == 4:  # back to input order
-            half_step = half_step.transpose(2, 3)
+        # the blocks the kernel rounds: 32 consecutive inputs
+        half_step = x.reshape(tokens, -1, 32).abs().amax(-1, keepdim=True) / 127 / 2
+        half_step = half_step.expand(-1, -1, 32).reshape(x.shape)
         bound = half_step.reshape(tokens, -1) @ weight.abs().T
         assert ((got - x @ weight.T).abs() <= 1.001 * bound + 1e-4).all()
+
+
+@needs_kernels
+def test_a_4_bit_group_the_kernel_cannot_unpack_goes_to_the_reference():
+    """A 4-bit group's bytes unpack into whole blocks of 32 inputs only at 32 or a multiple of 64."""
+    torch.manual_seed(1)
+    w, x = torch.randn(5, 192), torch.randn(3, 192)
+    q = quantize(w, 4, 96)
+    assert not uses_kernels(x, q) and uses_kernels(x, quantize(w, 8, 96))
+    torch.testing.assert_close(quantized_linear(x, q), quantized_linear_reference(x, q))
 
 
 @needs_kernels
@@ -57,7 +66,7 @@ def test_integer_products_are_exact_when_x_needs_no_rounding():
     torch.manual_seed(0)
     w = torch.randn(33, 256)
     x = torch.randint(-127, 128, (3, 256)).float()
-    x[:, ::16] = 127.0  # every block of 32, in input order or the 4-bit unpack order, holds a 127
+    x[:, ::32] = 127.0  # every block of 32 inputs holds a 127
     for bits in (8, 4):
         q = quantize(w, bits)
         expected = x @ dequantize(q).T  # sums of 256 products up to 1e3 each, in another order

@@ -149,10 +149,12 @@ static void q8_product(const int8_t *xq, const float *x_scale, const int8_t *q, 
 #undef TILE
 }
 
-/* xq and x_scale quantise each token's inputs reordered in the order the packed bytes unpack in:
-   16 bytes at a time, their low nibbles (inputs i..i+15 of the group) then their high nibbles
-   (inputs i+group/2..). x_group_sum[t, g] is the exact sum of token t's inputs in group g (the
-   min's term).
+/* The 4-bit product reads x rounded per block of 32 inputs in input order (as the 8-bit one
+   does); x_group_sum[t, g] is the exact sum of token t's inputs in group g (the min's term).
+   The packed bytes unpack into such blocks directly: a group of 32 is 16 bytes whose low nibbles
+   are inputs 0-15 and high nibbles 16-31; in a group of G >= 64 (a multiple of 64), byte j holds
+   inputs j and j + G/2, so 32 bytes at offset 32c give the blocks of inputs 32c.. (low nibbles)
+   and G/2 + 32c.. (high): one load and three ops for 64 weights.
 
    One tile is R rows by T tokens; R and T are constants once inlined, so the compiler unrolls
    the loops and keeps the R x T accumulators in registers (with a runtime bound they lived in
@@ -161,13 +163,13 @@ static void q8_product(const int8_t *xq, const float *x_scale, const int8_t *q, 
    the end; four independent rows keep the FMA pipeline full at one token, where two rows left it
    waiting on each sum's latency. A (row, token) pair is computed by the same operations in the
    same order whatever tile it falls in, so a token gets the same numbers alone or in a batch. */
-
 static inline __attribute__((always_inline)) void q4_tile(
     const int8_t *xq, const float *x_scale, const float *x_group_sum, const uint8_t *q, const uint16_t *scale,
     const uint16_t *offset, float *y, long n0, long t0, long n_out, long k_in, long group, const int R,
     const int T) {
     long groups = k_in / group, blocks = k_in / 32, row_bytes = k_in / 2, per_group = group / 32;
     const __m128i low_mask = _mm_set1_epi8(0x0F);
+    const __m256i low_mask32 = _mm256_set1_epi8(0x0F);
     __m256 acc[TILE_ROWS][TILE_TOKENS];
     float min_sum[TILE_ROWS][TILE_TOKENS];
     for (int r = 0; r < R; ++r)
@@ -186,21 +188,46 @@ static inline __attribute__((always_inline)) void q4_tile(
             float o = _cvtsh_ss(offset[(n0 + r) * groups + g]);
             for (int t = 0; t < T; ++t) min_sum[r][t] += o * x_group_sum[(t0 + t) * groups + g];
         }
-        for (long b = g * per_group; b < (g + 1) * per_group; ++b) {
+        long first = g * per_group; /* the group's first block of 32 inputs */
+        if (group == 32) {
             __m256i w[TILE_ROWS];
             for (int r = 0; r < R; ++r) {
-                if ((b & 3) == 0)
-                    _mm_prefetch((const char *)(q + (n0 + r + PREFETCH_ROWS) * row_bytes + 16 * b), _MM_HINT_T0);
-                __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (n0 + r) * row_bytes + 16 * b));
+                if ((g & 3) == 0)
+                    _mm_prefetch((const char *)(q + (n0 + r + PREFETCH_ROWS) * row_bytes + 16 * g), _MM_HINT_T0);
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (n0 + r) * row_bytes + 16 * g));
                 __m128i lo = _mm_and_si128(bytes, low_mask);
                 __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
                 w[r] = _mm256_set_m128i(hi, lo);
             }
             for (int t = 0; t < T; ++t) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k_in + 32 * b));
-                float dx = x_scale[(t0 + t) * blocks + b];
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k_in + 32 * first));
+                float dx = x_scale[(t0 + t) * blocks + first];
                 for (int r = 0; r < R; ++r)
                     acc[r][t] = _mm256_fmadd_ps(dot_u8_i8(w[r], xv), _mm256_set1_ps(dx * s[r]), acc[r][t]);
+            }
+            continue;
+        }
+        for (long c = 0; c < per_group / 2; ++c) {
+            long lo_block = first + c, hi_block = first + per_group / 2 + c;
+            __m256i x_lo[TILE_TOKENS], x_hi[TILE_TOKENS];
+            float d_lo[TILE_TOKENS], d_hi[TILE_TOKENS];
+            for (int t = 0; t < T; ++t) {
+                const int8_t *xt = xq + (t0 + t) * k_in;
+                x_lo[t] = _mm256_loadu_si256((const __m256i *)(xt + 32 * lo_block));
+                x_hi[t] = _mm256_loadu_si256((const __m256i *)(xt + 32 * hi_block));
+                d_lo[t] = x_scale[(t0 + t) * blocks + lo_block];
+                d_hi[t] = x_scale[(t0 + t) * blocks + hi_block];
+            }
+            for (int r = 0; r < R; ++r) {
+                const uint8_t *p = q + (n0 + r) * row_bytes + g * (group / 2) + 32 * c;
+                _mm_prefetch((const char *)(p + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
+                __m256i bytes = _mm256_loadu_si256((const __m256i *)p);
+                __m256i w_lo = _mm256_and_si256(bytes, low_mask32);
+                __m256i w_hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask32);
+                for (int t = 0; t < T; ++t) {
+                    acc[r][t] = _mm256_fmadd_ps(dot_u8_i8(w_lo, x_lo[t]), _mm256_set1_ps(d_lo[t] * s[r]), acc[r][t]);
+                    acc[r][t] = _mm256_fmadd_ps(dot_u8_i8(w_hi, x_hi[t]), _mm256_set1_ps(d_hi[t] * s[r]), acc[r][t]);
+                }
             }
         }
     }
@@ -237,14 +264,13 @@ int linear_q8(const float *x, const int8_t *q, const uint16_t *scale, float *y, 
     return 0;
 }
 
-/* As linear_q8, for the 4-bit format: x is rounded per block of 32 in the order the packed bytes
-   unpack in (block j of a group: inputs 16j..16j+15, then group/2 + 16j..), and each group's
-   exact sum (the min's term) is taken in input order. */
+/* As linear_q8, for the 4-bit format (x rounded per block of 32 in input order, as there), with
+   each group's exact sum of x for the min's term. A group size of 32 or a multiple of 64. */
 int linear_q4(const float *x, const uint8_t *q, const uint16_t *scale, const uint16_t *offset, float *y, long tokens,
               long n_out, long k_in, long group) {
-    long groups = k_in / group, per_group = group / 32, half = group / 2;
+    long groups = k_in / group, blocks = tokens * (k_in / 32);
     int8_t *xq = malloc(tokens * k_in);
-    float *x_scale = malloc(tokens * (k_in / 32) * sizeof(float));
+    float *x_scale = malloc(blocks * sizeof(float));
     float *x_group_sum = malloc(tokens * groups * sizeof(float));
     if (!xq || !x_scale || !x_group_sum) {
         free(xq);
@@ -252,19 +278,13 @@ int linear_q4(const float *x, const uint8_t *q, const uint16_t *scale, const uin
         free(x_group_sum);
         return 1;
     }
-#pragma omp parallel for schedule(static) if (tokens * groups > 4096)
+#pragma omp parallel for schedule(static) if (blocks > 4096)
+    for (long b = 0; b < blocks; ++b) quantize_block(x + 32 * b, xq + 32 * b, x_scale + b);
     for (long tg = 0; tg < tokens * groups; ++tg) {
-        const float *xg = x + tg * group;  /* token t's group g: rows are k_in = groups * group long */
+        const float *xg = x + tg * group; /* token t's group g: rows are k_in = groups * group long */
         float sum = 0.0f;
         for (long i = 0; i < group; ++i) sum += xg[i];
         x_group_sum[tg] = sum;
-        for (long j = 0; j < per_group; ++j) {
-            float block[32];
-            memcpy(block, xg + 16 * j, 16 * sizeof(float));
-            memcpy(block + 16, xg + half + 16 * j, 16 * sizeof(float));
-            long b = tg * per_group + j;
-            quantize_block(block, xq + 32 * b, x_scale + b);
-        }
     }
     q4_product(xq, x_scale, x_group_sum, q, scale, offset, y, tokens, n_out, k_in, group);
     free(xq);

@@ -26,7 +26,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 MAX_KERNEL_TOKENS = 8  # bf16 above this: compute-bound, torch's GEMM is faster
 BF16_MIN_TOKENS = 1  # from one token: the tiled kernel reads at 38-42 GB/s there, torch 28-32 (measured)
-GROUP_MULTIPLE = 32  # the integer kernels walk inputs in blocks of 32 (4-bit: 16 bytes)
+GROUP_MULTIPLE = 32  # the integer kernels walk inputs in blocks of 32
 
 
 def cache_dir() -> Path:
@@ -71,6 +71,14 @@ def _library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return _library() is not None
+
+
+def supports_group(bits: int, group: int) -> bool:
+    """Whether the integer kernels take this group size: a multiple of 32 (8-bit); 32 or a multiple
+    of 64 (4-bit: a group's bytes unpack into whole blocks of 32 inputs only then)."""
+    if bits == 4:
+        return group == 32 or group % 64 == 0
+    return group % GROUP_MULTIPLE == 0
 
 
 _omp_threads = {"set": 0}
@@ -137,8 +145,8 @@ def linear_q4(
 ) -> torch.Tensor:
     """x [..., K] times a 4-bit weight of shunter.model.quant (packed uint8 [N, K/2], byte j of a
     group holding inputs j and j + G/2; fp16 scales and mins [N, K/G], G a multiple of 32) ->
-    [..., N] in x's dtype. x is rounded to 8 bits per 32 inputs as linear_q8 does, each block of
-    32 in the order the kernel unpacks a group in (16 bytes' low nibbles, then their high ones)."""
+    [..., N] in x's dtype, G 32 or a multiple of 64 (`supports_group`). x is rounded to 8 bits per
+    32 inputs as linear_q8 does."""
     library = _library()
     assert library is not None, "the kernels are not available here"
     N, K = packed.shape[0], 2 * packed.shape[1]

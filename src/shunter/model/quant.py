@@ -246,7 +246,7 @@ def uses_kernels(x: torch.Tensor, w: QuantizedWeight) -> bool:
     return (
         x.device.type == "cpu"
         and w.packed.dim() == 2
-        and w.group_size % kernels.GROUP_MULTIPLE == 0
+        and kernels.supports_group(w.bits, w.group_size)
         and kernels.available()
     )
 
