@@ -15,6 +15,7 @@ import pytest
 from shunter.bench import offload, rounds, sandbox
 from shunter.bench.report import ContenderRow
 from shunter.cli import main
+from shunter.errors import ShunterError
 from shunter.model.export import mixtral_config, random_weights, save_checkpoint
 from shunter.model.spec import load_spec, spec_from_config
 from shunter.offload.profile import MachineProfile
@@ -281,3 +282,29 @@ def test_a_timed_out_job_is_reported_and_not_run_again(monkeypatch):
     assert "slow" in progress.getvalue() and "timed out" in progress.getvalue()
     row = ContenderRow.from_summary("accelerate", 8, None, runs.summaries[slow])
     assert row.decode_tok_s is None and row.not_run.startswith("timed out")
+
+
+def test_a_failed_run_is_run_again_once_and_a_second_failure_ends_the_job(monkeypatch):
+    """A peer that now and then exits without its result line loses one run, not its row; one
+    that fails twice in a row (killed at its cap) is not run again."""
+    calls: list[str] = []
+
+    def fake_run_capped(job, cap_bytes, label, timeout_s=None):
+        calls.append(label)
+        if job["kind"] == "broken" or (label == "flaky (rep 1/3)" and calls.count(label) == 1):
+            raise ShunterError(f"{label}: printed no result line")
+        result = {"decode_tok_s": 2.0, "disk_read_bytes": 0, "generated_ids": [[1]]}
+        return sandbox.CappedRun(result, peak_cgroup_bytes=1, wall_s=0.1)
+
+    monkeypatch.setattr(rounds, "run_capped", fake_run_capped)
+    runs = rounds.InterleavedRuns()
+    flaky, broken = runs.add({"kind": "flaky"}, 1, "flaky"), runs.add({"kind": "broken"}, 1, "broken")
+    progress = io.StringIO()
+    runs.run(reps=3, warmup=1, progress=progress)
+    assert calls[:3] == ["flaky (warm-up)", "broken (warm-up)", "broken (warm-up)"]
+    assert calls.count("flaky (rep 1/3)") == 2 and len(runs.summaries[flaky]["decode_tok_s_reps"]) == 3
+    assert runs.summaries[flaky]["retried_runs"] == 1
+    assert runs.summaries[broken] == {
+        "not_run": "failed twice (warm-up), not run again: broken (warm-up): printed no result line"
+    }
+    assert "broken" in progress.getvalue() and "running it again" in progress.getvalue()

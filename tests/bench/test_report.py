@@ -8,7 +8,7 @@ from shunter.bench.report import ContenderRow, SweepRow
 MEASURED = [
     "decode_tok_s", "decode_tok_s_reps", "bytes_read", "planned_bytes_read", "disk_read_bytes",
     "peak_cgroup_bytes", "prefetch_hit_rate", "decode_disk_bytes_s", "decode_io_busy", "wall_s",
-    "generated_ids", "not_run",
+    "generated_ids", "not_run", "retried_runs",
 ]  # fmt: skip
 RATIOS = ["vs_accelerate", "vs_accelerate_best", "vs_predicted", "vs_bound", "vs_in_memory"]
 

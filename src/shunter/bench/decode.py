@@ -94,7 +94,10 @@ def llama_job(config: DecodeBenchConfig, precision: Precision, sequences: int) -
 def _row(summary: dict[str, Any] | None) -> dict[str, Any]:
     if summary is None or "not_run" in summary:
         return {"decode_tok_s": None, "not_run": (summary or {}).get("not_run")}
-    keep = ("decode_tok_s", "decode_tok_s_reps", "peak_cgroup_bytes", "disk_read_bytes", "bytes_read")
+    keep = (
+        "decode_tok_s", "decode_tok_s_reps", "peak_cgroup_bytes", "disk_read_bytes", "bytes_read",
+        "retried_runs",
+    )  # fmt: skip
     return {key: summary.get(key) for key in keep}
 
 

@@ -61,6 +61,7 @@ class ContenderRow:
     wall_s: float | None = None
     generated_ids: list[list[int]] | None = None
     not_run: str | None = None  # why nothing was measured: timed out, or does not fit the cap
+    retried_runs: int = 0  # runs that failed once and were run again (bench.rounds)
     # decode_tok_s over each reference
     vs_accelerate: float | None = None
     vs_accelerate_best: float | None = None

@@ -2,7 +2,9 @@
 
 A slow spell of the machine then spreads over all contenders instead of landing on one; the same
 job at the same cap is one measurement however many tables ask for it; a job that runs past its
-time limit is reported as timed out and not run again.
+time limit is reported as timed out and not run again; one that fails is run again once in the
+same round (a peer binary now and then exits without its result line), and not run again after a
+second failure (killed at its cap, or broken).
 """
 
 from __future__ import annotations
@@ -31,25 +33,22 @@ class InterleavedRuns:
         return key
 
     def run(self, reps: int, warmup: int, progress: IO[str], timeout_s: float | None = None) -> None:
-        """Every job warmup + reps times. A job that runs past timeout_s, or fails (killed at its
-        memory cap), is recorded as such and not run again (a contender thrashing under the cap
-        would take hours per round; one that cannot fit says so in its row)."""
+        """Every job warmup + reps times. A job that runs past timeout_s is recorded as such and
+        not run again (a contender thrashing under the cap would take hours per round); one that
+        fails is run again at once, and after a second failure in a row (killed at its memory cap:
+        one that cannot fit says so in its row) not run again. `retried_runs` counts the reruns."""
         timed: dict[str, list[CappedRun]] = {key: [] for key in self.jobs}
         timed_out: dict[str, str] = {}
+        retried = dict.fromkeys(self.jobs, 0)
         for round_number in range(warmup + reps):
             which = "warm-up" if round_number < warmup else f"rep {round_number - warmup + 1}/{reps}"
             for key, (job, cap_bytes, label) in self.jobs.items():
                 if key in timed_out:
                     continue
-                try:
-                    run = run_capped(job, cap_bytes, f"{label} ({which})", timeout_s)
-                except RunTimedOut:
-                    timed_out[key] = f"timed out: no result within {timeout_s:g} s ({which}), not run again"
-                    print(f"{label:<34} {which:>9}: {timed_out[key]}", file=progress, flush=True)
-                    continue
-                except ShunterError as exc:  # killed at the cap, or failed: a row that says so
-                    timed_out[key] = f"failed ({which}), not run again: {exc}"
-                    print(f"{label:<34} {which:>9}: {timed_out[key]}", file=progress, flush=True)
+                run, why, reruns = _run_retrying_once(job, cap_bytes, label, which, timeout_s, progress)
+                retried[key] += reruns
+                if run is None:
+                    timed_out[key] = str(why)
                     continue
                 if round_number >= warmup:
                     timed[key].append(run)
@@ -80,7 +79,33 @@ class InterleavedRuns:
                 "decode_io_busy": _median_or_none(r.result.get("decode_io_busy") for r in runs),
                 "wall_s": statistics.median(r.wall_s for r in runs),
                 "generated_ids": last["generated_ids"],
+                "retried_runs": retried[key],
             }
+
+
+def _run_retrying_once(
+    job: dict[str, Any],
+    cap_bytes: int | None,
+    label: str,
+    which: str,
+    timeout_s: float | None,
+    progress: IO[str],
+) -> tuple[CappedRun | None, str | None, int]:
+    """(the run, or None and why the job is not to be run again; how many runs were retried)."""
+    reruns = 0
+    while True:
+        try:
+            return run_capped(job, cap_bytes, f"{label} ({which})", timeout_s), None, reruns
+        except RunTimedOut:
+            why = f"timed out: no result within {timeout_s:g} s ({which}), not run again"
+        except ShunterError as exc:  # killed at the cap, or failed: a row that says so
+            if reruns == 0:
+                reruns = 1
+                print(f"{label:<34} {which:>9}: failed, running it again", file=progress, flush=True)
+                continue
+            why = f"failed twice ({which}), not run again: {exc}"
+        print(f"{label:<34} {which:>9}: {why}", file=progress, flush=True)
+        return None, why, reruns
 
 
 def _median_or_none(values: Iterable[float | None]) -> float | None:
