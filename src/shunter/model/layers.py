@@ -242,7 +242,12 @@ def single_query_attention(
 
     Two batched matmuls with the query heads of each KV group stacked as rows: on CPU this is
     about 6x faster than the fused SDPA kernel for a single query, and it never copies the cache
-    to repeat KV heads. Equal to `F.scaled_dot_product_attention` (tested)."""
+    to repeat KV heads. Equal to `F.scaled_dot_product_attention` (tested). On CPU, bf16 and fp16
+    inputs are computed in fp32: torch's reduced-precision batched products of these shapes are
+    slower than converting the keys and values first (measured, bf16, 16 query heads over 4 KV
+    heads of 64: 51 against 28 us at 16 keys, 487 against 300 us at 4096)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return single_query_attention(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
     B, heads, _, d = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
     group = heads // kv_heads
