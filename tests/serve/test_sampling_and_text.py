@@ -34,13 +34,14 @@ def test_a_penalty_turns_greedy_away_from_a_repeated_token():
 
 
 def test_generate_with_a_frequency_penalty_leaves_the_builtin_models_loop(capsys):
-    argv = ["generate", "--prompt", "The river", "--max-new-tokens", "16", "--json"]
+    argv = ["generate", "--prompt", "The river", "--max-new-tokens", "24", "--json"]
     assert main(argv) == 0
     greedy = json.loads(capsys.readouterr().out)["generated_ids"]
     assert main([*argv, "--frequency-penalty", "1.5"]) == 0
     penalised = json.loads(capsys.readouterr().out)["generated_ids"]
-    assert len(set(greedy)) <= 2  # the loop the penalty is for
-    assert len(set(penalised)) > len(set(greedy))
+    # greedy, the built-in model loops on a few tokens (which ones moves with rounding); penalised,
+    # it leaves the loop
+    assert len(set(greedy)) <= len(greedy) // 3 < len(set(penalised))
 
 
 def test_a_penalty_outside_openais_range_is_one_line(capsys):
