@@ -260,17 +260,30 @@ def test_a_run_past_its_time_limit_is_killed_with_its_cgroup(tiny_model, tmp_pat
     assert _run_cgroups(os.getpid()) == []
 
 
-def test_a_timed_out_job_is_reported_and_not_run_again(monkeypatch):
+def _fake_runs(monkeypatch, failure) -> list[str]:
+    """Jobs that run at 2 tok/s, except where failure(job, label, calls so far, timeout_s) gives an
+    exception to raise; returns the labels of the runs, as they are made."""
     calls: list[str] = []
 
     def fake_run_capped(job, cap_bytes, label, timeout_s=None):
         calls.append(label)
-        if job["kind"] == "slow":
-            raise sandbox.RunTimedOut(f"{label}: no result within {timeout_s:g} s; killed")
+        exc = failure(job, label, calls, timeout_s)
+        if exc is not None:
+            raise exc
         result = {"decode_tok_s": 2.0, "disk_read_bytes": 0, "generated_ids": [[1]]}
         return sandbox.CappedRun(result, peak_cgroup_bytes=1, wall_s=0.1)
 
     monkeypatch.setattr(rounds, "run_capped", fake_run_capped)
+    return calls
+
+
+def test_a_timed_out_job_is_reported_and_not_run_again(monkeypatch):
+    def failure(job, label, calls, timeout_s):
+        if job["kind"] == "slow":
+            return sandbox.RunTimedOut(f"{label}: no result within {timeout_s:g} s; killed")
+        return None
+
+    calls = _fake_runs(monkeypatch, failure)
     runs = rounds.InterleavedRuns()
     slow, fast = runs.add({"kind": "slow"}, 1, "slow"), runs.add({"kind": "fast"}, 1, "fast")
     progress = io.StringIO()
@@ -287,16 +300,13 @@ def test_a_timed_out_job_is_reported_and_not_run_again(monkeypatch):
 def test_a_failed_run_is_run_again_once_and_a_second_failure_ends_the_job(monkeypatch):
     """A peer that now and then exits without its result line loses one run, not its row; one
     that fails twice in a row (killed at its cap) is not run again."""
-    calls: list[str] = []
 
-    def fake_run_capped(job, cap_bytes, label, timeout_s=None):
-        calls.append(label)
+    def failure(job, label, calls, timeout_s):
         if job["kind"] == "broken" or (label == "flaky (rep 1/3)" and calls.count(label) == 1):
-            raise ShunterError(f"{label}: printed no result line")
-        result = {"decode_tok_s": 2.0, "disk_read_bytes": 0, "generated_ids": [[1]]}
-        return sandbox.CappedRun(result, peak_cgroup_bytes=1, wall_s=0.1)
+            return ShunterError(f"{label}: printed no result line")
+        return None
 
-    monkeypatch.setattr(rounds, "run_capped", fake_run_capped)
+    calls = _fake_runs(monkeypatch, failure)
     runs = rounds.InterleavedRuns()
     flaky, broken = runs.add({"kind": "flaky"}, 1, "flaky"), runs.add({"kind": "broken"}, 1, "broken")
     progress = io.StringIO()
