@@ -58,11 +58,6 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-static inline __m256 load_i8x8(const int8_t *p) {
-    __m128i b = _mm_loadl_epi64((const __m128i *)p);
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-}
-
 /* One tile of R rows by T tokens, R and T constants once inlined (see q4_tile below). */
 static inline __attribute__((always_inline)) void bf16_tile(const float *x, const uint16_t *w, float *y, long n0,
                                                             long t0, long n_out, long k_in, const int R,
@@ -243,21 +238,30 @@ static void q4_product(const int8_t *xq, const float *x_scale, const float *x_gr
 #undef TILE
 }
 
-/* The entry points: x fp32 [tokens, k_in], rounded here (one call per product: preparing x in
-   torch cost about a dozen tensor ops, 15 us a call, which at one token was most of a small
-   product's time). Scratch is malloc'd per call; a failed allocation returns 1 (y untouched). */
-int linear_q8(const float *x, const int8_t *q, const uint16_t *scale, float *y, long tokens, long n_out, long k_in,
-              long group) {
+/* x fp32 [tokens, k_in] rounded as the integer products read it (quantize_block per 32 inputs)
+   into scratch malloc'd here; the caller frees both. 0 when an allocation fails (nothing held). */
+static int rounded_x(const float *x, long tokens, long k_in, int8_t **xq, float **x_scale) {
     long blocks = tokens * (k_in / 32);
-    int8_t *xq = malloc(tokens * k_in);
-    float *x_scale = malloc(blocks * sizeof(float));
-    if (!xq || !x_scale) {
-        free(xq);
-        free(x_scale);
-        return 1;
+    *xq = malloc(tokens * k_in);
+    *x_scale = malloc(blocks * sizeof(float));
+    if (!*xq || !*x_scale) {
+        free(*xq);
+        free(*x_scale);
+        return 0;
     }
 #pragma omp parallel for schedule(static) if (blocks > 4096)
-    for (long b = 0; b < blocks; ++b) quantize_block(x + 32 * b, xq + 32 * b, x_scale + b);
+    for (long b = 0; b < blocks; ++b) quantize_block(x + 32 * b, *xq + 32 * b, *x_scale + b);
+    return 1;
+}
+
+/* The entry points: x fp32 [tokens, k_in], rounded here (one call per product: preparing x in
+   torch cost about a dozen tensor ops, 15 us a call, which at one token was most of a small
+   product's time). A failed allocation returns 1 (y untouched). */
+int linear_q8(const float *x, const int8_t *q, const uint16_t *scale, float *y, long tokens, long n_out, long k_in,
+              long group) {
+    int8_t *xq;
+    float *x_scale;
+    if (!rounded_x(x, tokens, k_in, &xq, &x_scale)) return 1;
     q8_product(xq, x_scale, q, scale, y, tokens, n_out, k_in, group);
     free(xq);
     free(x_scale);
@@ -268,18 +272,15 @@ int linear_q8(const float *x, const int8_t *q, const uint16_t *scale, float *y, 
    each group's exact sum of x for the min's term. A group size of 32 or a multiple of 64. */
 int linear_q4(const float *x, const uint8_t *q, const uint16_t *scale, const uint16_t *offset, float *y, long tokens,
               long n_out, long k_in, long group) {
-    long groups = k_in / group, blocks = tokens * (k_in / 32);
-    int8_t *xq = malloc(tokens * k_in);
-    float *x_scale = malloc(blocks * sizeof(float));
+    long groups = k_in / group;
+    int8_t *xq;
+    float *x_scale;
     float *x_group_sum = malloc(tokens * groups * sizeof(float));
-    if (!xq || !x_scale || !x_group_sum) {
-        free(xq);
-        free(x_scale);
+    if (!x_group_sum) return 1;
+    if (!rounded_x(x, tokens, k_in, &xq, &x_scale)) {
         free(x_group_sum);
         return 1;
     }
-#pragma omp parallel for schedule(static) if (blocks > 4096)
-    for (long b = 0; b < blocks; ++b) quantize_block(x + 32 * b, xq + 32 * b, x_scale + b);
     for (long tg = 0; tg < tokens * groups; ++tg) {
         const float *xg = x + tg * group; /* token t's group g: rows are k_in = groups * group long */
         float sum = 0.0f;
