@@ -5,7 +5,6 @@ same functions, and splitting attention from routing would only split what is re
 
 Shapes: B batch, T new tokens, S cached slots, H hidden, N = B*T flattened tokens,
 E experts, k experts per token, I expert intermediate size.
-Every schedule (in memory, offloaded, expert-parallel) calls these same functions.
 """
 
 from __future__ import annotations
