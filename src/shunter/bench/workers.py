@@ -126,6 +126,8 @@ def shunter_worker(job: dict[str, Any]) -> dict[str, Any]:
         sequences=len(sequence_prompts),
         max_slots=PROMPT_TOKENS + job["new_tokens"],
         trace=model_trace(path),
+        device=job.get("device", "cpu"),
+        host_memory_bytes=job.get("host_memory_bytes", 0),
     )
     stats = model.reader.stats
     at_first_step: list[tuple[int, float]] = []  # (bytes read, read seconds) when decoding starts
@@ -174,7 +176,7 @@ def in_memory_worker(job: dict[str, Any]) -> dict[str, Any]:
     from shunter.model.loader import load_model
 
     read_before = process_read_bytes()
-    loaded = load_model(job["model"])
+    loaded = load_model(job["model"], device=job.get("device", "cpu"))
     result = generate(loaded.model, prompts(job["sequences"], loaded.spec.vocab_size), job["new_tokens"])
     return {
         "decode_tok_s": result.decode_tok_s,

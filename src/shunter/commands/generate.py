@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         default="cpu",
-        help="where the offload engine computes: cpu (default), cuda, cuda:N, or auto (a GPU when usable)",
+        help="where the model computes: cpu (default), cuda, cuda:N, or auto (a GPU when usable). On a GPU "
+        "the whole model is placed there unless --memory (the GPU's budget) is below its size",
     )
     p.add_argument(
         "--batches",
@@ -253,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
     )
     engine = "offload" if isinstance(model, OffloadedModel) else "in-memory"
     stats = run_stats(path, spec, model.dtype, engine, args.batch, prompt, result, peak_rss_bytes())
+    if not isinstance(model, OffloadedModel):
+        stats["device"] = str(model.device)
     if plan is not None:
         stats["plan"] = plan_as_dict(plan) | {"sequences_given": args.batch}
     elif args.explain:

@@ -183,17 +183,22 @@ def decoder_layer(
 
 
 class InMemoryModel:
-    """A model whose weights all live in memory. `forward` is the whole network on one batch."""
+    """A model whose weights all live in memory (host RAM, or one GPU's: `device`, where the
+    weights already are). `forward` is the whole network on one batch."""
 
-    def __init__(self, spec: ModelSpec, weights: ModelWeights, dtype: torch.dtype) -> None:
+    def __init__(
+        self, spec: ModelSpec, weights: ModelWeights, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
         self.spec, self.weights, self.dtype = spec, weights, dtype
-        self.inv_freq, self.rope_factor = _inv_freq(spec)
+        self.device = torch.device(device)
+        inv_freq, self.rope_factor = _inv_freq(spec)
+        self.inv_freq = inv_freq.to(self.device)
         # layer -> a function computing that layer's sparse feed-forward instead of its weights
         # (the expert-parallel block of parallel/check.py); empty: every layer runs `moe_block`
         self.moe_overrides: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def new_cache(self, batch: int, max_slots: int) -> KVCache:
-        return KVCache(self.spec, batch, max_slots, self.dtype)
+        return KVCache(self.spec, batch, max_slots, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(
@@ -203,8 +208,10 @@ class InMemoryModel:
         recorder: RoutingRecorder | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with last_only) in fp32."""
+        """Logits [B, T, V] (or [B, 1, V] with last_only) in fp32, on the model's device."""
         spec, w = self.spec, self.weights
+        if self.device.type != "cpu":
+            batch = batch.to(self.device)
         T = batch.tokens.shape[1]
         h = F.embedding(batch.tokens, w.embed)
         rotary, mask = batch.attention_inputs(spec, self.inv_freq, self.rope_factor, self.dtype)

@@ -48,6 +48,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return tokens, pads
 
 
+def _finish(logits: torch.Tensor) -> None:
+    """Wait for a GPU's queued kernels, so that a step's time is its compute, not its launches."""
+    if logits.is_cuda:
+        torch.cuda.synchronize(logits.device)
+
+
 def generate(
     model: InMemoryModel,
     prompts: Sequence[Sequence[int]],
@@ -73,6 +79,7 @@ def generate(
 
     started = time.perf_counter()
     logits = model.forward(Batch(tokens, positions, key_valid[:, :P], 0), cache, recorder, last_only=True)
+    _finish(logits)
     prefill_s = time.perf_counter() - started
 
     outputs: list[list[int]] = [[] for _ in range(B)]
@@ -98,6 +105,7 @@ def generate(
         step_start = time.perf_counter()
         batch = Batch(next_ids[:, None], last_positions[:, None], key_valid[:, : P + step + 1], P + step)
         logits = model.forward(batch, cache, recorder)
+        _finish(logits)
         per_step.append(time.perf_counter() - step_start)
     return GenerationResult(
         tokens=outputs,

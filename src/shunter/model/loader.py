@@ -16,7 +16,7 @@ from shunter.model.executor import InMemoryModel
 from shunter.model.layers import pack_linear_weight
 from shunter.model.spec import ModelSpec, load_spec
 from shunter.model.tokenizer import Tokenizer
-from shunter.model.weights import load_weights
+from shunter.model.weights import load_weights, map_tensors
 from shunter.trace.routing_trace import RoutingTrace, load_trace
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,14 +83,23 @@ def fix_mmap_threshold() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
-def load_model(model: str | Path, dtype: str | None = None, pack: bool = True) -> LoadedModel:
+def load_model(
+    model: str | Path, dtype: str | None = None, pack: bool = True, device: torch.device | str = "cpu"
+) -> LoadedModel:
     """Load config, weights and tokenizer. dtype None keeps the checkpoint's dtype. `pack` prepacks
-    bf16 projection weights for oneDNN (no effect on other dtypes); False keeps plain tensors."""
+    bf16 projection weights for oneDNN (no effect on other dtypes); False keeps plain tensors.
+    `device` a GPU: every weight goes there as it is read (host memory holds one expert at a time)."""
+    device = torch.device(device)
     path = resolve_model_dir(model)
     spec = load_spec(path)
     fix_mmap_threshold()
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise FieldError("dtype", f"{dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     torch_dtype = DTYPE_NAMES[dtype] if dtype else spec.torch_dtype
-    weights = load_weights(spec, Checkpoint(path), torch_dtype, pack_linear_weight if pack else None)
-    return LoadedModel(path, spec, InMemoryModel(spec, weights, torch_dtype), Tokenizer.from_model_dir(path))
+    if device.type == "cpu":
+        weights = load_weights(spec, Checkpoint(path), torch_dtype, pack_linear_weight if pack else None)
+    else:
+        to_device = functools.partial(map_tensors, fn=lambda t: t.to(device))
+        weights = to_device(load_weights(spec, Checkpoint(path), torch_dtype, to_device))
+    executor = InMemoryModel(spec, weights, torch_dtype, device)
+    return LoadedModel(path, spec, executor, Tokenizer.from_model_dir(path))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from shunter.errors import FieldError
 from shunter.model.checkpoint import Checkpoint
 from shunter.model.executor import InMemoryModel
 from shunter.model.loader import DTYPE_NAMES, load_model
@@ -69,14 +68,7 @@ def choose_executor(
                 "the model runs in memory (it fits the memory budget, or none was given), "
                 "so the offload planner is not used and the number of batches does not apply"
             )
-        if device.type != "cpu":
-            raise FieldError(
-                "device",
-                "the in-memory executor runs on the CPU; with a memory budget below the model's size "
-                "the offload engine computes on the GPU",
-                str(device),
-            )
-        return ExecutorChoice(load_model(path, dtype).model, None, notes)
+        return ExecutorChoice(load_model(path, dtype, device=device).model, None, notes)
     plan, notes, batches_note = None, [], None
     if batches is None or explain_plan:
         # one sequence per micro-batch: the engine splits the sequences of a forward
