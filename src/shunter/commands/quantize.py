@@ -19,6 +19,7 @@ from shunter.model.loader import load_model, resolve_model_dir
 from shunter.model.quality import QualityReport, builtin_heldout_stream, compare_quality
 from shunter.model.quant import DEFAULT_GROUP_SIZE
 from shunter.model.quantize_checkpoint import OPTIONAL_MODULES, quantize_checkpoint, stderr_progress
+from shunter.offload.device import resolve_device
 from shunter.units import format_bytes
 
 
@@ -55,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="then compare OUT with MODEL on this many tokens of the built-in model's held-out text: "
         "bits per byte of each, KL divergence from MODEL's logits (default 0: no comparison)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the groups are fitted: cpu (default), cuda, cuda:N or auto (a GPU when usable)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=run)
@@ -71,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         include,
         args.overwrite,
         None if args.quiet else stderr_progress,
+        resolve_device(args.device),
     )
     report = dataclasses.asdict(summary)
     if args.eval_tokens > 0:

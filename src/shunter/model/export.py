@@ -65,12 +65,15 @@ def mixtral_config(
     }
 
 
-def random_weights(spec: ModelSpec, seed: int, std: float = 0.02, router_std: float = 0.5) -> ModelWeights:
-    """Deterministic random weights for a Mixtral-layout spec (fp32). Norm weights are ones."""
+def random_weights(
+    spec: ModelSpec, seed: int, std: float = 0.02, router_std: float = 0.5, device: torch.device | str = "cpu"
+) -> ModelWeights:
+    """Deterministic random weights for a Mixtral-layout spec (fp32), drawn on `device` (a GPU draws
+    billions in seconds; its stream differs from the CPU's for the same seed). Norm weights are ones."""
     if spec.family != "mixtral" or spec.attention != "gqa":
         raise ShunterError(f"random weights are only made for the mixtral family, not {spec.family!r}")
-    g = torch.Generator().manual_seed(seed)
-    normal = lambda *shape, s=std: torch.randn(*shape, generator=g) * s
+    g = torch.Generator(device=device).manual_seed(seed)
+    normal = lambda *shape, s=std: torch.randn(*shape, generator=g, device=device) * s
     H, E, I = spec.hidden_size, spec.num_experts, spec.expert_intermediate_size
     q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     layers = []
@@ -83,10 +86,12 @@ def random_weights(spec: ModelSpec, seed: int, std: float = 0.02, router_std: fl
             experts_gate_up=normal(E, 2 * I, H),
             experts_down=normal(E, H, I),
         )
-        layers.append(LayerWeights(torch.ones(H), attention, torch.ones(H), moe=moe))
+        layers.append(
+            LayerWeights(torch.ones(H, device=device), attention, torch.ones(H, device=device), moe=moe)
+        )
     embed = normal(spec.vocab_size, H)
     lm_head = embed if spec.tie_word_embeddings else normal(spec.vocab_size, H)
-    return ModelWeights(embed=embed, layers=layers, final_norm=torch.ones(H), lm_head=lm_head)
+    return ModelWeights(embed=embed, layers=layers, final_norm=torch.ones(H, device=device), lm_head=lm_head)
 
 
 def mixtral_tensors(spec: ModelSpec, weights: ModelWeights) -> dict[str, torch.Tensor]:
@@ -119,8 +124,8 @@ def mixtral_tensors(spec: ModelSpec, weights: ModelWeights) -> dict[str, torch.T
             out[q + "w1.weight"] = expert.gate_up[:I]
             out[q + "w3.weight"] = expert.gate_up[I:]
             out[q + "w2.weight"] = expert.down
-    # safetensors refuses tensors that share storage: give each its own contiguous copy
-    return {name: t.detach().to(dtype).clone().contiguous() for name, t in out.items()}
+    # safetensors refuses tensors that share storage: give each its own contiguous copy, in host memory
+    return {name: t.detach().to("cpu", dtype, copy=True).contiguous() for name, t in out.items()}
 
 
 # Written into every model directory Shunter makes: only such a directory (or an empty one) is
