@@ -66,7 +66,7 @@ table)
     free -g | head -2; df -h / /tmp | cat
     timeout "${TIMEOUT_S:-540}" python3 -m shunter.bench.gpu_decode --work "$WORK" --llama-bin "$LLAMA/bin" \
         --convert .gpu/convert --out "$OUT/gpu-decode.json" --layers "${LAYERS:-4}" \
-        --deadline-s "${DEADLINE_S:-420}" --reps "${REPS:-5}" --warmup 1 2>&1 | tee "$OUT/table.log" | tail -40
+        --deadline-s "${DEADLINE_S:-420}" --reps "${REPS:-5}" --warmup 1 --precisions "${PRECISIONS:-bf16,4-bit,8-bit}" 2>&1 | tee "$OUT/table.log" | tail -40
     stamp done
     ;;
 *)

@@ -15,8 +15,9 @@ Two conditions per precision:
              users run a MoE on a small card, -ngl 99 with the expert tensors that do not fit the
              budget kept on the CPU (`-ot NAME=CPU`), which computes them there.
 
-Rounds: per precision and condition, one Shunter process and one llama-batched-bench process
-(their order alternating round by round), each running every S of --sequences on one load
+Rounds: per precision (one after the other, in --precisions' order) and condition, one Shunter
+process and one llama-batched-bench process (their order alternating round by round), each
+running every S of --sequences on one load
 (every sequence its own random 16-token prompt); median of the rounds after --warmup. The
 results file is rewritten after every run, so a run stopped at --deadline-s keeps what it has.
 `--tiny --device cpu` runs the whole thing with small shapes on a CPU (the script's own check).
@@ -173,6 +174,8 @@ def shunter_worker(job: dict[str, Any]) -> dict[str, Any]:
             run = generate(model, prompts(S, spec.vocab_size), job["new_tokens"])
             result["decode_tok_s"][str(S)] = run.decode_tok_s
             result["prefill_tok_s"][str(S)] = run.prefill_tok_s
+        if job.get("profile") and device.type == "cuda":
+            result["profile"] = profile_decode(model, spec.vocab_size)
         if job["condition"] == "budget":
             result["resident_experts"] = len(model.placement.resident_experts)
             result["host_experts"] = len(model.placement.host_experts)
@@ -182,6 +185,30 @@ def shunter_worker(job: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
+
+
+def profile_decode(model: Any, vocab_size: int, new_tokens: int = 5) -> dict[str, Any]:
+    """Where one sequence's decode time goes on the GPU: wall time against the kernels' summed time
+    per step, launches per step, and the ops that take most of the kernels' time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from shunter.model.generate import generate
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run = generate(model, prompts(1, vocab_size), new_tokens)
+    events = prof.key_averages()
+    kernel_s = sum(e.self_device_time_total for e in events) / 1e6
+    launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    steps = run.decode_steps + 1  # the prompt's forward too
+    return {
+        "wall_s_per_step": (run.prefill_s + run.decode_s) / steps,
+        "kernel_s_per_step": kernel_s / steps,
+        "launches_per_step": launches / steps,
+        "top_ops": [(e.key, e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top],
+        "torch": torch.__version__,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +381,10 @@ def main_run(args: argparse.Namespace) -> int:
         tmp.replace(out)
 
     save()
-    for round_ in range(args.warmup + args.reps):
-        for name, (ours, gguf) in pairs.items():
+    # precision by precision, in the order given, so that a run stopped at its deadline has whole
+    # rounds of the first ones; the contenders alternate within every round and condition
+    for name, (ours, gguf) in pairs.items():
+        for round_ in range(args.warmup + args.reps):
             for condition in CONDITIONS:
                 order = ("shunter", "llama.cpp") if round_ % 2 == 0 else ("llama.cpp", "shunter")
                 for contender in order:
@@ -370,6 +399,7 @@ def main_run(args: argparse.Namespace) -> int:
                     try:
                         if contender == "shunter":
                             job = {"model": str(ours), "condition": condition, "device": args.device,
+                                   "profile": round_ == args.warmup,
                                    "sequences": args.sequences, "new_tokens": args.new_tokens,
                                    "budget_bytes": args.budget, "host_bytes": args.host_bytes}  # fmt: skip
                             run |= run_shunter(job, args.work, min(left, 3600))
