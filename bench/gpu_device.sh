@@ -22,7 +22,9 @@ unpack_llama() {
     mkdir -p "$LLAMA" && tar -xJf .gpu/llama-cuda.tar.xz -C "$LLAMA"
     local cu13
     cu13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)
-    export LD_LIBRARY_PATH="$LLAMA/bin:${cu13}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+    local found
+    found=$(find /usr/local /opt -name 'libcublas.so.13*' 2>/dev/null | head -1)
+    export LD_LIBRARY_PATH="$LLAMA/bin:${cu13}:${found%/*}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 }
 
 case "${1:-}" in
