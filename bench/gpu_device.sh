@@ -51,7 +51,7 @@ print(f"device->host pinned {n / timed(lambda: host.copy_(dev, non_blocking=True
 print(f"device->device (read+write) {2 * n / timed(lambda: dev2.copy_(dev)) / 1e9:.0f} GB/s")
 EOF
     stamp gpu tests
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu -x 2>&1 | tail -15
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu -x 2>&1 | tail -15
     stamp llama.cpp on a tiny model
     unpack_llama
     ldd "$LLAMA/bin/libggml-cuda.so" | grep -E 'not found|cublas|cudart'
