@@ -5,6 +5,7 @@
 #                               build on a tiny model (about a minute)
 #   bench/gpu_device.sh table   the decode table: python -m shunter.bench.gpu_decode on 4 of
 #                               Mixtral-8x7B's layers (about 8 minutes; DEADLINE_S bounds the rounds)
+#   bench/gpu_device.sh all     the GPU tests (TESTS_S, 100 s), then the table
 #
 # Expects .gpu/ (not in git): llama-cuda.tar.xz (llama.cpp's build/bin for CUDA, sm_90) and
 # convert/ (its convert_hf_to_gguf.py, conversion/ and gguf-py/). Writes under $OUT.
@@ -61,6 +62,10 @@ EOF
     python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); print([(x["contender"], x["condition"], x.get("gpu_buffer_bytes"), x.get("peak_gpu_bytes"), x.get("error", "")[-300:]) for x in r["runs"]]); print(r["runs"][0].get("profile"))' "$OUT/tiny.json"
     stamp done
     ;;
+all)
+    stamp gpu tests
+    timeout "${TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider tests/gpu --maxfail=6 2>&1 | tail -25
+    ;&
 table)
     unpack_llama
     stamp table
@@ -72,7 +77,7 @@ table)
     stamp done
     ;;
 *)
-    echo "usage: bench/gpu_device.sh smoke|table" >&2
+    echo "usage: bench/gpu_device.sh smoke|table|all" >&2
     exit 2
     ;;
 esac

@@ -329,6 +329,9 @@ def run_llama(argv: list[str], sequences: list[int], timeout_s: float) -> dict[s
         result["decode_tok_s"][str(S)] = point["decode_tok_s"]
         result["prefill_tok_s"][str(S)] = point["prefill_tok_s"]
     result["gpu_buffer_bytes"] = gpu_buffer_bytes(log)
+    # what it said of the GPU and of where its layers went: the check that a CUDA build used the GPU
+    said = [line for line in log.splitlines() if re.search(r"CUDA|cuda|offload|buffer size", line)]
+    result["gpu_log"] = said[:24]
     return result
 
 

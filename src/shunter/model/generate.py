@@ -87,7 +87,9 @@ def generate(
     last_positions = positions[:, -1]
     per_step: list[float] = []
     for step in range(max_new_tokens):
-        next_ids = next_tokens(logits[:, -1], sampling, generator, counts)
+        # sampled on the host, where the generator and the penalties' counts live (from a GPU
+        # that is one [B, V] copy a step)
+        next_ids = next_tokens(logits[:, -1].cpu(), sampling, generator, counts)
         counts.add(next_ids)
         emitted: list[int | None] = []
         for b, token in enumerate(next_ids.tolist()):

@@ -376,8 +376,8 @@ def attention_mask(
     S = key_valid.shape[1]
     if start == 0 and (sliding_window is None or sliding_window >= num_new) and bool(key_valid.all()):
         return None
-    q_slot = torch.arange(start, start + num_new)[:, None]
-    k_slot = torch.arange(S)[None, :]
+    q_slot = torch.arange(start, start + num_new, device=key_valid.device)[:, None]
+    k_slot = torch.arange(S, device=key_valid.device)[None, :]
     allowed = (k_slot <= q_slot)[None] & key_valid[:, None, :]
     if sliding_window is not None:
         allowed = allowed & (q_slot - k_slot < sliding_window)[None]
