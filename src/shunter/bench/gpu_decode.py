@@ -309,9 +309,34 @@ def run_shunter(job: dict[str, Any], work: Path, timeout_s: float) -> dict[str, 
     return json.loads(result_file.read_text())
 
 
-def run_llama(argv: list[str], sequences: list[int], timeout_s: float) -> dict[str, Any]:
+def gpu_memory_poll() -> subprocess.Popen | None:
+    """nvidia-smi printing the GPU's used memory (MiB) every 200 ms, or None without one. llama.cpp
+    says where its buffers went only at a log level that also loses its results, so the card's
+    own count is the check that its CUDA build held weights on the GPU."""
+    try:
+        return subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+    except OSError:
+        return None
+
+
+def peak_used_mib(poll: subprocess.Popen | None) -> int | None:
+    if poll is None:
+        return None
+    poll.terminate()
+    values = [int(v) for v in poll.communicate()[0].split() if v.isdigit()]
+    return max(values) if values else None
+
+
+def run_llama(argv: list[str], sequences: list[int], timeout_s: float, gpu: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    poll = gpu_memory_poll() if gpu else None
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    finally:
+        peak = peak_used_mib(poll)
     log = done.stdout + done.stderr
     if done.returncode != 0:
         return {"error": log[-2000:]}
@@ -329,6 +354,7 @@ def run_llama(argv: list[str], sequences: list[int], timeout_s: float) -> dict[s
         result["decode_tok_s"][str(S)] = point["decode_tok_s"]
         result["prefill_tok_s"][str(S)] = point["prefill_tok_s"]
     result["gpu_buffer_bytes"] = gpu_buffer_bytes(log)
+    result["gpu_used_peak_mib"] = peak
     # what it said of the GPU and of where its layers went: the check that a CUDA build used the GPU
     said = [line for line in log.splitlines() if re.search(r"CUDA|cuda|offload|buffer size", line)]
     result["gpu_log"] = said[:24]
@@ -408,7 +434,8 @@ def main_run(args: argparse.Namespace) -> int:
                             run |= run_shunter(job, args.work, min(left, 3600))
                         else:
                             on_cpu = cpu_tensors[name] if condition == "budget" else []
-                            run |= run_llama(llama_argv(args, gguf, on_cpu), args.sequences, min(left, 3600))
+                            argv = llama_argv(args, gguf, on_cpu)
+                            run |= run_llama(argv, args.sequences, min(left, 3600), args.device != "cpu")
                     except subprocess.TimeoutExpired:
                         run["error"] = "stopped at the deadline"
                     rates = run.get("decode_tok_s", {})
