@@ -59,7 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--host-memory", default="0", help="host RAM for weights the device does not hold (offload)"
     )
     p.add_argument(
-        "--device", default="cpu", help="where the offload engine computes: cpu (default), cuda, cuda:N, auto"
+        "--device",
+        default="cpu",
+        help="where the model computes: cpu (default), cuda, cuda:N, auto; on a GPU the whole model is "
+        "placed there unless --memory (the GPU's budget) is below its size",
     )
     p.add_argument(
         "--batches",
