@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from shunter.model import Batch, SamplingParams, generate, load_model
-from shunter.model.layers import group_tokens_by_expert, routed_experts, routed_experts_reference
+from shunter.model import Batch, SamplingParams, generate, layers, load_model
+from shunter.model.layers import Rotary, group_tokens_by_expert, routed_experts, routed_experts_reference
 from shunter.model.weights import MoEWeights
 
 
@@ -29,6 +30,32 @@ def test_grouping_covers_every_token_choice_exactly_once():
     assert seen == [(n, s) for n in range(4) for s in range(2)]
     for g in groups:
         assert bool((ids[g.token_index, g.slot_index] == g.expert).all())
+
+
+@pytest.mark.parametrize("tokens, k, experts", [(1, 2, 8), (3, 2, 4), (40, 3, 8), (100, 2, 64)])
+def test_grouping_in_python_equals_grouping_by_sort(monkeypatch, tokens, k, experts):
+    generator = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
+    in_python = group_tokens_by_expert(ids)
+    monkeypatch.setattr(layers, "PYTHON_GROUPING_MAX_PAIRS", 0)  # the sort path
+    by_sort = group_tokens_by_expert(ids)
+    assert [g.expert for g in in_python] == [g.expert for g in by_sort]
+    for a, b in zip(in_python, by_sort, strict=True):
+        assert torch.equal(a.token_index, b.token_index) and torch.equal(a.slot_index, b.slot_index)
+        assert a.token_index.dtype == b.token_index.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rotation_is_bit_identical_to_the_two_halves_formula(dtype):
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 4000, (2, 5), generator=generator)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    rotary = Rotary.at(positions, inv_freq, False, dtype)
+    x = torch.randn(2, 4, 5, 64, generator=generator).to(dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = rotary.cos, rotary.sin
+    expected = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    assert torch.equal(rotary.apply(x), expected)
 
 
 def test_batched_generation_equals_each_prompt_alone(tiny_checkpoint):

@@ -9,6 +9,7 @@ E experts, k experts per token, I expert intermediate size.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +36,8 @@ def linear(
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias)
     if weight.is_mkldnn:
+        if x.dim() == 2 and x.is_contiguous():  # an expert's rows: no reshape, no view (two ops saved)
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -172,9 +175,17 @@ class Rotary:
             return torch.cat([self.apply(x[..., :rot_dim]), x[..., rot_dim:]], dim=-1)
         if self.interleaved:
             x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin], dim=-1)
+            return torch.cat([x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin], dim=-1)
+        # [x1, x2] * [cos, cos] + [x2, x1] * [-sin, sin]: the same products and sums, rounded the
+        # same (x1 cos - x2 sin == x1 cos + x2 (-sin) exactly), in 5 ops instead of 8 (tested)
+        x1, x2 = x.chunk(2, dim=-1)
+        cos_both, signed_sin = self._halves
+        return x * cos_both + torch.cat([x2, x1], dim=-1) * signed_sin
+
+    @functools.cached_property
+    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([cos, cos], [-sin, sin]) along the last dim, made once per forward (or micro-batch)."""
+        return torch.cat([self.cos, self.cos], dim=-1), torch.cat([-self.sin, self.sin], dim=-1)
 
 
 # -- attention ----------------------------------------------------------------------------------
@@ -487,9 +498,17 @@ class ExpertGroup:
     slot_index: torch.Tensor  # [n] int64 in [0, k)
 
 
+# Up to this many (token, choice) pairs are grouped in Python from one host copy of the ids: at
+# decode the sort below is a dozen torch ops for a handful of pairs.
+PYTHON_GROUPING_MAX_PAIRS = 256
+
+
 def group_tokens_by_expert(expert_ids: torch.Tensor) -> list[ExpertGroup]:
-    """Group token rows by chosen expert with one sort (instead of one scan per expert)."""
+    """Group token rows by chosen expert with one sort (instead of one scan per expert): groups in
+    expert order, each group's rows in (token, choice) order."""
     k = expert_ids.shape[1]
+    if expert_ids.numel() <= PYTHON_GROUPING_MAX_PAIRS:
+        return _group_in_python(expert_ids.tolist(), k, expert_ids.device)
     flat = expert_ids.reshape(-1)
     order = flat.argsort(stable=True)
     experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
@@ -497,6 +516,24 @@ def group_tokens_by_expert(expert_ids: torch.Tensor) -> list[ExpertGroup]:
     for expert, rows in zip(experts.tolist(), order.split(counts.tolist()), strict=True):
         groups.append(ExpertGroup(expert, rows // k, rows % k))
     return groups
+
+
+def _group_in_python(ids: list[list[int]], k: int, device: torch.device) -> list[ExpertGroup]:
+    """group_tokens_by_expert for few pairs: the same groups, in the same order (tested)."""
+    rows: dict[int, tuple[list[int], list[int]]] = {}
+    for token, chosen in enumerate(ids):
+        for slot, expert in enumerate(chosen):
+            tokens, slots = rows.setdefault(expert, ([], []))
+            tokens.append(token)
+            slots.append(slot)
+    return [
+        ExpertGroup(
+            expert,
+            torch.tensor(rows[expert][0], dtype=torch.int64, device=device),
+            torch.tensor(rows[expert][1], dtype=torch.int64, device=device),
+        )
+        for expert in sorted(rows)
+    ]
 
 
 def routed_experts(
