@@ -59,7 +59,7 @@ EOF
     timeout 240 python3 -m shunter.bench.gpu_decode --work /tmp/shunter-gpu-tiny --llama-bin "$LLAMA/bin" \
         --convert .gpu/convert --out "$OUT/tiny.json" --tiny --layers 2 --budget 25e6 --llama-reserve 1e6 \
         --host-bytes 1e9 --reps 1 --warmup 0 --new-tokens 4 2>&1 | tail -25
-    python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); print([(x["contender"], x["condition"], x.get("gpu_buffer_bytes"), x.get("peak_gpu_bytes"), x.get("error", "")[-300:]) for x in r["runs"]]); print(r["runs"][0].get("profile"))' "$OUT/tiny.json"
+    python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); print([(x["contender"], x["condition"], x.get("gpu_used_peak_mib"), x.get("peak_gpu_bytes"), x.get("error", "")[-300:]) for x in r["runs"]]); print(r["runs"][0].get("profile"))' "$OUT/tiny.json"
     stamp done
     ;;
 all)

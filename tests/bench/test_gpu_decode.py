@@ -1,6 +1,6 @@
 """The GPU decode benchmark's pure parts: llama.cpp's tensor split under a GPU budget (against
 brute force), its -ot argument (against Python's regex, which agrees with std::regex on these),
-the buffer sizes read from its log, and the medians."""
+and the medians."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from shunter.bench.gpu_decode import gpu_buffer_bytes, llama_cpu_tensors, override_argument, summarize
+from shunter.bench.gpu_decode import llama_cpu_tensors, override_argument, summarize
 
 LAYERS = 3
 TENSORS = [("token_embd.weight", 500), ("output.weight", 300), ("output_norm.weight", 4)] + [
@@ -50,16 +50,6 @@ def test_the_override_matches_exactly_the_tensors_kept_on_the_cpu():
     matched = [name for name, _ in TENSORS if re.search(pattern, name)]
     assert matched == on_cpu
     assert override_argument([]) == []
-
-
-def test_gpu_buffers_are_summed_from_the_log():
-    log = (
-        "load_tensors:        CUDA0 model buffer size =  1024.00 MiB\n"
-        "load_tensors:   CPU_Mapped model buffer size =  9999.00 MiB\n"
-        "llama_kv_cache:      CUDA0 KV buffer size =    64.50 MiB\n"
-        "sched_reserve:      CUDA0 compute buffer size =   300.00 MiB\n"
-    )
-    assert gpu_buffer_bytes(log) == int((1024 + 64.5 + 300) * 2**20)
 
 
 def test_medians_skip_the_warm_up_rounds_and_pair_the_contenders():

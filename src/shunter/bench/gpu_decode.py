@@ -21,6 +21,9 @@ running every S of --sequences on one load
 (every sequence its own random 16-token prompt); median of the rounds after --warmup. The
 results file is rewritten after every run, so a run stopped at --deadline-s keeps what it has.
 `--tiny --device cpu` runs the whole thing with small shapes on a CPU (the script's own check).
+
+One room, though long: preparing the pair of models, the two contenders' runs and the rounds
+that alternate them are one benchmark and change together.
 """
 
 from __future__ import annotations
@@ -101,14 +104,6 @@ def override_argument(cpu_tensors: list[str]) -> list[str]:
     return ["-ot", f"{pattern}=CPU"]
 
 
-def gpu_buffer_bytes(log: str) -> int:
-    """Bytes llama.cpp allocated on the GPU: its 'CUDA0 ... buffer size = X MiB' lines summed."""
-    total = 0.0
-    for match in re.finditer(r"CUDA0[^\n=]*buffer size\s*=\s*([\d.]+) MiB", log):
-        total += float(match[1])
-    return int(total * 2**20)
-
-
 def summarize(runs: list[dict[str, Any]], warmup: int) -> list[dict[str, Any]]:
     """Per (precision, condition, S): each contender's median decode tok/s over the rounds after
     the warm-up ones (min and max beside it), and Shunter / llama.cpp."""
@@ -120,9 +115,7 @@ def summarize(runs: list[dict[str, Any]], warmup: int) -> list[dict[str, Any]]:
             key = (run["precision"], run["condition"], int(S))
             points.setdefault(key, {}).setdefault(run["contender"], []).append(rate)
     rows = []
-    for (precision, condition, S), by in sorted(
-        points.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])
-    ):
+    for (precision, condition, S), by in sorted(points.items()):
         row: dict[str, Any] = {"precision": precision, "condition": condition, "sequences": S}
         for contender in ("shunter", "llama.cpp"):
             rates = by.get(contender, [])
@@ -353,7 +346,6 @@ def run_llama(argv: list[str], sequences: list[int], timeout_s: float, gpu: bool
             continue
         result["decode_tok_s"][str(S)] = point["decode_tok_s"]
         result["prefill_tok_s"][str(S)] = point["prefill_tok_s"]
-    result["gpu_buffer_bytes"] = gpu_buffer_bytes(log)
     result["gpu_used_peak_mib"] = peak
     # what it said of the GPU and of where its layers went: the check that a CUDA build used the GPU
     said = [line for line in log.splitlines() if re.search(r"CUDA|cuda|offload|buffer size", line)]

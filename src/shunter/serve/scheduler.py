@@ -231,7 +231,7 @@ class ContinuousBatcher:
         for i, row in enumerate(rows):
             seq = self._running[row]
             params = seq.request.sampling
-            token = int(next_tokens(logits[i : i + 1].cpu(), params, seq.generator, seq.counts)[0])
+            token = int(next_tokens(logits[i : i + 1], params, seq.generator, seq.counts)[0])
             seq.counts.add(torch.tensor([token]))
             seq.ids.append(token)
             if seq.last_token_s is None:
